@@ -1,0 +1,385 @@
+"""The one validation layer: every backend's call passes through here before dispatch.
+
+Each function checks shapes, dtypes and (where they can be read cheaply) values, raises a
+ValueError or TypeError that names the argument, the expectation and what it received, and
+returns a `CallInfo`: the framework-neutral description of the call that capability checks read.
+
+Where value checks run (SPEC.md, "Validation"): Python numbers and NumPy arrays always; CPU
+arrays of other frameworks when they are not being traced; arrays on an accelerator only under
+ATTNSPEC_VALIDATE=full (reading them would wait for the device); traced values never (jit,
+torch.compile), where a backend may express them as the framework's own checks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+
+import numpy as np
+
+from . import _arrays
+from ._arrays import FLOAT_DTYPES
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What a capability check needs to know about a call, read from its arguments.
+
+    features: names of the optional parts of SPEC.md the call uses (see FEATURES).
+    sizes: named sizes, e.g. B, H, Hkv, Lq, Lk, D, Dv and scores = B*H*Lq*Lk for attention.
+    """
+
+    op: str
+    array_type: str
+    device: str
+    dtype: str
+    features: frozenset = frozenset()
+    sizes: dict = field(default_factory=dict)
+
+
+#: Optional parts of SPEC.md a call may use, per op. Kernels declare the subset they support.
+FEATURES = {
+    "attention": (
+        "entmax",  # alpha is not known to be exactly 1
+        "alpha_per_head",
+        "span",
+        "span_per_head",
+        "causal",
+        "key_lengths",
+        "q_offset",
+        "gqa",
+        "grad",  # some input asks for a gradient (frameworks with requires_grad)
+        "alpha_grad",
+        "span_grad",
+    ),
+    "entmax": ("entmax", "alpha_array", "weights", "grad", "alpha_grad", "weights_grad"),
+    "span_mask": ("span_per_head", "q_offset", "grad"),
+}
+
+
+def _type_name(x) -> str:
+    return _arrays.array_type(x) or type(x).__name__
+
+
+def _require_array(name, x):
+    if not _arrays.is_array(x):
+        raise TypeError(f"{name} must be an array with .shape and .dtype; got {type(x).__name__}")
+
+
+def _require_float_dtype(name, x):
+    dtype = _arrays.dtype_name(x)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}.dtype={dtype} is not supported (supported: {', '.join(FLOAT_DTYPES)})"
+        )
+    return dtype
+
+
+def _check_parameter_kind(name, x, array_type, *, integer):
+    """x is a Python number or an array of the inputs' framework, of a real dtype."""
+    if x is None:
+        return
+    if isinstance(x, bool) or isinstance(x, np.bool_):
+        raise TypeError(f"{name} must be a number or an array, not bool ({x!r})")
+    if isinstance(x, (Integral, Real)):
+        if integer and not isinstance(x, Integral):
+            raise TypeError(f"{name} must be an integer or an integer array; got {x!r}")
+        return
+    if not _arrays.is_array(x):
+        raise TypeError(
+            f"{name} must be a Python number or a {array_type} array; got {type(x).__name__}"
+        )
+    kind = _arrays.array_type(x)
+    if kind != array_type:
+        raise TypeError(
+            f"{name} must be a Python number or a {array_type} array like q; got a {kind} array"
+        )
+    dtype = _arrays.dtype_name(x)
+    if integer and not (dtype.startswith("int") or dtype.startswith("uint")):
+        raise TypeError(f"{name}.dtype={dtype}: {name} must hold integers")
+    if not integer and dtype not in FLOAT_DTYPES and not dtype.startswith(("int", "uint")):
+        raise TypeError(f"{name}.dtype={dtype}: {name} must hold real numbers")
+
+
+def _check_scalar_or_heads(name, x, H):
+    """alpha and span: shape [] or [H]; anything else raises."""
+    shape = _arrays.shape_of(x)
+    if shape not in ((), (H,)):
+        raise ValueError(f"{name} must be a scalar or have shape [H]=[{H}]; got shape {list(shape)}")
+    return shape
+
+
+def _check_finite_number(name, x, *, positive=False):
+    value = _arrays.concrete_value(x)
+    if value is None:
+        return
+    if _arrays.shape_of(x) != ():
+        raise ValueError(f"{name} must be a scalar; got shape {list(_arrays.shape_of(x))}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0; got {value}")
+
+
+def _check_alpha_values(alpha):
+    value = _arrays.concrete_value(alpha)
+    if value is None:
+        return
+    value = np.asarray(value, dtype=np.float64)
+    bad = ~(np.isfinite(value) & (value >= 1.0) & (value <= 2.0))
+    if bad.any():
+        raise ValueError(f"alpha must lie in [1, 2] and be finite; got {value[bad].ravel()[:4].tolist()}")
+
+
+def _check_span_values(span):
+    value = _arrays.concrete_value(span)
+    if value is None:
+        return
+    value = np.asarray(value, dtype=np.float64)
+    bad = ~(np.isfinite(value) & (value >= 0.0))
+    if bad.any():
+        raise ValueError(f"span must be finite and >= 0; got {value[bad].ravel()[:4].tolist()}")
+
+
+def _alpha_may_differ_from_one(alpha) -> bool:
+    if isinstance(alpha, (Integral, Real)):
+        return float(alpha) != 1.0
+    value = _arrays.concrete_value(alpha)
+    return value is None or bool(np.any(np.asarray(value) != 1))
+
+
+def validate_attention(
+    q,
+    k,
+    v,
+    *,
+    alpha=1.0,
+    span=None,
+    ramp=32.0,
+    causal=False,
+    key_lengths=None,
+    q_offset=None,
+    scale=None,
+) -> CallInfo:
+    """Check an attention call against SPEC.md; raise ValueError/TypeError or describe it."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _require_array(name, x)
+    kinds = {name: _arrays.array_type(x) for name, x in (("q", q), ("k", k), ("v", v))}
+    if len(set(kinds.values())) != 1:
+        got = ", ".join(f"{n}: {t}" for n, t in kinds.items())
+        raise TypeError(f"q, k and v must be arrays of one framework; got {got}")
+    array_type = kinds["q"]
+
+    shapes = {"q": _arrays.shape_of(q), "k": _arrays.shape_of(k), "v": _arrays.shape_of(v)}
+    layouts = {"q": "[B, H, Lq, D]", "k": "[B, Hkv, Lk, D]", "v": "[B, Hkv, Lk, Dv]"}
+    for name, shape in shapes.items():
+        if len(shape) != 4:
+            raise ValueError(f"{name} must have shape {layouts[name]}; got shape {list(shape)}")
+    dtypes = {name: _require_float_dtype(name, x) for name, x in (("q", q), ("k", k), ("v", v))}
+    if len(set(dtypes.values())) != 1:
+        got = ", ".join(f"{n}: {t}" for n, t in dtypes.items())
+        raise TypeError(f"q, k and v must have one dtype; got {got}")
+
+    B, H, Lq, D = shapes["q"]
+    Bk, Hkv, Lk, Dk = shapes["k"]
+    Bv, Hv, Lv, Dv = shapes["v"]
+    if Bk != B or Bv != B:
+        raise ValueError(f"q, k and v must have one batch size B; got q: {B}, k: {Bk}, v: {Bv}")
+    if Hv != Hkv or Lv != Lk:
+        raise ValueError(
+            f"k [B, Hkv, Lk, D] and v [B, Hkv, Lk, Dv] must agree on Hkv and Lk; "
+            f"got k shape {list(shapes['k'])}, v shape {list(shapes['v'])}"
+        )
+    if Dk != D:
+        raise ValueError(f"q and k must have one head dim D; got q: {D}, k: {Dk}")
+    if D < 1:
+        raise ValueError(f"the head dim D must be >= 1; got {D}")
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(
+            f"the number of query heads H={H} must be a positive multiple of the number of "
+            f"key/value heads Hkv={Hkv}"
+        )
+
+    _check_parameter_kind("alpha", alpha, array_type, integer=False)
+    _check_scalar_or_heads("alpha", alpha, H)
+    _check_alpha_values(alpha)
+    if span is not None:
+        _check_parameter_kind("span", span, array_type, integer=False)
+        _check_scalar_or_heads("span", span, H)
+        _check_span_values(span)
+    _check_parameter_kind("ramp", ramp, array_type, integer=False)
+    _check_finite_number("ramp", ramp, positive=True)
+    if scale is not None:
+        _check_parameter_kind("scale", scale, array_type, integer=False)
+        _check_finite_number("scale", scale)
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+
+    if key_lengths is not None:
+        _check_parameter_kind("key_lengths", key_lengths, array_type, integer=True)
+        if _arrays.shape_of(key_lengths) != (B,):
+            raise ValueError(
+                f"key_lengths must have shape [B]=[{B}]; got shape {list(_arrays.shape_of(key_lengths))}"
+            )
+        value = _arrays.concrete_value(key_lengths)
+        if value is not None and ((value < 0) | (value > Lk)).any():
+            raise ValueError(f"key_lengths must lie in [0, Lk]=[0, {Lk}]; got {np.asarray(value).tolist()}")
+    if q_offset is not None:
+        _check_parameter_kind("q_offset", q_offset, array_type, integer=True)
+        if _arrays.shape_of(q_offset) not in ((), (B,)):
+            raise ValueError(
+                f"q_offset must be an integer or have shape [B]=[{B}]; "
+                f"got shape {list(_arrays.shape_of(q_offset))}"
+            )
+
+    features = set()
+    if _alpha_may_differ_from_one(alpha):
+        features.add("entmax")
+    if _arrays.shape_of(alpha) == (H,):
+        features.add("alpha_per_head")
+    if span is not None:
+        features.add("span")
+        if _arrays.shape_of(span) == (H,):
+            features.add("span_per_head")
+    if causal:
+        features.add("causal")
+    if key_lengths is not None:
+        features.add("key_lengths")
+    if q_offset is not None:
+        features.add("q_offset")
+    if Hkv != H:
+        features.add("gqa")
+    if _arrays.requires_grad(alpha):
+        features.add("alpha_grad")
+    if span is not None and _arrays.requires_grad(span):
+        features.add("span_grad")
+    if features & {"alpha_grad", "span_grad"} or any(_arrays.requires_grad(x) for x in (q, k, v)):
+        features.add("grad")
+
+    return CallInfo(
+        op="attention",
+        array_type=array_type,
+        device=_arrays.device_of(q),
+        dtype=dtypes["q"],
+        features=frozenset(features),
+        sizes=dict(B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, scores=B * H * Lq * Lk),
+    )
+
+
+def _normalise_axis(axis, ndim, name="axis"):
+    if isinstance(axis, bool) or not isinstance(axis, Integral):
+        raise TypeError(f"{name} must be an integer; got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an array of {ndim} dimensions")
+    return int(axis) % ndim
+
+
+def validate_entmax(x, alpha, *, axis=-1, weights=None) -> CallInfo:
+    """Check a stand-alone entmax call: x floating, alpha in [1, 2] broadcasting with size 1 on
+    `axis`, weights finite and >= 0 broadcasting against x."""
+    _require_array("x", x)
+    array_type = _arrays.array_type(x)
+    dtype = _require_float_dtype("x", x)
+    shape = _arrays.shape_of(x)
+    if len(shape) == 0:
+        raise ValueError("x must have at least one dimension")
+    ax = _normalise_axis(axis, len(shape))
+
+    _check_parameter_kind("alpha", alpha, array_type, integer=False)
+    alpha_shape = _arrays.shape_of(alpha)
+    try:
+        broadcast = np.broadcast_shapes(alpha_shape, shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != shape:
+        raise ValueError(
+            f"alpha must broadcast against x without growing it; got alpha shape "
+            f"{list(alpha_shape)}, x shape {list(shape)}"
+        )
+    if len(alpha_shape) >= len(shape) - ax and alpha_shape[ax - len(shape)] != 1:
+        raise ValueError(
+            f"alpha must have size 1 on axis {axis} (one alpha per row); got alpha shape "
+            f"{list(alpha_shape)}, x shape {list(shape)}"
+        )
+    _check_alpha_values(alpha)
+
+    features = set()
+    if _alpha_may_differ_from_one(alpha):
+        features.add("entmax")
+    if alpha_shape != ():
+        features.add("alpha_array")
+    if weights is not None:
+        _require_array("weights", weights)
+        if _arrays.array_type(weights) != array_type:
+            raise TypeError(
+                f"weights must be a {array_type} array like x; got a {_arrays.array_type(weights)} array"
+            )
+        try:
+            ok = np.broadcast_shapes(_arrays.shape_of(weights), shape) == shape
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"weights must broadcast against x; got weights shape "
+                f"{list(_arrays.shape_of(weights))}, x shape {list(shape)}"
+            )
+        value = _arrays.concrete_value(weights)
+        if value is not None:
+            value = np.asarray(value, dtype=np.float64)
+            if not (np.isfinite(value) & (value >= 0)).all():
+                raise ValueError("weights must be finite and >= 0")
+        features.add("weights")
+        if _arrays.requires_grad(weights):
+            features.update(("grad", "weights_grad"))
+    if _arrays.requires_grad(alpha):
+        features.update(("grad", "alpha_grad"))
+    if _arrays.requires_grad(x):
+        features.add("grad")
+    return CallInfo(
+        op="entmax",
+        array_type=array_type,
+        device=_arrays.device_of(x),
+        dtype=dtype,
+        features=frozenset(features),
+        sizes=dict(n=shape[ax], elements=int(np.prod(shape))),
+    )
+
+
+def validate_span_mask(Lq, Lk, span, ramp, *, q_offset=None) -> CallInfo:
+    """Check a stand-alone span_mask call: Lq, Lk >= 0 integers; span a scalar or 1-D, finite and
+    >= 0; ramp finite and > 0; q_offset an integer or an integer array of shape [B]."""
+    for name, n in (("Lq", Lq), ("Lk", Lk)):
+        if isinstance(n, bool) or not isinstance(n, Integral) or n < 0:
+            raise ValueError(f"{name} must be an integer >= 0; got {n!r}")
+    array_type = _arrays.array_type(span) or "numpy"
+    _check_parameter_kind("span", span, array_type, integer=False)
+    if len(_arrays.shape_of(span)) > 1:
+        raise ValueError(f"span must be a scalar or have shape [H]; got shape {list(_arrays.shape_of(span))}")
+    _check_span_values(span)
+    _check_parameter_kind("ramp", ramp, array_type, integer=False)
+    _check_finite_number("ramp", ramp, positive=True)
+    features = set()
+    if _arrays.shape_of(span) != ():
+        features.add("span_per_head")
+    if q_offset is not None:
+        _check_parameter_kind("q_offset", q_offset, array_type, integer=True)
+        if len(_arrays.shape_of(q_offset)) > 1:
+            raise ValueError(
+                f"q_offset must be an integer or have shape [B]; got shape {list(_arrays.shape_of(q_offset))}"
+            )
+        features.add("q_offset")
+    if _arrays.requires_grad(span):
+        features.add("grad")
+    dtype = _arrays.dtype_name(span) if _arrays.is_array(span) else "float64"
+    if dtype not in FLOAT_DTYPES:
+        dtype = "float64"
+    return CallInfo(
+        op="span_mask",
+        array_type=array_type,
+        device=_arrays.device_of(span),
+        dtype=dtype,
+        features=frozenset(features),
+        sizes=dict(Lq=int(Lq), Lk=int(Lk)),
+    )
