@@ -1,0 +1,17 @@
+"""The runtime dispatcher: capability declarations, the backend registry, and selection."""
+
+from .capabilities import Capabilities, Kernel
+from .registry import Backend, BackendStatus, list_backends, register_backend, unregister_backend
+from .selection import Decision, use_backend
+
+__all__ = [
+    "Backend",
+    "BackendStatus",
+    "Capabilities",
+    "Decision",
+    "Kernel",
+    "list_backends",
+    "register_backend",
+    "unregister_backend",
+    "use_backend",
+]

@@ -1,0 +1,146 @@
+"""Which backend runs a call: policy only; every fact comes from the kernels' declarations.
+
+Order (first that applies):
+1. the call's `backend=` argument;
+2. the innermost `attnspec.use_backend(...)` context (a contextvar: thread- and async-safe);
+3. the environment variable ATTNSPEC_BACKEND (comma-separated names);
+4. automatic: the highest-priority backend of the call's array type that accepts the call.
+Steps 1-3 name backends explicitly: the first named one that accepts the call runs, and if none
+does the call fails with every one's reasons. There is never a silent fallback to a backend
+that was not named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from dataclasses import dataclass, field
+
+from ..errors import BackendUnavailableError, UnsupportedCallError
+from ..validation import CallInfo
+from . import registry
+from .capabilities import Kernel
+
+ENV_VAR = "ATTNSPEC_BACKEND"
+
+_enabled: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("attnspec_backends", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(*names: str):
+    """Run the calls inside the block on the named backends only, in this order of preference.
+
+        with attnspec.use_backend("torch"):
+            out = attnspec.attention(q, k, v, alpha=1.5)
+
+    Like torch.nn.attention.sdpa_kernel: the enabled set is saved and restored on exit, and
+    nested blocks replace (not extend) the outer one. Unknown names raise ValueError at once.
+    """
+    if len(names) == 1 and isinstance(names[0], (list, tuple)):
+        names = tuple(names[0])
+    if not names:
+        raise ValueError("use_backend needs at least one backend name")
+    for name in names:
+        registry.require_known(name, "use_backend")
+    token = _enabled.set(tuple(names))
+    try:
+        yield
+    finally:
+        _enabled.reset(token)
+
+
+@dataclass
+class Decision:
+    """The outcome of selection for one call: what runs, why, and why not the others.
+
+    source: 'backend= argument', 'use_backend', 'ATTNSPEC_BACKEND' or 'automatic selection'.
+    considered: (backend name, reasons) in the order they were tried; [] means it accepted.
+    """
+
+    op: str
+    source: str
+    selected: str | None = None
+    kernel: Kernel | None = field(default=None, repr=False)
+    considered: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        head = (
+            f"{self.op}: backend '{self.selected}' ({self.source})"
+            if self.selected
+            else f"{self.op}: no backend can run this call ({self.source})"
+        )
+        lines = [head]
+        for name, reasons in self.considered:
+            status = ("selected" if name == self.selected else "accepts") if not reasons else "; ".join(reasons)
+            lines.append(f"  {name}: {status}")
+        return "\n".join(lines)
+
+
+def _requested(backend) -> tuple[tuple | None, str]:
+    if backend is not None:
+        registry.require_known(backend, "backend")
+        return (backend,), "backend= argument"
+    enabled = _enabled.get()
+    if enabled is not None:
+        return enabled, "use_backend"
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        named = tuple(n.strip() for n in env.split(",") if n.strip())
+        for name in named:
+            registry.require_known(name, ENV_VAR)
+        return named, ENV_VAR
+    return None, "automatic selection"
+
+
+def _reasons(entry, call: CallInfo, automatic: bool):
+    """(kernel or None, reasons) for one registry entry, loading it only if it could qualify."""
+    if not entry.loaded and entry.array_types is not None and call.array_type not in entry.array_types:
+        return None, [f"array type {call.array_type} (supported: {', '.join(entry.array_types)})"]
+    registry._load(entry)
+    if entry.backend is None:
+        return None, [f"unavailable: {entry.error}"]
+    kernel = entry.backend.kernel(call.op)
+    if kernel is None:
+        return None, [f"does not implement '{call.op}'"]
+    reasons = kernel.not_supported_reasons(call)
+    if automatic and not entry.backend.automatic and not reasons:
+        reasons = ["runs only when named (backend=, use_backend or ATTNSPEC_BACKEND)"]
+    return kernel, reasons
+
+
+def _automatic_order():
+    def key(entry):
+        priority = entry.backend.priority if entry.backend is not None else 0
+        return (-priority, entry.name)
+
+    return sorted(registry.entries(), key=key)
+
+
+def decide(call: CallInfo, backend=None, *, explain: bool = False) -> Decision:
+    """Choose the backend for `call`. With explain=True every candidate's reasons are collected;
+    otherwise the search stops at the first backend that accepts."""
+    named, source = _requested(backend)
+    automatic = named is None
+    candidates = _automatic_order() if automatic else [registry.entry(n) for n in named]
+    decision = Decision(op=call.op, source=source)
+    for entry in candidates:
+        if decision.selected is not None and not explain:
+            break
+        kernel, reasons = _reasons(entry, call, automatic)
+        decision.considered.append((entry.name, reasons))
+        if not reasons and decision.selected is None:
+            decision.selected, decision.kernel = entry.name, kernel
+    return decision
+
+
+def select(call: CallInfo, backend=None) -> Kernel:
+    """The kernel that runs `call`; raises if none of the allowed backends can."""
+    decision = decide(call, backend)
+    if decision.kernel is not None:
+        return decision.kernel
+    reasons = dict(decision.considered)
+    if reasons and all(r[0].startswith("unavailable:") for r in reasons.values()):
+        detail = "; ".join(f"{n}: {r[0]}" for n, r in reasons.items())
+        raise BackendUnavailableError(f"no backend named by {decision.source} can be loaded: {detail}")
+    raise UnsupportedCallError(call.op, decision.source, reasons)
