@@ -1,0 +1,23 @@
+# The two commands of the README. Each creates .venv (once) with the pinned dependencies of
+# constraints.txt and the project installed in editable mode, then runs its job.
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+
+.PHONY: demo test
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+# Main job: the backends that are available here, then a worked example.
+demo: $(STAMP)
+	$(VENV)/bin/attnspec info
+	@echo
+	$(VENV)/bin/attnspec demo
+
+# The test suite (Hypothesis profile `ci` by default; HYPOTHESIS_PROFILE=thorough for more).
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
