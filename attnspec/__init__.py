@@ -13,8 +13,11 @@ import os as _os
 # Running from a source checkout without installing (PYTHONPATH=<checkout>): the folders
 # backends/, conformance/ and bench/ beside this package are its subpackages, as setuptools'
 # package-dir maps them in an installed copy.
-_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_checkout, "backends", "__init__.py")):
+_here = _os.path.dirname(_os.path.abspath(__file__))
+_checkout = _os.path.dirname(_here)
+if not _os.path.isdir(_os.path.join(_here, "backends")) and _os.path.isfile(
+    _os.path.join(_checkout, "backends", "__init__.py")
+):
     __path__.append(_checkout)  # noqa: F821 (package __path__)
 
 from . import reference  # noqa: E402
