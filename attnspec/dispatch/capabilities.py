@@ -66,12 +66,15 @@ class Kernel:
 
     fn takes the op's public arguments (without `backend`). extra_reasons, if given, adds
     checks that are not plain data (e.g. an environment variable that must be set).
+    vjp: for array types without autograd (NumPy), the op's vector-Jacobian product with the
+    signature of the reference's `*_vjp`; frameworks with autograd differentiate fn instead.
     """
 
     op: str
     fn: Callable
     capabilities: Capabilities
     extra_reasons: Callable[[CallInfo], list] | None = field(default=None, compare=False)
+    vjp: Callable | None = field(default=None, compare=False)
 
     def not_supported_reasons(self, call: CallInfo) -> list[str]:
         reasons = self.capabilities.reasons(call)

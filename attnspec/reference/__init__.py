@@ -4,7 +4,7 @@ Every backend is judged against these functions. They take NumPy arrays, compute
 and return the input's dtype; the `*_vjp` functions give the analytic gradients.
 """
 
-from .attention import AttentionGrads, attention, attention_vjp
+from .attention import AttentionGrads, attention, attention_vjp, support_gap
 from .entmax import entmax, entmax15, entmax_vjp, softmax, sparsemax
 from .span import span_mask, span_mask_vjp
 
@@ -19,4 +19,5 @@ __all__ = [
     "sparsemax",
     "span_mask",
     "span_mask_vjp",
+    "support_gap",
 ]

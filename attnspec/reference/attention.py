@@ -113,8 +113,17 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     return out.astype(np.asarray(q).dtype, copy=False)
 
 
+def support_gap(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
+                q_offset=None, scale=None):
+    """[B, H, Lq]: per row, the distance in score units from the nearest allowed key to the
+    entmax support boundary (inf for alpha = 1 rows). Gradients are defined only where it is > 0;
+    finite differences and low-precision comparisons need it larger than their score error."""
+    fwd = _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, False)
+    return fwd.sol.gap.reshape(fwd.shape[:3])
+
+
 def _reduce_heads(x, shape):
-    """Sum a per-query-head gradient [H] over batch/rows already, then to alpha/span's shape."""
+    """A per-head gradient [H] (already summed over batch and rows) in alpha's/span's shape."""
     return x.sum() if shape == () else x
 
 

@@ -1,25 +1,31 @@
-"""The NumPy reference as a registered backend named 'numpy': every feature, every dtype NumPy
-has, CPU only. Automatic selection takes it for NumPy arrays."""
+"""The NumPy reference as a registered backend named 'numpy': every feature, CPU only, with its
+analytic VJPs. Automatic selection takes it for NumPy arrays."""
+
+import importlib.util
 
 import numpy as np
 
 from .._version import __version__
 from ..dispatch.capabilities import Capabilities, Kernel, all_features
 from ..dispatch.registry import Backend
-from . import attention, entmax, span_mask
+from . import attention, attention_vjp, entmax, entmax_vjp, span_mask, span_mask_vjp
+
+# NumPy has bfloat16 arrays only through the ml_dtypes package (which JAX installs).
+DTYPES = ("float16",) + (("bfloat16",) if importlib.util.find_spec("ml_dtypes") else ()) + ("float32", "float64")
 
 
-def _kernel(op, fn):
-    return Kernel(op, fn, Capabilities(array_type="numpy", devices=("cpu",), features=all_features(op)))
+def _kernel(op, fn, vjp):
+    caps = Capabilities(array_type="numpy", devices=("cpu",), dtypes=DTYPES, features=all_features(op))
+    return Kernel(op, fn, caps, vjp=vjp)
 
 
 BACKEND = Backend(
     name="numpy",
     version=f"{__version__} (numpy {np.__version__})",
     kernels={
-        "attention": _kernel("attention", attention),
-        "entmax": _kernel("entmax", entmax),
-        "span_mask": _kernel("span_mask", span_mask),
+        "attention": _kernel("attention", attention, attention_vjp),
+        "entmax": _kernel("entmax", entmax, entmax_vjp),
+        "span_mask": _kernel("span_mask", span_mask, span_mask_vjp),
     },
     priority=0,
     description="NumPy float64 reference (the definition of SPEC.md)",

@@ -39,6 +39,9 @@ class RowSolution:
     p: probabilities (0 off the support). u: 1 + eps t (1 for softmax rows).
     t: s - c, shift-free. log_ratio: log(p / m) = log1p(eps t) / eps on the support, -inf off it.
     eps: alpha - 1 per row, shape [rows, 1].
+    gap: per row, how far (in score units) the allowed entry nearest to the support boundary
+      is from it: min_j |s_j - (c - 1/eps)|; inf for softmax rows and empty rows. Gradients are
+      not defined where it is 0; a perturbation of the scores smaller than it keeps the support.
     """
 
     p: np.ndarray
@@ -46,6 +49,7 @@ class RowSolution:
     t: np.ndarray
     log_ratio: np.ndarray
     eps: np.ndarray
+    gap: np.ndarray
 
 
 def _logsumexp(a, axis=-1):
@@ -190,7 +194,8 @@ def solve_rows(s, m, eps) -> RowSolution:
     eps = np.broadcast_to(np.asarray(eps, dtype=np.float64).reshape(-1, 1), (rows, 1))
     if rows == 0 or n == 0:  # nothing to solve: every row (if any) is empty
         zeros = np.zeros((rows, n))
-        return RowSolution(p=zeros, u=zeros + 1.0, t=zeros, log_ratio=zeros - np.inf, eps=eps)
+        return RowSolution(p=zeros, u=zeros + 1.0, t=zeros, log_ratio=zeros - np.inf, eps=eps,
+                           gap=np.full(rows, np.inf))
     poisoned = np.any((m > 0) & (np.isnan(s) | (s == np.inf)), -1)
     allowed = (m > 0) & np.isfinite(s)
     # Shift each row so that its largest allowed score is 0: c and t are shift-free, and the
@@ -220,13 +225,14 @@ def solve_rows(s, m, eps) -> RowSolution:
                 p[idx], t[idx] = solve(idx)
 
     support = p > 0
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boundary_distance = np.where(allowed & (eps > 0), np.abs(t + 1.0 / eps), np.inf)
         u = np.where(support, 1.0 + eps * t, 1.0)
         log_ratio = np.where(eps > 0, _log_ratio(t, np.where(eps > 0, eps, 1.0)), t)
     log_ratio = np.where(support, log_ratio, -np.inf)
     t = np.where(support, t, 0.0)
     p[poisoned] = np.nan
-    return RowSolution(p=p, u=u, t=t, log_ratio=log_ratio, eps=eps)
+    return RowSolution(p=p, u=u, t=t, log_ratio=log_ratio, eps=eps, gap=boundary_distance.min(-1))
 
 
 def _psi(t, eps):
