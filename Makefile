@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test
+.PHONY: check demo test
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,10 +12,14 @@ $(STAMP): pyproject.toml constraints.txt
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# Main job: the backends that are available here, then a worked example.
-demo: $(STAMP)
+# Main job: the conformance suite over every available backend, printing its table.
+check: $(STAMP)
 	$(VENV)/bin/attnspec info
 	@echo
+	$(VENV)/bin/attnspec check --backend all
+
+# A worked example: continuity in the span, explain(), gradients.
+demo: $(STAMP)
 	$(VENV)/bin/attnspec demo
 
 # The test suite (Hypothesis profile `ci` by default; HYPOTHESIS_PROFILE=thorough for more).

@@ -1,6 +1,7 @@
 """The `attnspec` command.
 
     attnspec info [--json]   backends, their status (failed imports with the error), versions
+    attnspec check           the conformance suite over every available backend (see --help)
     attnspec demo            a worked example: the spec's continuity-in-span example, explain()
 """
 
@@ -109,12 +110,73 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _ProgressBar:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def __call__(self, done, total, label):
+        width = 30
+        filled = int(width * done / max(total, 1))
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label}"
+        if self.tty:
+            self.stream.write("\r" + line[:120].ljust(120) + ("\n" if done == total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def cmd_check(args) -> int:
+    from . import conformance
+
+    if args.backend == "all":
+        names = [s.name for s in list_backends() if s.available]
+        unavailable = [s for s in list_backends() if not s.available]
+    else:
+        names, unavailable = [args.backend], []
+    reports = []
+    progress = None if args.quiet else _ProgressBar()
+    for name in names:
+        report = conformance.check(name, profile=args.profile, dtypes=args.dtype, device=args.device,
+                                   seed=args.seed, artifacts_dir=args.artifacts, progress=progress)
+        reports.append(report)
+    print(conformance.format_table(reports))
+    for s in unavailable:
+        print(f"{s.name}: not checked, unavailable ({s.error})")
+    for report in reports:
+        for failure in report.failures:
+            print(f"\nFAIL {failure.backend} / {failure.cell} / {failure.dtype}: {failure.message}")
+            print(f"  example: {failure.example}")
+            if failure.snippet:
+                print("  reproduce:\n" + "\n".join("    " + line for line in failure.snippet.splitlines()))
+    seconds = sum(r.seconds for r in reports)
+    passed = all(r.passed for r in reports)
+    print(f"\n{'PASSED' if passed else 'FAILED'}: {len(reports)} backend(s), profile {args.profile}, "
+          f"SPEC.md {SPEC_VERSION}, {seconds:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in reports], f, indent=2)
+    return 0 if passed else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="attnspec", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="list backends, versions and status")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(run=cmd_info)
+    check = sub.add_parser("check", help="run the conformance suite against backends")
+    check.add_argument("--backend", default="all", help="a backend name, or 'all' (default)")
+    check.add_argument("--profile", default="ci", choices=["ci", "thorough"])
+    check.add_argument("--dtype", action="append", help="only this dtype (repeatable)")
+    check.add_argument("--device", help="device to run on, e.g. cuda (default: the backend's first)")
+    check.add_argument("--seed", type=int, help="Hypothesis seed (default: ci is derandomised)")
+    check.add_argument("--json", metavar="FILE", help="also write the reports as JSON")
+    check.add_argument("--artifacts", metavar="DIR", help="where failing examples are saved")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
+    check.set_defaults(run=cmd_check)
     demo = sub.add_parser("demo", help="a worked example")
     demo.set_defaults(run=cmd_demo)
     args = parser.parse_args(argv)

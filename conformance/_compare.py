@@ -1,0 +1,59 @@
+"""Assertion helpers shared by the per-op checks: one failure type, messages that say which
+element is off, by how much, against what tolerance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class CheckFailed(AssertionError):
+    """A backend disagreed with the spec. `check` names what was checked ('forward', 'dq', ...)."""
+
+    def __init__(self, check: str, message: str):
+        self.check = check
+        super().__init__(f"[{check}] {message}")
+
+
+@dataclass
+class Context:
+    """What a check needs: the backend under test and how to reach it, plus counters."""
+
+    backend: str
+    kernel: object
+    framework: object
+    dtype: str
+    device: str
+    gradients: bool = True  # check gradients (the backend has a way to differentiate)
+    counters: dict = field(default_factory=lambda: {"examples": 0, "gradient_checks": 0, "gradient_skips": 0})
+
+
+def assert_close(check: str, name: str, actual, expected, atol: float) -> None:
+    """|actual - expected| <= atol elementwise, same shape, no NaN where a number is expected."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        raise CheckFailed(check, f"{name}.shape={actual.shape}, but should be {expected.shape}")
+    if actual.size == 0:
+        return
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(actual - expected)
+    bad = ~(diff <= atol)  # NaN counts as bad
+    bad &= ~(np.isnan(expected) & np.isnan(actual))
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        worst = np.nanmax(np.where(bad, diff, -np.inf)) if np.isfinite(diff[bad]).any() else np.nan
+        raise CheckFailed(
+            check,
+            f"{name}[{', '.join(map(str, idx))}]={actual[idx]!r}, but should be {expected[idx]!r} "
+            f"(|diff| up to {worst:.3g}, tolerance {atol:.3g}; {int(bad.sum())} of {bad.size} elements off)",
+        )
+
+
+def assert_zero(check: str, name: str, actual, where) -> None:
+    actual = np.asarray(actual, dtype=np.float64)
+    bad = where & ~(actual == 0)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise CheckFailed(check, f"{name}[{', '.join(map(str, idx))}]={actual[idx]!r}, but should be exactly 0")

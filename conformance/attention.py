@@ -1,0 +1,217 @@
+"""Checks of `attention` (SPEC.md section 5): values and gradients against the reference, and
+metamorphic properties that need no reference at all."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from attnspec import api, reference
+from attnspec.errors import UnsupportedCallError
+
+from . import tolerances
+from ._compare import CheckFailed, Context, assert_close, assert_zero
+from .cases import AttentionCase
+from .frameworks import GradientsUnsupported
+
+#: A huge finite value for keys that must not matter, per dtype (it must fit the dtype).
+_HUGE = {"float64": 1e30, "float32": 1e30, "bfloat16": 1e4, "float16": 1e4}
+
+
+def _call(ctx: Context, case: AttentionCase, *, gradients: bool):
+    """(out, grads or None) of the backend under test on an already-rounded case, as float64."""
+    fw = ctx.framework
+    args = {
+        "q": fw.array(case.q, ctx.dtype, ctx.device),
+        "k": fw.array(case.k, ctx.dtype, ctx.device),
+        "v": fw.array(case.v, ctx.dtype, ctx.device),
+        "alpha": fw.param(case.alpha, ctx.dtype, ctx.device),
+        "span": fw.param(case.span, ctx.dtype, ctx.device),
+    }
+    static = dict(ramp=case.ramp, causal=case.causal, scale=case.scale,
+                  key_lengths=fw.integers(case.key_lengths, ctx.device),
+                  q_offset=fw.integers(case.q_offset, ctx.device))
+    if not gradients:
+        return fw.to_numpy(api.attention(**args, **static, backend=ctx.backend)), None
+    wrt = ["q", "k", "v", "alpha"] + (["span"] if case.span is not None else [])
+    cotangent = fw.array(case.grad_out, ctx.dtype, ctx.device)
+    out, grads = fw.vjp(ctx.kernel, args, static, cotangent, wrt)
+    return fw.to_numpy(out), {name: fw.to_numpy(g) for name, g in grads.items()}
+
+
+def _reference(case: AttentionCase, v=None):
+    return reference.attention(case.q, case.k, case.v if v is None else v, **case.kwargs)
+
+
+def _forward_atol(ctx, case):
+    return tolerances.forward_atol(ctx.dtype, case.max_score(), float(np.max(np.abs(case.v), initial=0.0)))
+
+
+def check_values(ctx: Context, case: AttentionCase) -> None:
+    """Forward and gradients against the float64 reference on the same rounded inputs."""
+    rc = case.rounded(ctx.dtype)
+    want = ctx.gradients and case.gradients
+    try:
+        out, grads = _call(ctx, rc, gradients=want)
+    except GradientsUnsupported:
+        ctx.gradients, want = False, False
+        out, grads = _call(ctx, rc, gradients=False)
+    assert_close("forward", "out", out, _reference(rc), _forward_atol(ctx, rc))
+    if not want:
+        return
+    max_score = rc.max_score()
+    margin = tolerances.gradient_margin(ctx.dtype, max_score)
+    gap = reference.support_gap(rc.q, rc.k, rc.v, **rc.kwargs)
+    if gap.size and float(np.min(gap)) < margin:
+        ctx.counters["gradient_skips"] += 1
+        return
+    ctx.counters["gradient_checks"] += 1
+    expected = reference.attention_vjp(rc.q, rc.k, rc.v, rc.grad_out, **rc.kwargs)
+    floor = float(np.max(np.abs(rc.grad_out), initial=0.0)) * max(1.0, float(np.max(np.abs(rc.v), initial=0.0)))
+    for name in ("q", "k", "v", "alpha", "span"):
+        ref_grad = getattr(expected, "d" + name)
+        if ref_grad is None or name not in grads:
+            continue
+        atol = tolerances.gradient_atol(ctx.dtype, max_score, ref_grad, floor)
+        assert_close("d" + name, "d" + name, grads[name], ref_grad, atol)
+
+
+def _allowed(case: AttentionCase) -> np.ndarray:
+    """[B, H, Lq, Lk]: which keys each row may read (softmax of zero scores is > 0 exactly there)."""
+    B, Hkv, Lk, _ = case.k.shape
+    eye = np.broadcast_to(np.eye(Lk), (B, Hkv, Lk, Lk))
+    kwargs = dict(case.kwargs, alpha=1.0)
+    return reference.attention(np.zeros_like(case.q), case.k, eye, **kwargs) > 0
+
+
+def check_masked_keys(ctx: Context, case: AttentionCase) -> None:
+    """Keys no row of a kv head may read can hold any finite values, and keys beyond key_lengths
+    even NaN/Inf, without changing the output or the gradients of the others."""
+    rc = case.rounded(ctx.dtype)
+    B, H, Lq, _ = rc.q.shape
+    Hkv, Lk = rc.k.shape[1], rc.k.shape[2]
+    allowed = _allowed(rc).reshape(B, Hkv, H // Hkv, Lq, Lk).any(axis=(2, 3))  # [B, Hkv, Lk]
+    padding = np.zeros((B, Lk), dtype=bool)
+    if rc.key_lengths is not None:
+        padding = np.arange(Lk)[None, :] >= np.asarray(rc.key_lengths)[:, None]
+    unused = ~allowed & ~padding[:, None, :]
+    if not (unused.any() or padding.any()):
+        return
+    k, v = rc.k.copy(), rc.v.copy()
+    huge = _HUGE[ctx.dtype]
+    k[unused], v[unused] = huge, -huge
+    pad = np.broadcast_to(padding[:, None, :], unused.shape)
+    k[pad], v[pad] = np.nan, np.inf
+    changed = replace(rc, k=k, v=v)
+    want = ctx.gradients and case.gradients
+    base_out, base_grads = _call(ctx, rc, gradients=want)
+    out, grads = _call(ctx, changed, gradients=want)
+    atol = _forward_atol(ctx, rc)
+    assert_close("masked keys", "out", out, base_out, atol)
+    if grads:
+        for name in ("q", "alpha", "span"):
+            if name in grads:
+                atol = tolerances.gradient_atol(ctx.dtype, rc.max_score(), base_grads[name], 0.0)
+                assert_close("masked keys", "d" + name, grads[name], base_grads[name], atol)
+        never = np.broadcast_to((unused | pad)[..., None], grads["k"].shape)
+        assert_zero("masked keys", "dk", grads["k"], never)
+        assert_zero("masked keys", "dv", grads["v"], np.broadcast_to((unused | pad)[..., None], grads["v"].shape))
+
+
+def check_key_permutation(ctx: Context, case: AttentionCase) -> None:
+    """Without causal, span or key_lengths, permuting keys and values together changes nothing."""
+    if case.causal or case.span is not None or case.key_lengths is not None:
+        return
+    rc = case.rounded(ctx.dtype)
+    perm = np.random.default_rng(0).permutation(rc.k.shape[2])
+    out, _ = _call(ctx, rc, gradients=False)
+    permuted, _ = _call(ctx, replace(rc, k=rc.k[:, :, perm], v=rc.v[:, :, perm]), gradients=False)
+    assert_close("key permutation", "out", permuted, out, 2 * _forward_atol(ctx, rc))
+
+
+def check_gqa(ctx: Context, case: AttentionCase) -> None:
+    """Grouped-query attention equals attention with each kv head repeated for its group."""
+    H, Hkv = case.q.shape[1], case.k.shape[1]
+    if H == Hkv:
+        return
+    rc = case.rounded(ctx.dtype)
+    out, _ = _call(ctx, rc, gradients=False)
+    group = H // Hkv
+    repeated = replace(rc, k=np.repeat(rc.k, group, axis=1), v=np.repeat(rc.v, group, axis=1))
+    expected, _ = _call(ctx, repeated, gradients=False)
+    assert_close("gqa", "out", out, expected, 2 * _forward_atol(ctx, rc))
+
+
+def softmax_span_attention(case: AttentionCase) -> np.ndarray:
+    """alpha = 1 written as the adaptive-span paper does: softmax(s + log m) over allowed keys.
+    Independent of the reference's entmax solver."""
+    q, k, v = case.q, case.k, case.v
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    heads = np.arange(H) // (H // Hkv)
+    lengths = np.full(B, Lk) if case.key_lengths is None else np.asarray(case.key_lengths)
+    k = np.where((np.arange(Lk)[None, :] < lengths[:, None])[:, None, :, None], k, 0.0)[:, heads]
+    v = np.where((np.arange(Lk)[None, :] < lengths[:, None])[:, None, :, None], v, 0.0)[:, heads]
+    scale = 1.0 / np.sqrt(D) if case.scale is None else case.scale
+    s = scale * np.einsum("bhid,bhjd->bhij", q, k)
+    offset = np.broadcast_to(np.asarray(Lk - Lq if case.q_offset is None else case.q_offset), (B,))
+    d = (np.arange(Lq)[:, None] - np.arange(Lk)[None, :])[None] + offset[:, None, None]  # [B, Lq, Lk]
+    allowed = (np.arange(Lk)[None, None, :] < lengths[:, None, None])[:, None]
+    if case.causal:
+        allowed = allowed & (d >= 0)[:, None]
+    m = np.ones((B, H, Lq, Lk))
+    if case.span is not None:
+        z = np.broadcast_to(np.asarray(case.span, dtype=np.float64), (H,))[None, :, None, None]
+        m = np.clip((case.ramp + z - np.abs(d)[:, None]) / case.ramp, 0.0, 1.0)
+        allowed = allowed & (m > 0)
+    allowed = np.broadcast_to(allowed, s.shape)
+    with np.errstate(divide="ignore"):
+        logits = np.where(allowed, s + np.log(np.where(allowed, m, 1.0)), -np.inf)
+    top = np.max(logits, -1, keepdims=True)
+    e = np.exp(logits - np.where(np.isfinite(top), top, 0.0))
+    total = e.sum(-1, keepdims=True)
+    p = e / np.where(total > 0, total, 1.0)
+    return np.einsum("bhij,bhjd->bhid", p, v)
+
+
+def check_softmax_oracle(ctx: Context, case: AttentionCase) -> None:
+    """alpha = 1 is softmax(s + log m) attention."""
+    if np.any(np.asarray(case.alpha) != 1.0):
+        return
+    rc = case.rounded(ctx.dtype)
+    out, _ = _call(ctx, rc, gradients=False)
+    assert_close("softmax oracle", "out", out, softmax_span_attention(rc), 2 * _forward_atol(ctx, rc))
+
+
+def check_continuity(ctx: Context, case: AttentionCase) -> None:
+    """A key entering the span (m from 0 to tiny) moves the output no more than it moves the
+    reference's (SPEC.md section 5.2): entmax-then-reweight fails this."""
+    rc = case.rounded(ctx.dtype)
+    delta = rc.ramp * (1e-7 if ctx.dtype == "float64" else 1e-4)
+    outside = rc  # the key sits on the kink: m = 0
+    inside = replace(rc, span=rc.span + delta)
+    moved, _ = _call(ctx, inside, gradients=False)
+    before, _ = _call(ctx, outside, gradients=False)
+    expected_move = _reference(inside) - _reference(outside)
+    assert_close("continuity in span", "out(z + delta) - out(z)", moved - before, expected_move,
+                  4 * _forward_atol(ctx, rc))
+
+
+def check_refusal(backend: str, case: AttentionCase, dtype: str, framework, device) -> str | None:
+    """A backend that does not declare a feature must refuse a call using it with the
+    dispatcher's capability error. Returns the reasons it gave; raises CheckFailed if it ran."""
+    rc = case.rounded(dtype)
+    args = dict(q=framework.array(rc.q, dtype, device), k=framework.array(rc.k, dtype, device),
+                v=framework.array(rc.v, dtype, device), alpha=framework.param(rc.alpha, dtype, device),
+                span=framework.param(rc.span, dtype, device), ramp=rc.ramp, causal=rc.causal, scale=rc.scale,
+                key_lengths=framework.integers(rc.key_lengths, device),
+                q_offset=framework.integers(rc.q_offset, device))
+    try:
+        api.attention(**args, backend=backend)
+    except UnsupportedCallError as exc:
+        return "; ".join(exc.reasons.get(backend, [])) or str(exc)
+    raise CheckFailed("refusal", "ran a call with a feature it does not declare instead of refusing it")
+
+
+CHECKS = (check_values, check_masked_keys, check_key_permutation, check_gqa, check_softmax_oracle)

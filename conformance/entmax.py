@@ -1,0 +1,79 @@
+"""Checks of the stand-alone `entmax` (SPEC.md section 2): values and gradients against the
+reference, shift invariance, and the rows the `entmax` package got wrong (all -inf, very
+negative in half precision, peaked)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from attnspec import api, reference
+from attnspec.reference.entmax import solve_rows
+
+from . import tolerances
+from ._compare import Context, assert_close
+from .cases import EntmaxCase
+from .frameworks import GradientsUnsupported
+
+
+def _call(ctx: Context, case: EntmaxCase, *, gradients: bool):
+    fw = ctx.framework
+    args = {"x": fw.array(case.x, ctx.dtype, ctx.device), "alpha": fw.param(case.alpha, ctx.dtype, ctx.device)}
+    if case.weights is not None:
+        args["weights"] = fw.array(case.weights, ctx.dtype, ctx.device)
+    static = {"axis": case.axis}
+    if not gradients:
+        return fw.to_numpy(api.entmax(**args, **static, backend=ctx.backend)), None
+    wrt = ["x", "alpha"] + (["weights"] if case.weights is not None else [])
+    out, grads = fw.vjp(ctx.kernel, args, static, fw.array(case.grad_out, ctx.dtype, ctx.device), wrt)
+    return fw.to_numpy(out), {n: fw.to_numpy(g) for n, g in grads.items()}
+
+
+def _atol(ctx, case):
+    return tolerances.forward_atol(ctx.dtype, case.max_score(), 1.0)
+
+
+def check_values(ctx: Context, case: EntmaxCase) -> None:
+    rc = case.rounded(ctx.dtype)
+    want = ctx.gradients and case.gradients
+    try:
+        out, grads = _call(ctx, rc, gradients=want)
+    except GradientsUnsupported:
+        ctx.gradients, want = False, False
+        out, grads = _call(ctx, rc, gradients=False)
+    expected = reference.entmax(rc.x, rc.alpha, axis=rc.axis, weights=rc.weights)
+    assert_close("forward", "p", out, expected, _atol(ctx, rc))
+    if not want:
+        return
+    max_score = rc.max_score()
+    s = np.moveaxis(rc.x, rc.axis, -1)
+    w = np.ones_like(s) if rc.weights is None else np.moveaxis(rc.weights, rc.axis, -1)
+    eps = np.moveaxis(np.broadcast_to(np.asarray(rc.alpha, float), rc.x.shape), rc.axis, -1)[..., 0] - 1.0
+    n = s.shape[-1]
+    gap = solve_rows(s.reshape(-1, n), w.reshape(-1, n), eps.reshape(-1)).gap
+    if gap.size and float(np.min(gap)) < tolerances.gradient_margin(ctx.dtype, max_score):
+        ctx.counters["gradient_skips"] += 1
+        return
+    ctx.counters["gradient_checks"] += 1
+    dx, dalpha, dweights = reference.entmax_vjp(rc.x, rc.alpha, rc.grad_out, axis=rc.axis, weights=rc.weights)
+    floor = float(np.max(np.abs(rc.grad_out), initial=0.0))
+    for name, ref_grad in (("x", dx), ("alpha", dalpha), ("weights", dweights)):
+        if ref_grad is None or name not in grads:
+            continue
+        atol = tolerances.gradient_atol(ctx.dtype, max_score, ref_grad, floor)
+        assert_close("d" + name, "d" + name, grads[name], ref_grad, atol)
+
+
+def check_shift_invariance(ctx: Context, case: EntmaxCase) -> None:
+    """Adding a constant to every entry changes nothing."""
+    rc = case.rounded(ctx.dtype)
+    shift = 8.0  # exact in every dtype, small enough not to change the rounding much
+    out, _ = _call(ctx, rc, gradients=False)
+    shifted_case = replace(rc, x=rc.x + shift)
+    shifted, _ = _call(ctx, shifted_case, gradients=False)
+    atol = 2 * tolerances.forward_atol(ctx.dtype, shifted_case.max_score(), 1.0)
+    assert_close("shift invariance", "p", shifted, out, atol)
+
+
+CHECKS = (check_values, check_shift_invariance)

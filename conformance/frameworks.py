@@ -1,0 +1,92 @@
+"""How the suite talks to each array type: make arrays, read them back, differentiate.
+
+One adapter per framework, imported lazily. NumPy has no autograd, so a NumPy kernel's
+gradients come from its declared `vjp` (the reference's signature); frameworks with autograd
+(torch, jax) differentiate the kernel's function itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import numpy as np
+
+from .tolerances import COMPUTE
+
+
+class GradientsUnsupported(Exception):
+    """The kernel offers no way to differentiate it (no autograd and no declared vjp)."""
+
+
+class NumpyFramework:
+    name = "numpy"
+
+    def available_dtypes(self):
+        extra = ("bfloat16",) if importlib.util.find_spec("ml_dtypes") else ()
+        return ("float16",) + extra + ("float32", "float64")
+
+    def default_device(self, devices):
+        return "cpu"
+
+    def _dtype(self, dtype):
+        if dtype == "bfloat16":
+            return importlib.import_module("ml_dtypes").bfloat16
+        return np.dtype(dtype)
+
+    def array(self, x, dtype, device):
+        return np.asarray(x).astype(self._dtype(dtype))
+
+    def param(self, value, dtype, device):
+        """alpha/span: Python numbers stay numbers; arrays become arrays in the compute dtype."""
+        if value is None or not isinstance(value, np.ndarray):
+            return value
+        return value.astype(COMPUTE[dtype])
+
+    def integers(self, value, device):
+        return value if value is None or not isinstance(value, np.ndarray) else value.astype(np.int64)
+
+    def to_numpy(self, x):
+        return np.asarray(np.asarray(x), dtype=np.float64)
+
+    def vjp(self, kernel, args: dict, static: dict, cotangent, wrt):
+        """(out, {name: gradient}) for the inputs named in wrt."""
+        out = kernel.fn(**args, **static)
+        if kernel.vjp is None:
+            raise GradientsUnsupported(f"the {kernel.op} kernel declares no vjp")
+        grads = _numpy_vjp(kernel, args, static, cotangent)
+        return out, {name: grads[name] for name in wrt if grads.get(name) is not None}
+
+
+def _numpy_vjp(kernel, args, static, cotangent):
+    if kernel.op == "attention":
+        g = kernel.vjp(args["q"], args["k"], args["v"], cotangent,
+                       **{n: a for n, a in args.items() if n not in ("q", "k", "v")}, **static)
+        return {"q": g.dq, "k": g.dk, "v": g.dv, "alpha": g.dalpha, "span": g.dspan}
+    if kernel.op == "entmax":
+        dx, dalpha, dweights = kernel.vjp(args["x"], args["alpha"], cotangent, axis=static["axis"],
+                                          weights=args.get("weights"))
+        return {"x": dx, "alpha": dalpha, "weights": dweights}
+    if kernel.op == "span_mask":
+        dspan = kernel.vjp(static["Lq"], static["Lk"], args["span"], static["ramp"], cotangent,
+                           q_offset=static.get("q_offset"))
+        return {"span": dspan}
+    raise ValueError(f"unknown op {kernel.op}")
+
+
+_ADAPTERS = {"numpy": NumpyFramework}
+
+
+def register_framework(array_type: str, adapter_class) -> None:
+    """Teach the suite a new array type (backends of new frameworks call this)."""
+    _ADAPTERS[array_type] = adapter_class
+
+
+def framework(array_type: str):
+    """The adapter of an array type; torch and jax adapters are added by their backends."""
+    if array_type not in _ADAPTERS:
+        raise NotImplementedError(
+            f"the conformance suite has no adapter for {array_type} arrays yet "
+            f"(adapters: {', '.join(_ADAPTERS)}; see attnspec.conformance.frameworks.register_framework)"
+        )
+    return _ADAPTERS[array_type]()

@@ -1,0 +1,218 @@
+"""Run the suite against a backend: `check()` builds a Report, `replay()` re-runs a failure."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, Phase, find, given, settings
+from hypothesis import seed as hypothesis_seed
+
+from attnspec import SPEC_VERSION, __version__
+from attnspec.dispatch import registry
+from attnspec.errors import UnsupportedCallError
+
+from . import attention, entmax, span, strategies
+from ._compare import CheckFailed, Context
+from .cases import load_case, save_case
+from .frameworks import framework
+from .report import CellResult, Failure, Report
+
+#: Examples per (cell, dtype). `ci` is derandomised (the same examples every run) unless a seed
+#: is given; `thorough` draws fresh examples each run.
+PROFILES = {"ci": 12, "thorough": 150}
+
+ALL_ATTENTION_FEATURES = frozenset().union(*(c.required | c.optional for c in strategies.ATTENTION_CELLS))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A strategy and the checks its examples go through; a cell runs one or more plans."""
+
+    strategy: object
+    checks: tuple
+    share: float = 1.0  # of the cell's examples
+
+
+def plans(cell: strategies.Cell, supported) -> list:
+    if cell.op == "entmax":
+        return [Plan(strategies.entmax_cases(cell, supported), entmax.CHECKS)]
+    if cell.op == "span_mask":
+        return [Plan(strategies.span_mask_cases(cell, supported), span.CHECKS)]
+    out = [Plan(strategies.attention_cases(cell, supported), attention.CHECKS)]
+    if cell.name == "span":
+        out.append(Plan(strategies.continuity_cases(supported), (attention.check_continuity,), 0.5))
+    return out
+
+
+def _settings(profile, examples, shrink, seed):
+    phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
+    return settings(max_examples=max(1, examples), database=None, deadline=None, phases=phases,
+                    derandomize=(profile == "ci" and seed is None), print_blob=False,
+                    suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
+
+
+def _run_plan(ctx: Context, plan: Plan, config, seed):
+    """Run the plan's checks over its examples; (failing case, CheckFailed) or None."""
+    found = {}
+
+    def prop(case):
+        ctx.counters["examples"] += 1
+        for check_fn in plan.checks:
+            try:
+                check_fn(ctx, case)
+            except CheckFailed:
+                found["case"] = case
+                raise
+            except UnsupportedCallError as exc:
+                found["case"] = case
+                raise CheckFailed("declared but refused", str(exc)) from exc
+            except Exception as exc:  # a crash is a failure too, with the same reproducer
+                found["case"] = case
+                raise CheckFailed("error", f"{type(exc).__name__}: {exc}") from exc
+
+    test = config(given(plan.strategy)(prop))
+    if seed is not None:
+        test = hypothesis_seed(seed)(test)
+    try:
+        test()
+    except CheckFailed as exc:
+        return found.get("case"), exc
+    except Exception as exc:  # e.g. Hypothesis' Flaky: report it with the last failing case
+        return found.get("case"), CheckFailed("error", f"{type(exc).__name__}: {exc}")
+    return None
+
+
+def _describe(case) -> str:
+    if case is None:
+        return "(none recorded)"
+    if case.op == "attention":
+        kw = {k: v for k, v in case.kwargs.items() if v is not None and v is not False}
+        kw = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in kw.items()}
+        return f"q{list(case.q.shape)} k{list(case.k.shape)} v{list(case.v.shape)} {kw} {case.note}"
+    if case.op == "entmax":
+        alpha = case.alpha.tolist() if hasattr(case.alpha, "tolist") else case.alpha
+        return f"x{list(case.x.shape)} alpha={alpha} axis={case.axis} weights={case.weights is not None} {case.note}"
+    return f"Lq={case.Lq} Lk={case.Lk} span={case.span} ramp={case.ramp} q_offset={case.q_offset}"
+
+
+def _save_failure(directory, backend, cell, dtype, device, case, error) -> tuple:
+    os.makedirs(directory, exist_ok=True)
+    safe = f"{backend}-{cell.name}-{dtype}".replace(" ", "_").replace("/", "_")
+    path = os.path.join(directory, safe + ".npz")
+    save_case(case, path, backend=backend, cell=cell.name, dtype=dtype, device=device or "", check=error.check)
+    snippet = f"import attnspec.conformance\nattnspec.conformance.replay({path!r})  # raises the failure again"
+    return path, snippet
+
+
+def _refusal_reason(backend, cell, kernel, fw, dtype, device):
+    """The backend lacks a feature the cell needs: it must refuse such a call, not run it."""
+    missing = sorted(cell.required - frozenset(kernel.capabilities.features))
+    reason = "does not declare " + ", ".join(missing)
+    if cell.op != "attention":
+        return reason
+    example = find(strategies.attention_cases(cell, ALL_ATTENTION_FEATURES), lambda case: True,
+                   settings=settings(database=None, derandomize=True, max_examples=10,
+                                     suppress_health_check=list(HealthCheck)))
+    attention.check_refusal(backend, example, dtype, fw, device)  # raises CheckFailed if it ran
+    return reason
+
+
+def check(backend: str = "numpy", *, profile: str = "ci", dtypes=None, device=None, seed=None,
+          cells=None, artifacts_dir=None, stop_on_first_failure=False, shrink=True, progress=None) -> Report:
+    """Check a registered backend against SPEC.md; returns a Report (report.passed, .failures).
+
+    profile: 'ci' (small, derandomised) or 'thorough' (many fresh examples).
+    dtypes: the dtypes to check (default: all the backend declares). device: e.g. 'cuda'.
+    cells: names of the cells to run (default all; see strategies.CELLS).
+    artifacts_dir: where failing examples are saved (default: a new temporary directory).
+    stop_on_first_failure / shrink=False: the fast mode used to prove the suite catches bugs.
+    progress: called with (done, total, label) as cells complete.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"profile='{profile}' is not a profile (profiles: {', '.join(PROFILES)})")
+    start = time.perf_counter()
+    b = registry.load(backend)
+    selected = [c for c in strategies.CELLS if cells is None or c.name in cells]
+    report = Report(backend=backend, backend_version=b.version, spec_version=SPEC_VERSION,
+                    attnspec_version=__version__, profile=profile, seed=seed, device=device)
+    work = []
+    for cell in selected:
+        kernel = b.kernel(cell.op)
+        if kernel is None:
+            report.cells.append(CellResult(cell.name, cell.op, "-", "unsupported", f"does not implement '{cell.op}'"))
+            continue
+        try:
+            fw = framework(kernel.capabilities.array_type)
+        except NotImplementedError as exc:
+            report.cells.append(CellResult(cell.name, cell.op, "-", "unsupported", str(exc)))
+            continue
+        available = fw.available_dtypes()
+        for dtype in dtypes or available:
+            if dtype not in kernel.capabilities.dtypes:
+                reason = f"dtype {dtype} not declared"
+                report.cells.append(CellResult(cell.name, cell.op, dtype, "unsupported", reason))
+            elif dtype not in available:
+                report.cells.append(CellResult(cell.name, cell.op, dtype, "unsupported",
+                                               f"{fw.name} cannot make {dtype} arrays here"))
+            else:
+                work.append((cell, kernel, fw, dtype))
+    directory = artifacts_dir or tempfile.mkdtemp(prefix="attnspec-failures-")
+    for done, (cell, kernel, fw, dtype) in enumerate(work):
+        dev = device or fw.default_device(kernel.capabilities.devices)
+        result = _run_cell(backend, cell, kernel, fw, dtype, dev, profile, seed, shrink, directory)
+        report.cells.append(result)
+        if progress is not None:
+            progress(done + 1, len(work), f"{backend} {cell.name} {dtype}: {result.status}")
+        if stop_on_first_failure and result.status == "FAIL":
+            break
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _run_cell(backend, cell, kernel, fw, dtype, device, profile, seed, shrink, directory) -> CellResult:
+    result = CellResult(cell.name, cell.op, dtype, "pass")
+    supported = frozenset(kernel.capabilities.features)
+    if not cell.required <= supported:
+        try:
+            result.status, result.reason = "unsupported", _refusal_reason(backend, cell, kernel, fw, dtype, device)
+        except CheckFailed as exc:
+            result.status = "FAIL"
+            result.failure = Failure(backend, cell.name, dtype, exc.check, str(exc), "(refusal check)")
+        return result
+    ctx = Context(backend=backend, kernel=kernel, framework=fw, dtype=dtype, device=device)
+    for plan in plans(cell, supported):
+        examples = int(round(PROFILES[profile] * plan.share))
+        outcome = _run_plan(ctx, plan, _settings(profile, examples, shrink, seed), seed)
+        if outcome is not None:
+            case, error = outcome
+            result.status = "FAIL"
+            npz, snippet = _save_failure(directory, backend, cell, dtype, device, case, error) if case else (None, None)
+            result.failure = Failure(backend, cell.name, dtype, error.check, str(error), _describe(case), npz, snippet)
+            break
+    result.examples = ctx.counters["examples"]
+    result.gradient_checks = ctx.counters["gradient_checks"]
+    result.gradient_skips = ctx.counters["gradient_skips"]
+    return result
+
+
+def replay(path, backend=None):
+    """Re-run the checks of a saved failure on its example; raises CheckFailed if it still fails.
+    backend: check another backend than the one that failed (e.g. after a fix, under a new name)."""
+    case, context = load_case(path)
+    name = backend or context["backend"]
+    cell = next(c for c in strategies.CELLS if c.name == context["cell"])
+    kernel = registry.load(name).kernel(cell.op)
+    fw = framework(kernel.capabilities.array_type)
+    ctx = Context(backend=name, kernel=kernel, framework=fw, dtype=context["dtype"],
+                  device=context.get("device") or fw.default_device(kernel.capabilities.devices))
+    if cell.op == "attention":
+        checks = (attention.check_continuity,) if case.note.startswith("continuity") else attention.CHECKS
+    elif cell.op == "entmax":
+        checks = entmax.CHECKS
+    else:
+        checks = span.CHECKS
+    for check_fn in checks:
+        check_fn(ctx, case)

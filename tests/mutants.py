@@ -1,0 +1,233 @@
+"""Deliberately broken backends, derived from the reference, that the suite must catch.
+
+Each mutant is a NumPy backend whose attention (and VJP) is the reference with one planted bug,
+either by changing its arguments or by swapping one internal function for the duration of the
+call. `MUTANTS` maps a name to its Backend.
+"""
+
+import contextlib
+import importlib
+from unittest import mock
+
+import numpy as np
+
+from attnspec import Backend, Capabilities, Kernel, reference
+from attnspec.dispatch.capabilities import all_features
+
+# The modules, not the functions of the same name that attnspec.reference exports.
+ref_entmax = importlib.import_module("attnspec.reference.entmax")
+_solve_rows = ref_entmax.solve_rows
+_vjp_rows = ref_entmax.vjp_rows
+
+
+def _backend(name, attention_fn, vjp_fn, entmax_fn=None, entmax_vjp_fn=None):
+    caps = lambda op: Capabilities(array_type="numpy", dtypes=("float16", "float32", "float64"),  # noqa: E731
+                                   features=all_features(op))
+    kernels = {"attention": Kernel("attention", attention_fn, caps("attention"), vjp=vjp_fn)}
+    if entmax_fn is not None:
+        kernels["entmax"] = Kernel("entmax", entmax_fn, caps("entmax"), vjp=entmax_vjp_fn)
+    return Backend(name=name, version="mutant", kernels=kernels, priority=-100, automatic=False)
+
+
+def _with_arguments(change):
+    """A mutant that calls the reference with some arguments changed."""
+    def attention(q, k, v, **kw):
+        return reference.attention(*change(q, k, v, kw))
+
+    def vjp(q, k, v, grad_out, **kw):
+        q2, k2, v2, kw2 = change(q, k, v, kw)
+        return reference.attention_vjp(q2, k2, v2, grad_out, **kw2)
+
+    def with_kwargs(fn):
+        def call(q, k, v, *rest, **kw):
+            return fn(q, k, v, *rest, **kw)
+        return call
+
+    def forward(q, k, v, **kw):
+        q2, k2, v2, kw2 = change(q, k, v, kw)
+        return reference.attention(q2, k2, v2, **kw2)
+
+    return with_kwargs(forward), vjp
+
+
+def _with_patch(target, name, replacement):
+    """A mutant that runs the reference with one internal function replaced."""
+    @contextlib.contextmanager
+    def patched():
+        with mock.patch.object(target, name, replacement):
+            yield
+
+    def attention(q, k, v, **kw):
+        with patched():
+            return reference.attention(q, k, v, **kw)
+
+    def vjp(q, k, v, grad_out, **kw):
+        with patched():
+            return reference.attention_vjp(q, k, v, grad_out, **kw)
+
+    def entmax(x, alpha, axis=-1, weights=None):
+        with patched():
+            return reference.entmax(x, alpha, axis=axis, weights=weights)
+
+    def entmax_vjp(x, alpha, grad, axis=-1, weights=None):
+        with patched():
+            return reference.entmax_vjp(x, alpha, grad, axis=axis, weights=weights)
+
+    return attention, vjp, entmax, entmax_vjp
+
+
+# --- argument mutants -------------------------------------------------------------------------
+
+def _span_off_by_one(q, k, v, kw):
+    if kw.get("span") is not None:
+        kw = dict(kw, span=np.asarray(kw["span"]) + 1.0)
+    return q, k, v, kw
+
+
+def _ramp_scaled(q, k, v, kw):
+    return q, k, v, dict(kw, ramp=2.0 * kw.get("ramp", 32.0))
+
+
+def _q_offset_ignored(q, k, v, kw):
+    return q, k, v, dict(kw, q_offset=None)
+
+
+def _key_lengths_off_by_one(q, k, v, kw):
+    if kw.get("key_lengths") is not None:
+        kw = dict(kw, key_lengths=np.maximum(np.asarray(kw["key_lengths"]) - 1, 0))
+    return q, k, v, kw
+
+
+def _scale_ignored(q, k, v, kw):
+    return q, k, v, dict(kw, scale=1.0)
+
+
+def _float16_accumulation(q, k, v, kw):
+    return q.astype(np.float16).astype(q.dtype), k.astype(np.float16).astype(k.dtype), \
+        v.astype(np.float16).astype(v.dtype), kw
+
+
+def _gqa_modulo(q, k, v, kw):
+    """Head h reads kv head h % Hkv instead of h // (H / Hkv)."""
+    H, Hkv = q.shape[1], k.shape[1]
+    heads = np.arange(H) % Hkv
+    return q, k[:, heads], v[:, heads], kw
+
+
+def _gqa_modulo_vjp(q, k, v, grad_out, **kw):
+    H, Hkv = q.shape[1], k.shape[1]
+    heads = np.arange(H) % Hkv
+    g = reference.attention_vjp(q, k[:, heads], v[:, heads], grad_out, **kw)
+    dk, dv = np.zeros_like(k), np.zeros_like(v)
+    np.add.at(dk, (slice(None), heads), g.dk)
+    np.add.at(dv, (slice(None), heads), g.dv)
+    return g._replace(dk=dk, dv=dv)
+
+
+# --- internal mutants -------------------------------------------------------------------------
+
+def _under_iterated_solve(s, m, eps):
+    """tau by 8 bisection steps on the textbook form, then p divided by its sum."""
+    sol = _solve_rows(s, m, eps)
+    eps = np.asarray(eps, dtype=np.float64).reshape(-1, 1)
+    general = ((eps > 0) & (eps < 1) & (eps != 0.5))[:, 0]
+    if not general.any():
+        return sol
+    allowed = (m > 0) & np.isfinite(s)
+    x = np.where(allowed, eps * s, -np.inf)[general]
+    mm, e = m[general], eps[general]
+    top = np.max(x, -1, keepdims=True)
+    lo, hi = top - 1.0, top
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        with np.errstate(invalid="ignore"):
+            mass = np.sum(mm * np.maximum(x - mid, 0) ** (1 / e), -1, keepdims=True)
+        lo, hi = np.where(mass > 1, mid, lo), np.where(mass > 1, hi, mid)
+    with np.errstate(invalid="ignore"):
+        p = mm * np.maximum(x - (lo + hi) / 2, 0) ** (1 / e)
+    sol.p[general] = p / p.sum(-1, keepdims=True)
+    return sol
+
+
+def _entmax_then_reweight(s, m, eps):
+    """The forbidden form: plain entmax over the allowed keys, then p' = m p / sum(m p)."""
+    plain = _solve_rows(s, (m > 0).astype(np.float64), eps)
+    weighted = m * plain.p
+    total = weighted.sum(-1, keepdims=True)
+    sol = _solve_rows(s, m, eps)
+    sol.p = np.where(total > 0, weighted / np.where(total > 0, total, 1), 0.0)
+    return sol
+
+
+def _empty_rows_nan(s, m, eps):
+    sol = _solve_rows(s, m, eps)
+    empty = ~((m > 0) & np.isfinite(s)).any(-1)
+    sol.p[empty] = np.nan
+    return sol
+
+
+def _dalpha_not_centred(sol, g):
+    """The alpha gradient without its gbar term: sum_j g_j p_j psi_j."""
+    ds, dm, _ = _vjp_rows(sol, g)
+    support = sol.p > 0
+    p_psi = np.where(support, sol.p * ref_entmax._psi(sol.t, sol.eps), 0.0)
+    return ds, dm, np.sum(np.where(support, g, 0.0) * p_psi, -1)
+
+
+def _dalpha_textbook(sol, g):
+    """Correia et al.'s formula evaluated as written: cancels catastrophically near alpha = 1."""
+    ds, dm, _ = _vjp_rows(sol, g)
+    support = sol.p > 0
+    w = np.where(support, sol.p / sol.u, 0.0)
+    g = np.where(support, g, 0.0)
+    gbar = np.sum(w * g, -1, keepdims=True) / np.maximum(np.sum(w, -1, keepdims=True), 1e-300)
+    eps = sol.eps
+    with np.errstate(divide="ignore", invalid="ignore"):
+        term = 1.0 / eps**2 - sol.log_ratio / eps
+        return ds, dm, np.sum(np.where(support, (g - gbar) * sol.p * term, 0.0), -1)
+
+
+def _zero_pow_zero(sol, g):
+    """w = m^(a-1) p^(2-a) evaluated off the support too (with m = 1 there): at alpha = 2,
+    0**0 = 1 gives entries with p = 0 a weight, and the score gradient leaks to them."""
+    support = sol.p > 0
+    w = np.where(support, sol.p / sol.u, sol.p ** (1 - sol.eps))
+    gbar = np.sum(w * g, -1, keepdims=True) / np.maximum(np.sum(w, -1, keepdims=True), 1e-300)
+    _, dm, deps = _vjp_rows(sol, g)
+    return w * (g - gbar), dm, deps
+
+
+def _dspan_doubled(q, k, v, grad_out, **kw):
+    g = reference.attention_vjp(q, k, v, grad_out, **kw)
+    return g if g.dspan is None else g._replace(dspan=2 * g.dspan)
+
+
+def _make():
+    mutants = {}
+    for name, change in [
+        ("span off by one", _span_off_by_one),
+        ("ramp scaled", _ramp_scaled),
+        ("q_offset ignored", _q_offset_ignored),
+        ("key_lengths off by one", _key_lengths_off_by_one),
+        ("scale ignored", _scale_ignored),
+        ("float16 accumulation", _float16_accumulation),
+    ]:
+        mutants[name] = _backend(name, *_with_arguments(change))
+    fwd, _ = _with_arguments(_gqa_modulo)
+    mutants["gqa head map h % Hkv"] = _backend("gqa head map h % Hkv", fwd, _gqa_modulo_vjp)
+    mutants["dspan doubled"] = _backend("dspan doubled", reference.attention, _dspan_doubled)
+    for name, target, attr, replacement in [
+        ("tau under-iterated", ref_entmax, "solve_rows", _under_iterated_solve),
+        ("entmax then re-weight", ref_entmax, "solve_rows", _entmax_then_reweight),
+        ("empty rows NaN", ref_entmax, "solve_rows", _empty_rows_nan),
+        ("dalpha not centred", ref_entmax, "vjp_rows", _dalpha_not_centred),
+        ("dalpha textbook near 1", ref_entmax, "vjp_rows", _dalpha_textbook),
+        ("0**0 = 1 at alpha 2", ref_entmax, "vjp_rows", _zero_pow_zero),
+    ]:
+        mutants[name] = _backend(name, *_with_patch(target, attr, replacement))
+    return mutants
+
+
+# reference.attention looks solve_rows and vjp_rows up in the entmax module at call time, so
+# patching the module attribute reaches both the attention and the entmax paths.
+MUTANTS = _make()
