@@ -67,6 +67,12 @@ def is_traced(x) -> bool:
     return False
 
 
+def torch_compiling() -> bool:
+    """True while torch.compile (Dynamo) traces the caller; torch is never imported here."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
 def device_of(x) -> str:
     """'cpu', 'cuda', 'tpu', ... : the device kind an array lives on."""
     kind = array_type(x)

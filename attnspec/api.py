@@ -3,8 +3,19 @@ calls it with the same arguments; results come back in the input's array type.""
 
 from __future__ import annotations
 
-from . import validation
+from . import _arrays, validation
 from .dispatch import selection
+
+
+def _dispatch(op, args, kwargs, backend):
+    """Validate, choose a kernel, run it. Under torch.compile the choice is made once, when
+    the function is traced (attnspec._torch.compiled_call), as jax.jit does with its own."""
+    if _arrays.torch_compiling():
+        from . import _torch
+
+        return _torch.compiled_call(op, args, kwargs, backend)
+    call = _VALIDATORS[op](*args, **kwargs)
+    return selection.select(call, backend).fn(*args, **kwargs)
 
 
 def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
@@ -23,13 +34,9 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     scale: default 1/sqrt(D).
     backend: run on this backend (by name) or raise; None lets the dispatcher choose.
     """
-    call = validation.validate_attention(
-        q, k, v, alpha=alpha, span=span, ramp=ramp, causal=causal,
-        key_lengths=key_lengths, q_offset=q_offset, scale=scale,
-    )
-    kernel = selection.select(call, backend)
-    return kernel.fn(q, k, v, alpha=alpha, span=span, ramp=ramp, causal=causal,
-                     key_lengths=key_lengths, q_offset=q_offset, scale=scale)
+    kwargs = dict(alpha=alpha, span=span, ramp=ramp, causal=causal, key_lengths=key_lengths,
+                  q_offset=q_offset, scale=scale)
+    return _dispatch("attention", (q, k, v), kwargs, backend)
 
 
 def entmax(x, alpha, axis=-1, weights=None, *, backend=None):
@@ -37,8 +44,7 @@ def entmax(x, alpha, axis=-1, weights=None, *, backend=None):
     tau such that the row sums to 1. alpha is a scalar in [1, 2] or broadcasts against x with
     size 1 on `axis`; weights (finite, >= 0) broadcast against x. Entries with x = -inf or
     weight 0 get 0; a row with none left gives zeros."""
-    call = validation.validate_entmax(x, alpha, axis=axis, weights=weights)
-    return selection.select(call, backend).fn(x, alpha, axis=axis, weights=weights)
+    return _dispatch("entmax", (x, alpha), dict(axis=axis, weights=weights), backend)
 
 
 def softmax(x, axis=-1, weights=None, *, backend=None):
@@ -59,8 +65,7 @@ def entmax15(x, axis=-1, weights=None, *, backend=None):
 def span_mask(Lq, Lk, span, ramp, q_offset=None, *, backend=None):
     """The soft span mask m = clip((R + z - |d|) / R, 0, 1), shape [*B, *H, Lq, Lk] (B when
     q_offset is an array [B], H when span is an array [H]), in span's array type."""
-    call = validation.validate_span_mask(Lq, Lk, span, ramp, q_offset=q_offset)
-    return selection.select(call, backend).fn(Lq, Lk, span, ramp, q_offset=q_offset)
+    return _dispatch("span_mask", (Lq, Lk, span, ramp), dict(q_offset=q_offset), backend)
 
 
 _VALIDATORS = {

@@ -7,4 +7,6 @@ registry imports one the first time a call of its array type needs it.
 BUILTIN_BACKENDS maps a backend name to (module, attribute holding the Backend, array types).
 """
 
-BUILTIN_BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+BUILTIN_BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "torch-eager": ("attnspec.backends.torch", "EAGER", ("torch",)),
+}

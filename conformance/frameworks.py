@@ -74,7 +74,60 @@ def _numpy_vjp(kernel, args, static, cotangent):
     raise ValueError(f"unknown op {kernel.op}")
 
 
-_ADAPTERS = {"numpy": NumpyFramework}
+class TorchFramework:
+    """torch tensors on CPU or CUDA; gradients by autograd through the kernel."""
+
+    name = "torch"
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+
+    def available_dtypes(self):
+        return ("float16", "bfloat16", "float32", "float64")
+
+    def default_device(self, devices):
+        return "cuda" if "cuda" in devices and self.torch.cuda.is_available() else "cpu"
+
+    def array(self, x, dtype, device):
+        return self.torch.tensor(np.asarray(x, dtype=np.float64), device=device).to(getattr(self.torch, dtype))
+
+    def param(self, value, dtype, device):
+        if value is None or not isinstance(value, np.ndarray):
+            return value
+        return self.torch.tensor(value, device=device).to(getattr(self.torch, COMPUTE[dtype]))
+
+    def integers(self, value, device):
+        if value is None or not isinstance(value, np.ndarray):
+            return value
+        return self.torch.tensor(value, dtype=self.torch.int64, device=device)
+
+    def to_numpy(self, x):
+        return x.detach().to(self.torch.float64).cpu().numpy()
+
+    def vjp(self, kernel, args: dict, static: dict, cotangent, wrt):
+        torch = self.torch
+        args = dict(args)
+        dtype = next(a.dtype for a in args.values() if isinstance(a, torch.Tensor))
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        device = next(a.device for a in args.values() if isinstance(a, torch.Tensor))
+        leaves = {}
+        for name in wrt:
+            value = args.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):  # a Python number: differentiate it as a 0-d tensor
+                value = torch.tensor(float(value), dtype=compute, device=device)
+            leaves[name] = value.detach().clone().requires_grad_(True)
+            args[name] = leaves[name]
+        out = kernel.fn(**args, **static)
+        out.backward(cotangent)
+        grads = {n: (t.grad if t.grad is not None else torch.zeros_like(t)) for n, t in leaves.items()}
+        return out, grads
+
+
+_ADAPTERS = {"numpy": NumpyFramework, "torch": TorchFramework}
 
 
 def register_framework(array_type: str, adapter_class) -> None:

@@ -110,7 +110,9 @@ def format_table(reports) -> str:
                 cells.append(result.cell)
         for cell in cells:
             by_dtype = {c.dtype: c for c in report.cells if c.cell == cell}
-            rows.append([report.backend, cell] + [_status(by_dtype[d]) if d in by_dtype else "-" for d in dtypes])
+            whole = by_dtype.get("-")  # a cell refused for every dtype (no kernel, no adapter)
+            rows.append([report.backend, cell] + [
+                _status(whole) if whole else _status(by_dtype[d]) if d in by_dtype else "-" for d in dtypes])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]

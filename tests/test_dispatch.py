@@ -220,11 +220,14 @@ def test_standalone_ops_dispatch_and_explain():
         attnspec.explain(x, op="nope")
 
 
-def test_torch_tensors_have_no_backend_yet_and_say_so():
+def test_torch_tensors_go_to_a_torch_backend_never_to_numpy():
     torch = pytest.importorskip("torch")
     q, k, v = (torch.tensor(a) for a in qkv())
+    decision = attnspec.explain(q, k, v)
+    assert decision.selected == "torch-eager"
+    assert dict(decision.considered)["numpy"] == ["array type torch (supported: numpy)"]
     with pytest.raises(UnsupportedCallError, match="numpy: array type torch"):
-        attnspec.attention(q, k, v)
+        attnspec.attention(q, k, v, backend="numpy")
 
 
 def test_explain_prints_every_reason():

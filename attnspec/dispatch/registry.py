@@ -187,6 +187,11 @@ def load(name: str) -> Backend:
     return item.backend
 
 
+def loaded_kernel(name: str, op: str) -> Kernel:
+    """The kernel of an already loaded backend: plain lookups (torch.compile traces this)."""
+    return _entries[name].backend.kernels[op]
+
+
 def entries() -> list[_Entry]:
     with _lock:
         _discover()

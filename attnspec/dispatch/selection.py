@@ -136,9 +136,14 @@ def decide(call: CallInfo, backend=None, *, explain: bool = False) -> Decision:
 
 def select(call: CallInfo, backend=None) -> Kernel:
     """The kernel that runs `call`; raises if none of the allowed backends can."""
+    return decide_or_raise(call, backend).kernel
+
+
+def decide_or_raise(call: CallInfo, backend=None) -> Decision:
+    """decide(), raising BackendUnavailableError / UnsupportedCallError when nothing qualifies."""
     decision = decide(call, backend)
     if decision.kernel is not None:
-        return decision.kernel
+        return decision
     reasons = dict(decision.considered)
     if reasons and all(r[0].startswith("unavailable:") for r in reasons.values()):
         detail = "; ".join(f"{n}: {r[0]}" for n, r in reasons.items())

@@ -1,0 +1,154 @@
+"""torch glue shared by the torch-based backends (torch, torch-eager, and later triton).
+
+Imported only by those backends, never by `import attnspec`. It turns a backend's plain
+forward/backward functions into a `torch.library` custom op pair with autograd and fake (meta)
+implementations, so that the op works on meta tensors, under torch.compile(fullgraph=True),
+and with autocast; and it normalises the public arguments into tensors.
+
+A backend provides
+    forward(q, k, v, alpha[H], span[H] | None, ramp, causal, key_lengths[B] | None,
+            q_offset[B], scale) -> (out, *saved)
+    backward(grad_out, *saved, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
+        -> (dq, dk, dv, dalpha[H], dspan[H])
+    fake_saved(q, k, v, ...) -> list of empty tensors shaped like `saved`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .dispatch import registry, selection
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 computes in float64; every other dtype accumulates in float32 (SPEC.md 6)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_head(value, H, dtype, device):
+    """alpha/span as a [H] tensor of the compute dtype (expanding keeps the autograd link)."""
+    t = value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=dtype, device=device)
+    t = t.to(device=device, dtype=dtype)
+    return t.expand(H) if t.dim() == 0 else t
+
+
+def normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+    """The public arguments as the custom op takes them. Under torch.autocast, q/k/v are cast
+    to the autocast dtype first (the op then computes in float32 and returns that dtype)."""
+    device_type = q.device.type
+    autocast_device = device_type in ("cpu", "cuda", "xpu", "mps", "hpu")  # meta has no autocast
+    if autocast_device and torch.is_autocast_enabled(device_type) and q.dtype != torch.float64:
+        target = torch.get_autocast_dtype(device_type)
+        q, k, v = q.to(target), k.to(target), v.to(target)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    dtype = compute_dtype(q.dtype)
+    alpha_h = _per_head(alpha, H, dtype, q.device)
+    span_h = None if span is None else _per_head(span, H, dtype, q.device)
+    if q_offset is None:
+        offsets = torch.full((B,), Lk - Lq, dtype=torch.int64, device=q.device)
+    else:
+        offsets = torch.as_tensor(q_offset, device=q.device).to(torch.int64).expand(B)
+    lengths = None if key_lengths is None else torch.as_tensor(key_lengths, device=q.device).to(torch.int64)
+    scale = float(D) ** -0.5 if scale is None else float(scale)
+    return q, k, v, alpha_h, span_h, float(ramp), bool(causal), lengths, offsets, scale
+
+
+def _no_autocast(tensor):
+    """Inside the op everything runs in the dtypes we chose (autocast is applied at its entry)."""
+    device_type = tensor.device.type
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def define_attention_op(name: str, forward, backward, fake_saved):
+    """Register attnspec::<name>_forward / _backward custom ops with autograd; return the
+    function (q, k, v, alpha[H], span, ramp, causal, key_lengths, q_offset, scale) -> out."""
+
+    @torch.library.custom_op(f"attnspec::{name}_forward", mutates_args=())
+    def forward_op(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, span: Optional[Tensor], ramp: float,
+                   causal: bool, key_lengths: Optional[Tensor], q_offset: Tensor, scale: float) -> list[Tensor]:
+        with torch.no_grad(), _no_autocast(q):
+            return [x.contiguous() for x in forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)]
+
+    @forward_op.register_fake
+    def _(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        return [out] + list(fake_saved(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
+
+    @torch.library.custom_op(f"attnspec::{name}_backward", mutates_args=())
+    def backward_op(grad_out: Tensor, saved: list[Tensor], q: Tensor, k: Tensor, v: Tensor, alpha: Tensor,
+                    span: Optional[Tensor], ramp: float, causal: bool, key_lengths: Optional[Tensor],
+                    q_offset: Tensor, scale: float) -> list[Tensor]:
+        with torch.no_grad(), _no_autocast(q):
+            grads = backward(grad_out, *saved, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
+        return [g.contiguous() for g in grads]
+
+    @backward_op.register_fake
+    def _(grad_out, saved, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+        span_like = alpha if span is None else span
+        return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(alpha),
+                torch.empty_like(span_like)]
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale = inputs
+        ctx.has_span, ctx.has_lengths = span is not None, key_lengths is not None
+        ctx.ramp, ctx.causal, ctx.scale = ramp, causal, scale
+        ctx.n_saved = len(output) - 1
+        extra = [x for x in (span, key_lengths) if x is not None]
+        ctx.save_for_backward(*output[1:], q, k, v, alpha, q_offset, *extra)
+
+    def backward_fn(ctx, grads):
+        tensors = list(ctx.saved_tensors)
+        saved, rest = tensors[: ctx.n_saved], tensors[ctx.n_saved:]
+        q, k, v, alpha, q_offset = rest[:5]
+        extra = rest[5:]
+        span = extra.pop(0) if ctx.has_span else None
+        key_lengths = extra.pop(0) if ctx.has_lengths else None
+        grad_out = grads[0]
+        if grad_out is None:
+            grad_out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+        dq, dk, dv, dalpha, dspan = backward_op(grad_out, saved, q, k, v, alpha, span, ctx.ramp, ctx.causal,
+                                                key_lengths, q_offset, ctx.scale)
+        return dq, dk, dv, dalpha, (dspan if ctx.has_span else None), None, None, None, None, None
+
+    forward_op.register_autograd(backward_fn, setup_context=setup_context)
+
+    def no_double_backward(ctx, grads):
+        raise RuntimeError(
+            f"attnspec: double backward through attnspec::{name} is not supported "
+            "(the backward pass is analytic and not itself differentiable)"
+        )
+
+    backward_op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+    def attention(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+        return forward_op(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)[0]
+
+    return attention
+
+
+@torch.compiler.assume_constant_result
+def _chosen_backend(op, backend, n_args, names, *values) -> str:
+    """Validation and selection, run once when torch.compile traces the call (Dynamo cannot
+    trace the dispatcher's context variable and locks, and need not: the choice is constant
+    for a traced graph). Errors are raised at trace time, as in eager mode."""
+    from .api import _VALIDATORS
+
+    args, kwargs = values[:n_args], dict(zip(names, values[n_args:]))
+    call = _VALIDATORS[op](*args, **kwargs)
+    return selection.decide_or_raise(call, backend).selected
+
+
+def compiled_call(op, args, kwargs, backend):
+    """attnspec's ops inside torch.compile: the backend is chosen when the function is traced;
+    changing use_backend / ATTNSPEC_BACKEND afterwards takes effect at the next trace
+    (torch._dynamo.reset() or a new torch.compile), as with jax.jit."""
+    # Dynamo hands tensors to an assume_constant_result function only as direct arguments.
+    name = _chosen_backend(op, backend, len(args), tuple(kwargs), *args, *kwargs.values())
+    return registry.loaded_kernel(name, op).fn(*args, **kwargs)

@@ -1,0 +1,55 @@
+"""The PyTorch backends: `torch-eager` (full score matrix, small calls) for torch tensors on CPU
+and CUDA, float16 / bfloat16 / float32 / float64 (half types accumulate in float32).
+
+Gradients for q, k, v, alpha and span come from the analytic backward of SPEC.md section 4,
+through a torch.library custom op pair (attnspec._torch), so the op also runs on meta tensors,
+under torch.compile(fullgraph=True) and under autocast. Double backward raises.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnspec import _torch
+from attnspec._version import __version__
+from attnspec.dispatch.capabilities import Capabilities, Kernel, all_features
+from attnspec.dispatch.registry import Backend
+
+from . import attention as _attention
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: torch-eager materialises B*H*Lq*Lk scores (several buffers of them): it declares a cap.
+EAGER_MAX_SCORES = 1 << 24
+
+
+def _fake_saved(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+    B, H, Lq, _ = q.shape
+    shape = (B, H, Lq, k.shape[2])
+    dtype = _torch.compute_dtype(q.dtype)
+    return [q.new_empty(shape, dtype=dtype) for _ in range(3)]  # p, t, m
+
+
+_eager_op = _torch.define_attention_op("eager_attention", _attention.forward, _attention.backward, _fake_saved)
+
+
+def eager_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
+                    q_offset=None, scale=None):
+    return _eager_op(*_torch.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
+
+
+def _devices():
+    # meta: shapes only, through the custom op's fake implementation.
+    return ("cpu", "cuda", "meta") if torch.cuda.is_available() else ("cpu", "meta")
+
+
+EAGER = Backend(
+    name="torch-eager",
+    version=f"{__version__} (torch {torch.__version__})",
+    kernels={
+        "attention": Kernel("attention", eager_attention, Capabilities(
+            array_type="torch", devices=_devices(), dtypes=DTYPES, features=all_features("attention"),
+            max_scores=EAGER_MAX_SCORES)),
+    },
+    priority=20,
+    description="PyTorch, full score matrix (small calls), analytic backward",
+)

@@ -1,0 +1,124 @@
+"""The PyTorch backend: the conformance suite, gradcheck, custom-op integration (meta tensors,
+torch.compile, autocast), double backward, dispatch limits."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import attnspec  # noqa: E402
+import attnspec.conformance as conformance  # noqa: E402
+
+SPAN = [1.3, 2.7, 0.4, 5.2]
+RAMP = 1.75  # no integer distance sits on a kink z or z + R
+
+
+def inputs(dtype=torch.float64, B=2, H=4, Hkv=2, Lq=5, Lk=7, D=8, Dv=3, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    q, k, v = make(B, H, Lq, D), make(B, Hkv, Lk, D), make(B, Hkv, Lk, Dv)
+    return [x.requires_grad_(requires_grad) for x in (q, k, v)]
+
+
+def test_torch_eager_passes_the_conformance_suite(tmp_path):
+    report = conformance.check("torch-eager", artifacts_dir=str(tmp_path))
+    assert report.passed, str(report)
+    assert {c.dtype for c in report.cells if c.status == "pass"} == {"float16", "bfloat16", "float32", "float64"}
+
+
+def test_gradcheck_all_inputs_float64():
+    q, k, v = inputs(requires_grad=True, Lq=3, Lk=6, D=4, Dv=2)
+    alpha = torch.tensor([1.05, 1.3, 1.5, 1.9], dtype=torch.float64, requires_grad=True)
+    span = torch.tensor(SPAN, dtype=torch.float64, requires_grad=True)
+    lengths, offsets = torch.tensor([6, 5]), torch.tensor([2, -1])
+
+    def fn(q, k, v, alpha, span):
+        return attnspec.attention(q, k, v, alpha=alpha, span=span, ramp=RAMP, causal=True,
+                                  key_lengths=lengths, q_offset=offsets, backend="torch-eager")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, alpha, span), eps=1e-6, atol=1e-7, fast_mode=True)
+    # scalar alpha and span: gradients summed over heads, shape []
+    a = torch.tensor(1.4, dtype=torch.float64, requires_grad=True)
+    z = torch.tensor(3.3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, a, z: attnspec.attention(q, k.detach(), v.detach(), alpha=a, span=z, ramp=2.25), (q, a, z),
+        fast_mode=True)
+
+
+def test_meta_tensors_give_shapes_without_computing():
+    q, k, v = (x.to("meta") for x in inputs(torch.float32, Dv=5))
+    out = attnspec.attention(q, k, v, alpha=1.5, span=torch.full((4,), 3.0, device="meta"), causal=True,
+                             backend="torch-eager")
+    assert out.device.type == "meta" and out.shape == (2, 4, 5, 5) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager"])
+def test_torch_compile_fullgraph_matches_eager(compiler):
+    q, k, v = inputs(torch.float32, requires_grad=True)
+    alpha = torch.tensor([1.0, 1.2, 1.5, 2.0], requires_grad=True)
+    span = torch.tensor(SPAN, requires_grad=True)
+
+    def fn(q, k, v, alpha, span):
+        return attnspec.attention(q, k, v, alpha=alpha, span=span, ramp=RAMP, causal=True).square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend=compiler)
+    eager_loss = fn(q, k, v, alpha, span)
+    eager_grads = torch.autograd.grad(eager_loss, (q, k, v, alpha, span))
+    loss = compiled(q, k, v, alpha, span)
+    grads = torch.autograd.grad(loss, (q, k, v, alpha, span))
+    torch.testing.assert_close(loss, eager_loss)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_with_inductor():
+    q, k, v = inputs(torch.float32, B=1, H=2, Hkv=2, Lq=4, Lk=4, D=4, Dv=4)
+    fn = torch.compile(lambda q, k, v: attnspec.attention(q, k, v, alpha=1.5, causal=True), fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), attnspec.attention(q, k, v, alpha=1.5, causal=True))
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    q, k, v = inputs(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attnspec.attention(q, k, v, alpha=1.5, causal=True)
+    assert out.dtype == torch.bfloat16
+    expected = attnspec.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), alpha=1.5, causal=True)
+    torch.testing.assert_close(out, expected)
+
+
+def test_double_backward_raises_a_clear_error():
+    q, k, v = inputs(requires_grad=True)
+    out = attnspec.attention(q, k, v, alpha=1.5)
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward through attnspec::eager_attention is not supported"):
+        dq.sum().backward()
+
+
+def test_eager_path_declares_a_size_cap():
+    q = torch.empty(1, 4, 4096, 8, device="meta")
+    k = torch.empty(1, 4, 4096, 8, device="meta")
+    decision = attnspec.explain(q, k, k)
+    assert decision.selected is None
+    reasons = dict(decision.considered)["torch-eager"]
+    assert reasons == ["B*H*Lq*Lk=67108864 score entries (supported: <= 16777216)"]
+
+
+def test_empty_rows_and_nan_padding_give_zero_not_nan():
+    q, k, v = inputs(torch.float32, requires_grad=True)
+    with torch.no_grad():
+        k[1, :, 3:] = float("nan")
+        v[1, :, 3:] = float("inf")
+    out = attnspec.attention(q, k, v, alpha=1.5, causal=True, key_lengths=torch.tensor([0, 3]))
+    assert torch.isfinite(out).all() and (out[0] == 0).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and (q.grad[0] == 0).all()
+    assert (k.grad[1, :, 3:] == 0).all() and (v.grad[1, :, 3:] == 0).all()
+
+
+def test_values_match_the_reference_on_cpu_float64():
+    q, k, v = inputs()
+    kw = dict(alpha=np.array([1.0, 1.3, 1.5, 2.0]), span=np.array(SPAN), ramp=RAMP, causal=True)
+    out = attnspec.attention(q, k, v, alpha=torch.tensor(kw["alpha"]), span=torch.tensor(kw["span"]),
+                             ramp=RAMP, causal=True)
+    ref = attnspec.reference.attention(q.numpy(), k.numpy(), v.numpy(), **kw)
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-14)
