@@ -143,6 +143,22 @@ def _check_span_values(span):
         raise ValueError(f"span must be finite and >= 0; got {value[bad].ravel()[:4].tolist()}")
 
 
+#: Positions are int64 in every implementation; offsets beyond this would overflow i + o - j.
+MAX_OFFSET = 2**62
+
+
+def _check_offset_range(q_offset):
+    value = q_offset if isinstance(q_offset, Integral) else _arrays.concrete_value(q_offset)
+    if value is None:
+        return
+    if isinstance(value, Integral):
+        bad = abs(int(value)) >= MAX_OFFSET
+    else:
+        bad = bool(np.any(np.abs(np.asarray(value, dtype=object)) >= MAX_OFFSET))
+    if bad:
+        raise ValueError(f"q_offset must lie in (-2**62, 2**62); got {value}")
+
+
 def _alpha_may_differ_from_one(alpha) -> bool:
     if isinstance(alpha, (Integral, Real)):
         return float(alpha) != 1.0
@@ -233,6 +249,7 @@ def validate_attention(
                 f"q_offset must be an integer or have shape [B]=[{B}]; "
                 f"got shape {list(_arrays.shape_of(q_offset))}"
             )
+        _check_offset_range(q_offset)
 
     features = set()
     if _alpha_may_differ_from_one(alpha):
@@ -325,6 +342,9 @@ def validate_entmax(x, alpha, *, axis=-1, weights=None) -> CallInfo:
                 f"weights must broadcast against x; got weights shape "
                 f"{list(_arrays.shape_of(weights))}, x shape {list(shape)}"
             )
+        weights_dtype = _arrays.dtype_name(weights)
+        if weights_dtype not in FLOAT_DTYPES and not weights_dtype.startswith(("int", "uint")):
+            raise TypeError(f"weights.dtype={weights_dtype}: weights must hold real numbers")
         value = _arrays.concrete_value(weights)
         if value is not None:
             value = np.asarray(value, dtype=np.float64)
@@ -369,6 +389,7 @@ def validate_span_mask(Lq, Lk, span, ramp, *, q_offset=None) -> CallInfo:
             raise ValueError(
                 f"q_offset must be an integer or have shape [B]; got shape {list(_arrays.shape_of(q_offset))}"
             )
+        _check_offset_range(q_offset)
         features.add("q_offset")
     if _arrays.requires_grad(span):
         features.add("grad")

@@ -123,7 +123,7 @@ def attention_cases(draw, cell: Cell, supported) -> AttentionCase:
     k = rng.normal(size=(B, Hkv, Lk, D))
     v = rng.normal(size=(B, Hkv, Lk, Dv))
     if Lk > 1 and draw(st.booleans()):  # repeated keys: ties in every row
-        src, dst = rng.integers(0, Lk, size=2)
+        src, dst = rng.choice(Lk, size=2, replace=False)
         k[:, :, dst], v[:, :, dst] = k[:, :, src], v[:, :, src] + draw(st.sampled_from([0.0, 1.0]))
     grad_out = rng.normal(size=(B, H, Lq, Dv))
 

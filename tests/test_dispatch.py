@@ -192,6 +192,20 @@ def test_builtin_backends_load_lazily_by_array_type(monkeypatch):
     assert loads == []
 
 
+def test_automatic_priority_does_not_depend_on_what_was_loaded_before():
+    """A not-yet-loaded backend (entry point, builtin) with a higher priority wins at once."""
+    registry._entries["zfast"] = registry._Entry("zfast", "entry point", lambda: fake_backend("zfast")[0])
+    q, k, v = qkv()
+    assert attnspec.explain(q, k, v).selected == "zfast"
+    assert attnspec.explain(q, k, v).selected == "zfast"
+
+
+def test_empty_environment_selection_is_an_error(monkeypatch):
+    monkeypatch.setenv("ATTNSPEC_BACKEND", " , ")
+    with pytest.raises(ValueError, match="names no backend"):
+        attnspec.attention(*qkv())
+
+
 def test_register_backend_refuses_duplicates_unless_replace():
     backend, _ = fake_backend()
     attnspec.register_backend(backend)

@@ -221,3 +221,24 @@ def test_span_mask_gradient_is_one_sided_at_the_kinks():
     dspan = ref.span_mask_vjp(1, 3, 1.0, 1.0, np.ones((1, 3)))
     assert dspan == 0.0
     assert ref.span_mask_vjp(1, 3, 1.5, 1.0, np.ones((1, 3))) == 1.0  # |d| = 2: m = 0.5
+
+
+def test_non_finite_values_poison_only_the_rows_that_read_them():
+    q, k = np.ones((1, 1, 2, 2)), np.ones((1, 1, 3, 2))
+    v = np.arange(6.0).reshape(1, 1, 3, 2)
+    v[0, 0, 2] = np.nan  # key 2 sits at position 2; with q_offset 0 the rows sit at 0 and 1
+    out = ref.attention(q, k, v, causal=True, q_offset=0)
+    assert np.isfinite(out).all()
+    ref.attention(q, k, v, causal=True, q_offset=0, check_finite=True)  # nothing read: no error
+    out = ref.attention(q, k, v, causal=True, q_offset=1)  # now row 1 (position 2) reads key 2
+    assert np.isfinite(out[0, 0, 0]).all() and np.isnan(out[0, 0, 1]).all()
+    with pytest.raises(ValueError, match="v holds non-finite values where a row reads them"):
+        ref.attention(q, k, v, causal=True, q_offset=1, check_finite=True)
+
+
+def test_zero_size_shapes_have_gradients_too():
+    z = np.zeros
+    grads = ref.attention_vjp(z((1, 2, 3, 4)), z((1, 2, 0, 4)), z((1, 2, 0, 4)), z((1, 2, 3, 4)), alpha=1.3)
+    assert grads.dk.shape == (1, 2, 0, 4) and (grads.dq == 0).all()
+    grads = ref.attention_vjp(z((0, 2, 3, 4)), z((0, 1, 5, 4)), z((0, 1, 5, 2)), z((0, 2, 3, 2)), span=2.0)
+    assert grads.dv.shape == (0, 1, 5, 2) and grads.dspan == 0

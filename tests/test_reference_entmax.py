@@ -188,3 +188,13 @@ def test_solve_rows_exposes_a_consistent_solution():
     # p / m = exp(log_ratio) and u = 1 + eps t on the support.
     np.testing.assert_allclose(sol.p[support], (w * np.exp(sol.log_ratio))[support], rtol=1e-14)
     np.testing.assert_allclose(sol.u, np.where(support, 1 + sol.eps * sol.t, 1.0), rtol=1e-14)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.3, 1.5, 1.9, 2.0])
+@pytest.mark.parametrize("log_weight", [0, 8, 18, 30])  # the 60-digit oracle holds to ~1e30
+def test_weights_above_one_stay_exact(alpha, log_weight):
+    """Heavy weights are solved through p(s, m) = p(lam^eps s, m / lam) (SPEC 2.5)."""
+    x = np.array([0.0, -0.3, -1.0, 0.2])
+    w = np.array([1.0, 0.5, 2.0, 0.7]) * 10.0**log_weight
+    expected = np.array([float(v) for v in entmax_mp(x, alpha, w)])
+    np.testing.assert_allclose(ref.entmax(x, alpha, weights=w), expected, rtol=1e-12, atol=1e-15)

@@ -141,3 +141,19 @@ def test_empty_row_has_zero_gradients():
     x = np.full((1, 4), -np.inf)
     dx, dalpha, _ = ref.entmax_vjp(x, 1.5, np.ones((1, 4)))
     assert (dx == 0).all() and dalpha == 0
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.3, 1.7, 2.0])
+def test_vjp_with_weights_above_one(alpha):
+    rng = np.random.default_rng(5)
+    x, g = rng.normal(size=(3, 5)) * 0.3, rng.normal(size=(3, 5))
+    w = rng.uniform(1.0, 3.0, size=(3, 5)) * 1e4
+    dx, dalpha, dw = ref.entmax_vjp(x, alpha, g, weights=w)
+
+    def loss(x_=x, a=alpha, w_=w):
+        return float(np.sum(ref.entmax(x_, a, weights=w_) * g))
+
+    np.testing.assert_allclose(dx, central_difference(lambda v: loss(x_=v), x), atol=1e-8)
+    np.testing.assert_allclose(dw, central_difference(lambda v: loss(w_=v), w, h=1e-2), atol=1e-11)
+    if 1.0 < alpha < 2.0:
+        np.testing.assert_allclose(dalpha, (loss(a=alpha + 1e-6) - loss(a=alpha - 1e-6)) / 2e-6, atol=1e-7)

@@ -41,6 +41,7 @@ def qkv(B=2, H=4, Hkv=2, Lq=3, Lk=5, D=4, Dv=4, dtype=np.float32):
     (dict(q_offset=1.5), TypeError, "q_offset must be an integer"),
     (dict(q_offset=True), TypeError, "q_offset must be a number or an array, not bool"),
     (dict(q_offset=np.array([1, 2, 3])), ValueError, r"q_offset must be an integer or have shape \[B\]=\[2\]"),
+    (dict(q_offset=2**70), ValueError, r"q_offset must lie in \(-2\*\*62, 2\*\*62\)"),
 ])
 def test_malformed_attention_calls(change, error, message):
     q, k, v = qkv()
@@ -113,6 +114,8 @@ def test_values_are_not_read_from_meta_tensors():
     (lambda: attnspec.entmax(np.zeros(3), 1.5, axis=1), ValueError, "axis=1 is out of range"),
     (lambda: attnspec.entmax(np.zeros(3), 1.5, weights=-np.ones(3)), ValueError, "weights must be finite and >= 0"),
     (lambda: attnspec.entmax(np.zeros(3, np.int64), 1.5), TypeError, "x.dtype=int64"),
+    (lambda: attnspec.entmax(np.zeros(3), 1.5, weights=np.array(["1", "2", "0"])), TypeError,
+     "weights must hold real numbers"),
     (lambda: attnspec.entmax(np.array(1.0), 1.5), ValueError, "at least one dimension"),
     (lambda: attnspec.span_mask(-1, 3, 1.0, 1.0), ValueError, "Lq must be an integer >= 0"),
     (lambda: attnspec.span_mask(2, 3, -1.0, 1.0), ValueError, "span must be finite and >= 0"),

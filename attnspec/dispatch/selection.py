@@ -87,6 +87,8 @@ def _requested(backend) -> tuple[tuple | None, str]:
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         named = tuple(n.strip() for n in env.split(",") if n.strip())
+        if not named:
+            raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} names no backend (unset it for automatic selection)")
         for name in named:
             registry.require_known(name, ENV_VAR)
         return named, ENV_VAR
@@ -109,12 +111,19 @@ def _reasons(entry, call: CallInfo, automatic: bool):
     return kernel, reasons
 
 
-def _automatic_order():
+def _automatic_order(array_type: str):
+    """Every entry by priority. Entries that might serve this array type are loaded first, so
+    that their declared priority (not the order of earlier calls) decides."""
+    entries = registry.entries()
+    for entry in entries:
+        if not entry.loaded and (entry.array_types is None or array_type in entry.array_types):
+            registry._load(entry)
+
     def key(entry):
         priority = entry.backend.priority if entry.backend is not None else 0
         return (-priority, entry.name)
 
-    return sorted(registry.entries(), key=key)
+    return sorted(entries, key=key)
 
 
 def decide(call: CallInfo, backend=None, *, explain: bool = False) -> Decision:
@@ -122,7 +131,7 @@ def decide(call: CallInfo, backend=None, *, explain: bool = False) -> Decision:
     otherwise the search stops at the first backend that accepts."""
     named, source = _requested(backend)
     automatic = named is None
-    candidates = _automatic_order() if automatic else [registry.entry(n) for n in named]
+    candidates = _automatic_order(call.array_type) if automatic else [registry.entry(n) for n in named]
     decision = Decision(op=call.op, source=source)
     for entry in candidates:
         if decision.selected is not None and not explain:

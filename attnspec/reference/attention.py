@@ -36,6 +36,7 @@ class _Forward:
     v: np.ndarray  # [B, H, Lk, Dv], likewise
     m: np.ndarray  # [B, H, Lq, Lk] span weights, 0 where not allowed
     sol: _entmax.RowSolution  # rows = B * H * Lq
+    reads_non_finite: np.ndarray  # [B, H, Lq]: rows whose allowed keys (or q) hold NaN/Inf
     scale: float
     ramp: float
     shape: tuple  # (B, H, Lq, Lk)
@@ -75,29 +76,29 @@ def _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, c
     row_empty = ~allowed.any(-1)  # [B, H, Lq]
 
     # Keys beyond key_lengths may hold garbage (NaN/Inf); rows with no allowed key may too.
-    # Neither may reach any output or gradient, so both are replaced by zeros here.
+    # Neither may reach any output or gradient, so both are replaced by zeros here. Other
+    # non-finite values make NaN of exactly the rows that read them (SPEC.md section 5.3).
     kv_head = np.arange(H) // (H // Hkv)
     k64 = np.where(key_valid[:, None, :, None], _float64(k), 0.0)[:, kv_head]
     v64 = np.where(key_valid[:, None, :, None], _float64(v), 0.0)[:, kv_head]
     q64 = np.where(row_empty[..., None], 0.0, _float64(q))
+    bad = {name: ~np.isfinite(x).all(-1) for name, x in (("q", q64), ("k", k64), ("v", v64))}
+    reads = {"q": bad["q"], "k": (allowed & bad["k"][:, :, None, :]).any(-1),
+             "v": (allowed & bad["v"][:, :, None, :]).any(-1)}
     if check_finite:
-        _check_finite(q64, k64, v64)
+        for name, rows in reads.items():
+            if rows.any():
+                raise ValueError(f"{name} holds non-finite values where a row reads them (check_finite=True; "
+                                 "keys beyond key_lengths and rows with no allowed key are never read)")
+    q64, k64, v64 = (np.where(bad[n][..., None], 0.0, x) for n, x in (("q", q64), ("k", k64), ("v", v64)))
 
     scores = scale * np.einsum("bhid,bhjd->bhij", q64, k64)
     scores = np.where(allowed, scores, -np.inf)
     eps = np.broadcast_to(_float64(alpha) - 1.0, (H,))
     eps_rows = np.broadcast_to(eps[None, :, None], (B, H, Lq)).reshape(-1)
     sol = _entmax.solve_rows(scores.reshape(B * H * Lq, Lk), m.reshape(B * H * Lq, Lk), eps_rows)
-    return _Forward(q=q64, k=k64, v=v64, m=m, sol=sol, scale=scale, ramp=ramp, shape=(B, H, Lq, Lk))
-
-
-def _check_finite(q, k, v):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not np.isfinite(x).all():
-            raise ValueError(
-                f"{name} holds non-finite values where a row reads them "
-                "(check_finite=True; keys beyond key_lengths and rows with no key are ignored)"
-            )
+    return _Forward(q=q64, k=k64, v=v64, m=m, sol=sol, reads_non_finite=reads["q"] | reads["k"] | reads["v"],
+                    scale=scale, ramp=ramp, shape=(B, H, Lq, Lk))
 
 
 def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
@@ -110,6 +111,7 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     fwd = _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, check_finite)
     p = fwd.sol.p.reshape(fwd.shape)
     out = np.einsum("bhij,bhjd->bhid", p, fwd.v)
+    out[fwd.reads_non_finite] = np.nan
     return out.astype(np.asarray(q).dtype, copy=False)
 
 
@@ -156,8 +158,8 @@ def attention_vjp(q, k, v, grad_out, *, alpha=1.0, span=None, ramp=32.0, causal=
     dk_heads = fwd.scale * np.einsum("bhij,bhid->bhjd", ds, fwd.q)
     dv_heads = np.einsum("bhij,bhid->bhjd", p, dout)
     # Head h reads kv head h // group, so kv head g collects heads g*group ... (g+1)*group - 1.
-    dk = dk_heads.reshape(B, Hkv, group, Lk, -1).sum(2)
-    dv = dv_heads.reshape(B, Hkv, group, Lk, -1).sum(2)
+    dk = dk_heads.reshape(B, Hkv, group, Lk, dk_heads.shape[-1]).sum(2)
+    dv = dv_heads.reshape(B, Hkv, group, Lk, dv_heads.shape[-1]).sum(2)
     if key_lengths is not None:  # keys beyond key_lengths never matter: exactly zero
         key_valid = np.arange(Lk)[None, :] < np.asarray(key_lengths)[:, None]
         dk = np.where(key_valid[:, None, :, None], dk, 0.0)

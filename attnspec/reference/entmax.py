@@ -306,6 +306,23 @@ def _rows(x, alpha, axis, weights):
     return x64.reshape(rows, n), np.ascontiguousarray(w).reshape(rows, n), eps.reshape(rows), shape
 
 
+def _rescale_heavy_weights(s, w, eps):
+    """Rows whose largest allowed weight lam exceeds 1, solved as an equivalent problem.
+
+    Heavy weights push c toward 1/eps, where u = 1 + eps (s - c) cancels. For any lam > 0,
+    p(s, m) = p(lam^eps s, m / lam) (SPEC.md section 2.5), so such rows are solved with
+    weights <= 1. Returns (s', w', factor = lam^eps, log_lam), factor = 1 where unchanged.
+    """
+    allowed = (w > 0) & (s > -np.inf)
+    lam = np.max(np.where(allowed, w, 0.0), -1, keepdims=True)
+    heavy = lam > 1.0
+    log_lam = np.where(heavy, np.log(np.where(heavy, lam, 1.0)), 0.0)
+    factor = np.exp(eps.reshape(-1, 1) * log_lam)
+    with np.errstate(invalid="ignore"):  # -inf * factor stays -inf; NaN stays NaN
+        s_scaled = np.where(heavy, s * factor, s)
+    return s_scaled, np.where(heavy, w / np.where(heavy, lam, 1.0), w), factor, log_lam
+
+
 def entmax(x, alpha, axis=-1, weights=None):
     """Weighted alpha-entmax of x along `axis` (SPEC.md section 2), in x's dtype.
 
@@ -314,6 +331,7 @@ def entmax(x, alpha, axis=-1, weights=None):
     0 or x = -inf gets probability 0; a row with no such entry left gives zeros.
     """
     s, w, eps, shape = _rows(x, alpha, axis, weights)
+    s, w, _, _ = _rescale_heavy_weights(s, w, eps)
     sol = solve_rows(s, w, eps)
     p = np.moveaxis(sol.p.reshape(shape), -1, axis)
     return p.astype(np.asarray(x).dtype, copy=False)
@@ -325,9 +343,14 @@ def entmax_vjp(x, alpha, grad, axis=-1, weights=None):
     dalpha has alpha's shape; dweights has weights' shape, or is None without weights.
     """
     s, w, eps, shape = _rows(x, alpha, axis, weights)
+    s, w, factor, log_lam = _rescale_heavy_weights(s, w, eps)
     sol = solve_rows(s, w, eps)
     g = np.moveaxis(np.asarray(grad, np.float64), axis, -1).reshape(s.shape)
     ds, dm, deps = vjp_rows(sol, g)
+    # Back through s' = lam^eps s and m' = m / lam (lam held fixed: the identity holds for all).
+    scaled_scores = np.where(ds != 0, s, 0.0)
+    deps = deps + log_lam[:, 0] * np.sum(ds * scaled_scores, -1)
+    ds, dm = ds * factor, dm / np.exp(log_lam)
     x_dtype = np.asarray(x).dtype
     dx = np.moveaxis(ds.reshape(shape), -1, axis).astype(x_dtype, copy=False)
     deps_full = np.moveaxis(deps.reshape(shape[:-1] + (1,)), -1, axis)
