@@ -1,5 +1,9 @@
-"""The PyTorch backends: `torch-eager` (full score matrix, small calls) for torch tensors on CPU
-and CUDA, float16 / bfloat16 / float32 / float64 (half types accumulate in float32).
+"""The PyTorch backends for torch tensors on CPU and CUDA, float16 / bfloat16 / float32 /
+float64 (half types accumulate in float32):
+- `torch-eager`: the full score matrix, for small calls (it declares a size cap, and a higher
+  priority, so automatic selection takes it when it fits);
+- `torch`: query tiles against the key window each tile can reach, one number per row kept
+  for the backward; never a [B, H, Lq, Lk] buffer, and span/causal/key_lengths skip keys.
 
 Gradients for q, k, v, alpha and span come from the analytic backward of SPEC.md section 4,
 through a torch.library custom op pair (attnspec._torch), so the op also runs on meta tensors,
@@ -37,6 +41,19 @@ def eager_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, k
     return _eager_op(*_torch.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
 
 
+def _fake_c(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+    return [q.new_empty(q.shape[:3] + (1,), dtype=_torch.compute_dtype(q.dtype))]
+
+
+_tiled_op = _torch.define_attention_op("tiled_attention", _attention.tiled_forward, _attention.tiled_backward,
+                                       _fake_c)
+
+
+def tiled_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
+                    q_offset=None, scale=None):
+    return _tiled_op(*_torch.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
+
+
 def _devices():
     # meta: shapes only, through the custom op's fake implementation.
     return ("cpu", "cuda", "meta") if torch.cuda.is_available() else ("cpu", "meta")
@@ -52,4 +69,15 @@ EAGER = Backend(
     },
     priority=20,
     description="PyTorch, full score matrix (small calls), analytic backward",
+)
+
+TILED = Backend(
+    name="torch",
+    version=f"{__version__} (torch {torch.__version__})",
+    kernels={
+        "attention": Kernel("attention", tiled_attention, Capabilities(
+            array_type="torch", devices=_devices(), dtypes=DTYPES, features=all_features("attention"))),
+    },
+    priority=10,
+    description="PyTorch, query tiles x reachable key window, O(tile x window) memory, analytic backward",
 )

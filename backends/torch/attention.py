@@ -9,6 +9,8 @@ None. Grouped-query heads are handled by viewing q as [B, Hkv, G, Lq, D] against
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import entmax as _entmax
@@ -97,5 +99,135 @@ def backward(grad_out, p, t, m, q, k, v, alpha, span, ramp, causal, key_lengths,
         dspan = torch.zeros_like(alpha)
     else:
         dspan = (dm * _span.mask_slope(m, ramp)).sum((0, 2, 3))
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dalpha.to(alpha.dtype),
+            dspan.to(alpha.dtype if span is None else span.dtype))
+
+
+# --- tiled: never a [B, H, Lq, Lk] buffer -----------------------------------------------------
+#
+# Queries are processed in tiles of rows. A tile reads only the key window its rows may see
+# (causal bound, span window |d| < z + R, key_lengths), so a span-z head costs ~Lq (z + R)
+# and memory is one [B, H, tile, window] block at a time. The forward keeps one number per
+# row, c (SPEC.md section 2.2), from which the backward rebuilds p exactly, without iterating.
+
+#: Elements of one [B, H, tile, window] block (several such buffers live at once), and the
+#: smallest tile (tests lower both to force many tiles on small inputs).
+BLOCK_ELEMENTS = 1 << 21
+MIN_TILE = 16
+
+
+def _window(i0, i1, Lk, span, ramp, causal, key_lengths, q_offset):
+    """[j0, j1): the keys rows i0..i1-1 may read, over every batch and head. Under
+    torch.compile (no data-dependent shapes) it is the whole key range."""
+    if torch.compiler.is_compiling():
+        return 0, Lk
+    offsets = q_offset.tolist()
+    first, last = i0 + min(offsets), i1 - 1 + max(offsets)  # positions of the tile's rows
+    j0, j1 = 0, Lk
+    if key_lengths is not None:
+        j1 = min(j1, int(key_lengths.max()))
+    if causal:
+        j1 = min(j1, last + 1)
+    if span is not None:
+        # m = 0 once |d| >= z + R; one key of slack on each side absorbs the rounding of
+        # R + z in the compute dtype (the block's own mask decides exactly).
+        reach = float(span.max()) + ramp
+        j0 = max(j0, int(math.floor(first - reach)))
+        if not causal:
+            j1 = min(j1, int(math.ceil(last + reach)) + 1)
+    return max(0, j0), max(0, min(Lk, j1))
+
+
+def _tile_rows(B, H, Lk):
+    return max(MIN_TILE, BLOCK_ELEMENTS // max(1, B * H * Lk))
+
+
+def _block(q, k, v, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, scale, dtype):
+    """Scores, weights and masks of rows i0..i1-1 against keys j0..j1-1."""
+    B, H, _, _ = q.shape
+    Hkv = k.shape[1]
+    device = q.device
+    lengths = key_lengths if key_lengths is not None else torch.full((B,), k.shape[2], device=device)
+    keys = torch.arange(j0, j1, device=device)
+    key_valid = keys[None, :] < lengths.to(device)[:, None]  # [B, W]
+    rows = torch.arange(i0, i1, device=device)
+    d = (q_offset.to(device)[:, None, None] + rows[None, :, None] - keys[None, None, :])[:, None]  # [B,1,T,W]
+    allowed = key_valid[:, None, None, :].expand(B, 1, i1 - i0, j1 - j0)
+    if causal:
+        allowed = allowed & (d >= 0)
+    if span is None:
+        m = torch.ones((B, 1, i1 - i0, j1 - j0), dtype=dtype, device=device)
+    else:
+        m = _span.soft_mask(d, span, ramp, dtype)
+        allowed = allowed & (m > 0)
+    m = torch.where(allowed, m, torch.zeros_like(m))
+    zero = torch.zeros((), dtype=dtype, device=device)
+    kv_mask = key_valid[:, None, :, None]
+    kw = torch.where(kv_mask, k[:, :, j0:j1].to(dtype), zero)
+    vw = torch.where(kv_mask, v[:, :, j0:j1].to(dtype), zero)
+    reads = allowed.any(-1, keepdim=True)
+    qt = torch.where(reads, q[:, :, i0:i1].to(dtype), zero)
+    T, W = i1 - i0, j1 - j0
+    scores = scale * torch.matmul(_grouped(qt, Hkv), kw[:, :, None].transpose(-1, -2)).reshape(B, H, T, W)
+    allowed = allowed.expand(B, H, T, W)
+    scores = torch.where(allowed, scores, torch.full_like(scores, -torch.inf))
+    return scores, m.expand(B, H, T, W), allowed, qt, kw, vw, key_valid
+
+
+def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+    """(out in q's dtype, c [B, H, Lq, 1] in the compute dtype)."""
+    dtype = compute_dtype(q.dtype)
+    B, H, Lq, _ = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    eps = (alpha.to(dtype) - 1)[None, :, None, None]
+    out = torch.zeros((B, H, Lq, Dv), dtype=dtype, device=q.device)
+    c = torch.zeros((B, H, Lq, 1), dtype=dtype, device=q.device)
+    tile = _tile_rows(B, H, Lk)
+    for i0 in range(0, Lq, tile):
+        i1 = min(Lq, i0 + tile)
+        j0, j1 = _window(i0, i1, Lk, span, ramp, causal, key_lengths, q_offset)
+        if j1 <= j0:
+            continue  # no key in reach: these rows are empty (zeros)
+        scores, m, allowed, _, _, vw, _ = _block(q, k, v, i0, i1, j0, j1, span, ramp, causal, key_lengths,
+                                                 q_offset, scale, dtype)
+        p, _, c_tile = _entmax.solve_rows(scores, m, eps, allowed, return_c=True)
+        out[:, :, i0:i1] = torch.matmul(_grouped(p, Hkv), vw[:, :, None]).reshape(B, H, i1 - i0, Dv)
+        c[:, :, i0:i1] = c_tile
+    return out.to(q.dtype), c
+
+
+def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+    dtype = c.dtype
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    eps = (alpha.to(dtype) - 1)[None, :, None, None]
+    dq = torch.zeros((B, H, Lq, D), dtype=dtype, device=q.device)
+    dk = torch.zeros((B, Hkv, Lk, D), dtype=dtype, device=q.device)
+    dv = torch.zeros((B, Hkv, Lk, Dv), dtype=dtype, device=q.device)
+    dalpha = torch.zeros((H,), dtype=dtype, device=q.device)
+    dspan = torch.zeros((H,), dtype=dtype, device=q.device)
+    dout = grad_out.to(dtype)
+    tile = _tile_rows(B, H, Lk)
+    for i0 in range(0, Lq, tile):
+        i1 = min(Lq, i0 + tile)
+        j0, j1 = _window(i0, i1, Lk, span, ramp, causal, key_lengths, q_offset)
+        if j1 <= j0:
+            continue
+        T, W = i1 - i0, j1 - j0
+        scores, m, allowed, qt, kw, vw, key_valid = _block(q, k, v, i0, i1, j0, j1, span, ramp, causal,
+                                                           key_lengths, q_offset, scale, dtype)
+        p, t = _entmax.probabilities(scores, m, eps, allowed, c[:, :, i0:i1])
+        dout_t = dout[:, :, i0:i1]
+        g = torch.matmul(_grouped(dout_t, Hkv), vw[:, :, None].transpose(-1, -2)).reshape(B, H, T, W)
+        ds, dm, deps = _entmax.vjp_rows(p, t, eps, g)
+        dq[:, :, i0:i1] = scale * torch.matmul(_grouped(ds, Hkv), kw[:, :, None]).reshape(B, H, T, D)
+        dk_w = scale * torch.matmul(_grouped(ds, Hkv).transpose(-1, -2), _grouped(qt, Hkv)).sum(2)
+        dv_w = torch.matmul(_grouped(p, Hkv).transpose(-1, -2), _grouped(dout_t, Hkv)).sum(2)
+        valid = key_valid[:, None, :, None]
+        dk[:, :, j0:j1] += torch.where(valid, dk_w, torch.zeros_like(dk_w))
+        dv[:, :, j0:j1] += torch.where(valid, dv_w, torch.zeros_like(dv_w))
+        dalpha += deps.sum((0, 2, 3))
+        if span is not None:
+            dspan += (dm * _span.mask_slope(m, ramp)).sum((0, 2, 3))
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dalpha.to(alpha.dtype),
             dspan.to(alpha.dtype if span is None else span.dtype))

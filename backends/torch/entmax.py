@@ -32,11 +32,13 @@ def log_ratio(t, eps):
     return torch.where(inside | (eps == 0), value, torch.full_like(value, -torch.inf))
 
 
-def solve_rows(s, m, eps, allowed):
+def solve_rows(s, m, eps, allowed, return_c=False):
     """(p, t) of weighted entmax along the last axis; s, m, allowed [..., n], eps [..., 1].
 
     Entries not allowed get p = 0; a row with no allowed entry gives zeros. t = s - c is the
-    shift-free score (meaningful on allowed entries).
+    shift-free score (meaningful on allowed entries). return_c=True adds c [..., 1] (the
+    per-row statistic from which `probabilities` rebuilds p in a backward pass).
+    Outside torch.compile the Newton loop stops as soon as no row moves any more.
     """
     neg_inf = torch.full_like(s, -torch.inf)
     top = torch.where(allowed, s, neg_inf).amax(-1, keepdim=True)
@@ -59,7 +61,10 @@ def solve_rows(s, m, eps, allowed):
     lo = torch.where(nonempty, lo, torch.zeros_like(lo))
     hi = torch.where(nonempty, torch.maximum(hi, lo), torch.zeros_like(hi))
     c = lo
+    early_exit = not torch.compiler.is_compiling()
+    tolerance = 4 * torch.finfo(s.dtype).eps
     for _ in range(ITERATIONS[s.dtype]):
+        previous = c
         t = shifted - c
         terms = log_m + log_ratio(t, safe)
         h = torch.logsumexp(terms, -1, keepdim=True)
@@ -70,11 +75,21 @@ def solve_rows(s, m, eps, allowed):
         newton = c - h / slope
         inside = torch.isfinite(newton) & (newton >= lo) & (newton <= hi)
         c = torch.where(h == 0, c, torch.where(inside, newton, (lo + hi) / 2))
+        # Stop once every row is converged: steps below a few ulps, or a closed bracket.
+        if early_exit and bool(((c - previous).abs() <= tolerance * (1 + c.abs())).all()):
+            break
     c = torch.where(eps > 0, c, c_soft)
-    t = shifted - c
-    ratio = log_ratio(t, eps)
-    p = torch.where(allowed, m * torch.exp(ratio), torch.zeros_like(s))
+    p, t = probabilities(shifted, m, eps, allowed, c)
     p = torch.where(nonempty, p, torch.zeros_like(p))
+    if return_c:
+        return p, t, c + top
+    return p, t
+
+
+def probabilities(s, m, eps, allowed, c):
+    """(p, t) for a known per-row c [..., 1] (as solve_rows returns it for the same s)."""
+    t = s - c
+    p = torch.where(allowed, m * torch.exp(log_ratio(t, eps)), torch.zeros_like(s))
     return p, torch.where(allowed, t, torch.zeros_like(t))
 
 
