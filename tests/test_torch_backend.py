@@ -98,9 +98,11 @@ def test_eager_path_declares_a_size_cap():
     q = torch.empty(1, 4, 4096, 8, device="meta")
     k = torch.empty(1, 4, 4096, 8, device="meta")
     decision = attnspec.explain(q, k, k)
-    assert decision.selected is None
+    assert decision.selected == "torch"  # the tiled path takes what the eager one refuses
     reasons = dict(decision.considered)["torch-eager"]
     assert reasons == ["B*H*Lq*Lk=67108864 score entries (supported: <= 16777216)"]
+    small = torch.empty(1, 4, 64, 8, device="meta")
+    assert attnspec.explain(small, small, small).selected == "torch-eager"
 
 
 def test_empty_rows_and_nan_padding_give_zero_not_nan():
