@@ -8,8 +8,8 @@ and with autocast; and it normalises the public arguments into tensors.
 A backend provides
     forward(q, k, v, alpha[H], span[H] | None, ramp, causal, key_lengths[B] | None,
             q_offset[B], scale) -> (out, *saved)
-    backward(grad_out, *saved, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
-        -> (dq, dk, dv, dalpha[H], dspan[H])
+    backward(grad_out, *saved, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale,
+             alpha_grad) -> (dq, dk, dv, dalpha[H], dspan[H])  (dalpha may be zeros if not alpha_grad)
     fake_saved(q, k, v, ...) -> list of empty tensors shaped like `saved`.
 """
 
@@ -84,13 +84,14 @@ def define_attention_op(name: str, forward, backward, fake_saved):
     @torch.library.custom_op(f"attnspec::{name}_backward", mutates_args=())
     def backward_op(grad_out: Tensor, saved: list[Tensor], q: Tensor, k: Tensor, v: Tensor, alpha: Tensor,
                     span: Optional[Tensor], ramp: float, causal: bool, key_lengths: Optional[Tensor],
-                    q_offset: Tensor, scale: float) -> list[Tensor]:
+                    q_offset: Tensor, scale: float, alpha_grad: bool) -> list[Tensor]:
         with torch.no_grad(), _no_autocast(q):
-            grads = backward(grad_out, *saved, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
+            grads = backward(grad_out, *saved, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale,
+                             alpha_grad)
         return [g.contiguous() for g in grads]
 
     @backward_op.register_fake
-    def _(grad_out, saved, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+    def _(grad_out, saved, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alpha_grad):
         span_like = alpha if span is None else span
         return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(alpha),
                 torch.empty_like(span_like)]
@@ -113,8 +114,9 @@ def define_attention_op(name: str, forward, backward, fake_saved):
         grad_out = grads[0]
         if grad_out is None:
             grad_out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+        alpha_grad = bool(ctx.needs_input_grad[3])  # dalpha (psi) is skipped when nobody asks
         dq, dk, dv, dalpha, dspan = backward_op(grad_out, saved, q, k, v, alpha, span, ctx.ramp, ctx.causal,
-                                                key_lengths, q_offset, ctx.scale)
+                                                key_lengths, q_offset, ctx.scale, alpha_grad)
         return dq, dk, dv, dalpha, (dspan if ctx.has_span else None), None, None, None, None, None
 
     forward_op.register_autograd(backward_fn, setup_context=setup_context)

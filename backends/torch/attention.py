@@ -73,7 +73,7 @@ def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     return out.to(q.dtype), p, t, m
 
 
-def backward(grad_out, p, t, m, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+def backward(grad_out, p, t, m, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alpha_grad=True):
     """(dq, dk, dv, dalpha [H], dspan [H]) in the inputs' dtypes; dspan is zeros without span."""
     dtype = p.dtype
     B, H, Lq, Lk = p.shape
@@ -87,7 +87,7 @@ def backward(grad_out, p, t, m, q, k, v, alpha, span, ramp, causal, key_lengths,
     dout = grad_out.to(dtype)
     g = torch.matmul(_grouped(dout, Hkv), vc[:, :, None].transpose(-1, -2)).reshape(B, H, Lq, Lk)
     eps = (alpha.to(dtype) - 1)[None, :, None, None]
-    ds, dm, deps = _entmax.vjp_rows(p, t, eps, g)
+    ds, dm, deps = _entmax.vjp_rows(p, t, eps, g, need_eps=alpha_grad)
     del allowed
     dq = scale * torch.matmul(_grouped(ds, Hkv), kc[:, :, None]).reshape(B, H, Lq, -1)
     dk = scale * torch.matmul(_grouped(ds, Hkv).transpose(-1, -2), _grouped(qc, Hkv)).sum(2)
@@ -196,7 +196,7 @@ def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, sca
     return out.to(q.dtype), c
 
 
-def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alpha_grad=True):
     dtype = c.dtype
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -219,7 +219,7 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
         p, t = _entmax.probabilities(scores, m, eps, allowed, c[:, :, i0:i1])
         dout_t = dout[:, :, i0:i1]
         g = torch.matmul(_grouped(dout_t, Hkv), vw[:, :, None].transpose(-1, -2)).reshape(B, H, T, W)
-        ds, dm, deps = _entmax.vjp_rows(p, t, eps, g)
+        ds, dm, deps = _entmax.vjp_rows(p, t, eps, g, need_eps=alpha_grad)
         dq[:, :, i0:i1] = scale * torch.matmul(_grouped(ds, Hkv), kw[:, :, None]).reshape(B, H, T, D)
         dk_w = scale * torch.matmul(_grouped(ds, Hkv).transpose(-1, -2), _grouped(qt, Hkv)).sum(2)
         dv_w = torch.matmul(_grouped(p, Hkv).transpose(-1, -2), _grouped(dout_t, Hkv)).sum(2)

@@ -27,9 +27,9 @@ def log_ratio(t, eps):
     safe = _safe_eps(eps)
     x = eps * t
     inside = x > -1
-    value = torch.log1p(torch.where(inside, x, torch.zeros_like(x))) / safe
+    value = torch.log1p(torch.where(inside, x, 0.0)) / safe
     value = torch.where(eps > 0, value, t)
-    return torch.where(inside | (eps == 0), value, torch.full_like(value, -torch.inf))
+    return torch.where(inside | (eps == 0), value, -torch.inf)
 
 
 def solve_rows(s, m, eps, allowed, return_c=False):
@@ -40,57 +40,83 @@ def solve_rows(s, m, eps, allowed, return_c=False):
     per-row statistic from which `probabilities` rebuilds p in a backward pass).
     Outside torch.compile the Newton loop stops as soon as no row moves any more.
     """
-    neg_inf = torch.full_like(s, -torch.inf)
+    neg_inf = -torch.inf
     top = torch.where(allowed, s, neg_inf).amax(-1, keepdim=True)
     nonempty = torch.isfinite(top)
     top = torch.where(nonempty, top, torch.zeros_like(top))
     shifted = torch.where(allowed, s - top, neg_inf)
-    log_m = torch.where(allowed, torch.log(torch.where(allowed, m, torch.ones_like(m))), neg_inf)
+    log_m = torch.where(allowed, torch.log(torch.where(allowed, m, 1.0)), neg_inf)
+    if not torch.compiler.is_compiling() and not bool((eps > 0).any()):  # softmax only
+        c = torch.where(nonempty, torch.logsumexp(shifted + log_m, -1, keepdim=True), 0.0)
+        p, t = probabilities(shifted, m, eps, allowed, c)
+        p = torch.where(nonempty, p, 0.0)
+        return (p, t, c + top) if return_c else (p, t)
 
-    # alpha = 1 rows: softmax(s + log m).
-    logits = shifted + log_m
-    c_soft = torch.logsumexp(logits, -1, keepdim=True)
-    c_soft = torch.where(nonempty, c_soft, torch.zeros_like(c_soft))
+    # alpha = 1 rows: softmax(s + log m), c its log-normaliser (skipped when no row has alpha 1).
+    if torch.compiler.is_compiling() or bool((eps == 0).any()):
+        c_soft = torch.logsumexp(shifted + log_m, -1, keepdim=True)
+        c_soft = torch.where(nonempty, c_soft, 0.0)
+    else:
+        c_soft = torch.zeros_like(top)
 
     # alpha > 1 rows: Newton on h(c) = log sum_j m_j exp(log1p(eps (s_j - c)) / eps).
     safe = _safe_eps(eps)
     one_alone = torch.where(allowed, shifted - torch.expm1(-safe * log_m) / safe, neg_inf)
     lo = one_alone.amax(-1, keepdim=True)
-    mass = torch.where(allowed, m, torch.zeros_like(m)).sum(-1, keepdim=True)
+    mass = torch.where(allowed, m, 0.0).sum(-1, keepdim=True)
     hi = -torch.expm1(-safe * torch.log(mass)) / safe
     lo = torch.where(nonempty, lo, torch.zeros_like(lo))
     hi = torch.where(nonempty, torch.maximum(hi, lo), torch.zeros_like(hi))
-    c = lo
     early_exit = not torch.compiler.is_compiling()
-    tolerance = 4 * torch.finfo(s.dtype).eps
-    for _ in range(ITERATIONS[s.dtype]):
+    # Softmax-only calls (every alpha = 1) need no Newton step at all.
+    iterations = ITERATIONS[s.dtype] if not early_exit or bool((eps > 0).any()) else 0
+    if iterations and early_exit:
+        # Every iterate stays >= lo, where entries with u = 1 + eps (s - lo) <= 0 already have
+        # p = 0, so only the top-K scores of each row can matter: iterate on those alone.
+        candidates = allowed & (shifted - lo > -1 / safe)
+        K = int(candidates.sum(-1).max()) if candidates.numel() else 0
+        if 0 < K <= s.shape[-1] // 4:
+            top_scores, index = torch.topk(torch.where(candidates, shifted, neg_inf), K, dim=-1)
+            c = _newton(top_scores, log_m.gather(-1, index), safe, lo, hi, iterations, early_exit)
+        else:
+            c = _newton(shifted, log_m, safe, lo, hi, iterations, early_exit)
+    else:
+        c = _newton(shifted, log_m, safe, lo, hi, iterations, early_exit)
+    c = torch.where(eps > 0, c, c_soft)
+    p, t = probabilities(shifted, m, eps, allowed, c)
+    p = torch.where(nonempty, p, 0.0)
+    if return_c:
+        return p, t, c + top
+    return p, t
+
+
+def _newton(shifted, log_m, eps, lo, hi, iterations, early_exit):
+    """c [..., 1] with h(c) = 0, from c = lo, Newton steps that stay inside [lo, hi] (else
+    bisection), `iterations` at most; early_exit stops once no row moves by more than ulps."""
+    c = lo
+    tolerance = 4 * torch.finfo(shifted.dtype).eps
+    for _ in range(iterations):
         previous = c
         t = shifted - c
-        terms = log_m + log_ratio(t, safe)
+        terms = log_m + log_ratio(t, eps)
         h = torch.logsumexp(terms, -1, keepdim=True)
-        weights = torch.where(torch.isfinite(terms), torch.exp(terms - h) / (1 + safe * t), torch.zeros_like(t))
+        weights = torch.where(torch.isfinite(terms), torch.exp(terms - h) / (1 + eps * t), 0.0)
         slope = -weights.sum(-1, keepdim=True)
         lo = torch.where(h >= 0, c, lo)
         hi = torch.where(h <= 0, c, hi)
         newton = c - h / slope
         inside = torch.isfinite(newton) & (newton >= lo) & (newton <= hi)
         c = torch.where(h == 0, c, torch.where(inside, newton, (lo + hi) / 2))
-        # Stop once every row is converged: steps below a few ulps, or a closed bracket.
         if early_exit and bool(((c - previous).abs() <= tolerance * (1 + c.abs())).all()):
             break
-    c = torch.where(eps > 0, c, c_soft)
-    p, t = probabilities(shifted, m, eps, allowed, c)
-    p = torch.where(nonempty, p, torch.zeros_like(p))
-    if return_c:
-        return p, t, c + top
-    return p, t
+    return c
 
 
 def probabilities(s, m, eps, allowed, c):
     """(p, t) for a known per-row c [..., 1] (as solve_rows returns it for the same s)."""
     t = s - c
-    p = torch.where(allowed, m * torch.exp(log_ratio(t, eps)), torch.zeros_like(s))
-    return p, torch.where(allowed, t, torch.zeros_like(t))
+    p = torch.where(allowed, m * torch.exp(log_ratio(t, eps)), 0.0)
+    return p, torch.where(allowed, t, 0.0)
 
 
 def psi(t, eps):
@@ -109,8 +135,9 @@ def psi(t, eps):
     return torch.where(small, series, direct)
 
 
-def vjp_rows(p, t, eps, g):
-    """(ds, dm, deps per row [..., 1]) for dL/dp = g; see SPEC.md section 4."""
+def vjp_rows(p, t, eps, g, need_eps=True):
+    """(ds, dm, deps per row [..., 1]) for dL/dp = g; see SPEC.md section 4. need_eps=False
+    skips deps (zeros): alpha asks for no gradient, and psi is the costliest part."""
     support = p > 0
     zero = torch.zeros_like(p)
     u = torch.where(support, 1 + eps * t, torch.ones_like(p))
@@ -121,5 +148,7 @@ def vjp_rows(p, t, eps, g):
     centred = torch.where(support, g - gbar, zero)
     ds = w * centred
     dm = torch.where(support, torch.exp(log_ratio(t, eps)) * centred, zero)
+    if not need_eps:
+        return ds, dm, torch.zeros_like(total)
     deps = (centred * torch.where(support, p * psi(t, eps), zero)).sum(-1, keepdim=True)
     return ds, dm, deps

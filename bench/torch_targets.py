@@ -1,0 +1,104 @@
+"""The PyTorch backend's speed targets (issue: PyTorch backend), as ratios measured in one run.
+
+    python -m attnspec.bench.torch_targets [--quick] [--json FILE]
+
+B=1, H=4, D=64, causal, forward + backward, median of repeated runs, on this machine's CPU:
+1. alpha = 1.5 at L = 2048 against torch's scaled_dot_product_attention (target <= 4x), and
+   against the entmax package's entmax15 and entmax_bisect inside an eager attention;
+2. alpha = 1 with span z = 256, R = 32 at L = 4096 against SDPA's full causal attention
+   (target <= 1x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+
+import attnspec
+
+from .timing import measure
+
+
+def _inputs(L, B=1, H=4, D=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, L, D, generator=g).requires_grad_(True) for _ in range(3)]
+
+
+def _step(attend, q, k, v):
+    def run():
+        out = attend(q, k, v)
+        out.sum().backward()
+        q.grad = k.grad = v.grad = None
+    return run
+
+
+def _entmax_attention(mapping):
+    def attend(q, k, v):
+        L = q.shape[2]
+        s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        mask = torch.ones(L, L, dtype=torch.bool).tril()
+        s = s.masked_fill(~mask, float("-inf"))
+        return mapping(s) @ v
+    return attend
+
+
+def run(quick=False, repeats=3):
+    rows = []
+    L1 = 512 if quick else 2048
+    q, k, v = _inputs(L1)
+    sdpa = measure(_step(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                         q, k, v), repeats=repeats)
+    ours = measure(_step(lambda q, k, v: attnspec.attention(q, k, v, alpha=1.5, causal=True, backend="torch"),
+                         q, k, v), repeats=repeats)
+    eager = measure(_step(lambda q, k, v: attnspec.attention(q, k, v, alpha=1.5, causal=True,
+                                                              backend="torch-eager"), q, k, v), repeats=repeats)
+    rows.append(dict(config=f"alpha=1.5 L={L1}", backend="sdpa (softmax)", seconds=sdpa.median, ratio_to_sdpa=1.0))
+    rows.append(dict(config=f"alpha=1.5 L={L1}", backend="attnspec torch", seconds=ours.median,
+                     ratio_to_sdpa=ours.median / sdpa.median))
+    rows.append(dict(config=f"alpha=1.5 L={L1}", backend="attnspec torch-eager", seconds=eager.median,
+                     ratio_to_sdpa=eager.median / sdpa.median))
+    try:
+        import entmax
+    except ImportError:
+        entmax = None
+    if entmax is not None:
+        for name, fn in (("entmax.entmax15", lambda s: entmax.entmax15(s, dim=-1)),
+                         ("entmax.entmax_bisect", lambda s: entmax.entmax_bisect(s, alpha=1.5, dim=-1))):
+            t = measure(_step(_entmax_attention(fn), q, k, v), repeats=repeats)
+            rows.append(dict(config=f"alpha=1.5 L={L1}", backend=name, seconds=t.median,
+                             ratio_to_sdpa=t.median / sdpa.median))
+    L2 = 1024 if quick else 4096
+    q, k, v = _inputs(L2)
+    sdpa = measure(_step(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                         q, k, v), repeats=repeats)
+    span = measure(_step(lambda q, k, v: attnspec.attention(q, k, v, alpha=1.0, span=256.0, ramp=32.0, causal=True,
+                                                             backend="torch"), q, k, v), repeats=repeats)
+    rows.append(dict(config=f"alpha=1 span=256 L={L2}", backend="sdpa (full causal)", seconds=sdpa.median,
+                     ratio_to_sdpa=1.0))
+    rows.append(dict(config=f"alpha=1 span=256 L={L2}", backend="attnspec torch", seconds=span.median,
+                     ratio_to_sdpa=span.median / sdpa.median))
+    return dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
+                processor=platform.processor(), rows=rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    result = run(quick=args.quick, repeats=args.repeats)
+    print(f"torch {result['torch']}, {result['threads']} threads, {result['machine']}")
+    print(f"{'config':<26} {'backend':<22} {'median s':>9} {'x SDPA':>7}")
+    for row in result["rows"]:
+        print(f"{row['config']:<26} {row['backend']:<22} {row['seconds']:>9.3f} {row['ratio_to_sdpa']:>7.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
