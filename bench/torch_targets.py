@@ -6,7 +6,9 @@ B=1, H=4, D=64, causal, forward + backward, median of repeated runs, on this mac
 1. alpha = 1.5 at L = 2048 against torch's scaled_dot_product_attention (target <= 4x), and
    against the entmax package's entmax15 and entmax_bisect inside an eager attention;
 2. alpha = 1 with span z = 256, R = 32 at L = 4096 against SDPA's full causal attention
-   (target <= 1x).
+   (target <= 1x);
+3. with --memory: peak memory of one forward+backward at L = 8192 (target: within 2x of SDPA),
+   as the growth of peak RSS in a fresh subprocess per configuration.
 """
 
 from __future__ import annotations
@@ -84,17 +86,64 @@ def run(quick=False, repeats=3):
                 processor=platform.processor(), rows=rows)
 
 
+_MEMORY_PROGRAM = """
+import sys, torch, attnspec
+
+def kib(field):  # VmHWM (peak) / VmRSS of this process; fresh after exec, unlike ru_maxrss
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+L, which = int(sys.argv[1]), sys.argv[2]
+q, k, v = (torch.randn(1, 4, L, 64, requires_grad=True) for _ in range(3))
+base = kib('VmHWM')
+if which == 'sdpa':
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+elif which == 'entmax':
+    out = attnspec.attention(q, k, v, alpha=1.5, causal=True, backend='torch')
+elif which == 'span':
+    out = attnspec.attention(q, k, v, alpha=1.0, span=256.0, ramp=32.0, causal=True, backend='torch')
+if which != 'inputs':
+    out.sum().backward()
+print(kib('VmHWM'), base)
+"""
+
+
+def peak_memory(L=8192):
+    """Peak RSS (MiB, Linux VmHWM) of one forward+backward in a fresh subprocess per
+    configuration, minus the peak before the call (interpreter, torch and the inputs)."""
+    import subprocess
+    import sys
+
+    rows = []
+    for which in ("sdpa", "entmax", "span"):
+        out = subprocess.run([sys.executable, "-c", _MEMORY_PROGRAM, str(L), which], capture_output=True,
+                             text=True, check=True).stdout.split()
+        peak, base = int(out[0]), int(out[1])
+        rows.append(dict(config=f"L={L}", backend=which, peak_mib=peak / 1024, call_mib=(peak - base) / 1024))
+    sdpa = rows[0]["call_mib"]
+    for row in rows:
+        row["ratio_to_sdpa"] = row["call_mib"] / sdpa if sdpa > 0 else float("nan")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure peak memory at L=8192 (fresh subprocess per configuration)")
     args = parser.parse_args(argv)
     result = run(quick=args.quick, repeats=args.repeats)
+    if args.memory:
+        result["memory"] = peak_memory(2048 if args.quick else 8192)
     print(f"torch {result['torch']}, {result['threads']} threads, {result['machine']}")
     print(f"{'config':<26} {'backend':<22} {'median s':>9} {'x SDPA':>7}")
     for row in result["rows"]:
         print(f"{row['config']:<26} {row['backend']:<22} {row['seconds']:>9.3f} {row['ratio_to_sdpa']:>7.2f}")
+    for row in result.get("memory", []):
+        print(f"peak memory {row['config']:<8} {row['backend']:<8} {row['call_mib']:>8.1f} MiB during the call "
+              f"({row['ratio_to_sdpa']:.2f}x SDPA; process peak {row['peak_mib']:.0f} MiB)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -190,7 +190,7 @@ def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, sca
             continue  # no key in reach: these rows are empty (zeros)
         scores, m, allowed, _, _, vw, _ = _block(q, k, v, i0, i1, j0, j1, span, ramp, causal, key_lengths,
                                                  q_offset, scale, dtype)
-        p, _, c_tile = _entmax.solve_rows(scores, m, eps, allowed, return_c=True)
+        p, _, c_tile = _entmax.solve_rows(scores, m, eps, allowed, return_c=True, need_t=False)
         out[:, :, i0:i1] = torch.matmul(_grouped(p, Hkv), vw[:, :, None]).reshape(B, H, i1 - i0, Dv)
         c[:, :, i0:i1] = c_tile
     return out.to(q.dtype), c

@@ -32,14 +32,72 @@ def log_ratio(t, eps):
     return torch.where(inside | (eps == 0), value, -torch.inf)
 
 
-def solve_rows(s, m, eps, allowed, return_c=False):
+#: Keys per row solved first, in _solve_sparse, to get a tight lower bracket.
+FIRST_KEYS = 32
+
+
+def _solve_on(shifted, m, safe, lo, iterations):
+    """c solving h(c) = 0 over the given (gathered) keys, from a valid lower bracket lo."""
+    finite = torch.isfinite(shifted)
+    log_m = torch.where(finite, torch.log(torch.where(finite, m, 1.0)), -torch.inf)
+    mass = torch.where(finite, m, 0.0).sum(-1, keepdim=True)
+    hi = torch.maximum(-torch.expm1(-safe * torch.log(mass)) / safe, lo)
+    return _newton(shifted, log_m, safe, lo, hi, iterations, True)
+
+
+def _solve_sparse(s, m, eps, allowed):
+    """(p, c) or None: the eager fast path for rows that all have alpha > 1 and sparse supports.
+
+    Adding keys only raises h, so the c that solves the problem restricted to any subset of a
+    row's keys is a lower bracket of the true c, and keys with u = 1 + eps (s - c) <= 0 there
+    can never enter the support. We solve on the FIRST_KEYS best-scoring keys (cheap, usually
+    already exact), keep the keys above the resulting threshold, and if there are more of them
+    solve again on those. Everything after the two gathers works on [..., K]; p is scattered
+    back. None when more than a quarter of a row could be in the support (dense rows).
+    """
+    n = s.shape[-1]
+    masked = torch.where(allowed, s, -torch.inf)
+    R = min(n, FIRST_KEYS)
+    first, index = torch.topk(masked, R, dim=-1)
+    top = first[..., :1]
+    nonempty = torch.isfinite(top)
+    top = torch.where(nonempty, top, 0.0)
+    safe = _safe_eps(eps)
+    shifted = first - top
+    m_first = m.gather(-1, index)
+    lo = torch.where(nonempty, -torch.expm1(-safe * torch.log(torch.where(nonempty, m_first[..., :1], 1.0))) / safe, 0.0)
+    iterations = ITERATIONS[s.dtype]
+    c = torch.where(nonempty, _solve_on(shifted, m_first, safe, lo, iterations), 0.0)
+    count = (masked - top > c - 1 / safe).sum(-1, keepdim=True)
+    K = int(count.max()) if count.numel() else 0
+    if K > n // 4:
+        return None
+    if K > R:  # more keys may enter: solve on all of them, from the bracket we have
+        shifted, index = torch.topk(masked, K, dim=-1)
+        shifted = shifted - top
+        m_first = m.gather(-1, index)
+        c = torch.where(nonempty, _solve_on(shifted, m_first, safe, c, iterations), 0.0)
+    finite = torch.isfinite(shifted)
+    p_k = torch.where(finite, m_first * torch.exp(log_ratio(torch.where(finite, shifted - c, 0.0), safe)), 0.0)
+    p_k = torch.where(finite & (1 + safe * (shifted - c) > 0), p_k, 0.0)
+    p = torch.zeros_like(s).scatter_(-1, index, p_k)
+    return torch.where(nonempty, p, 0.0), c + top
+
+
+def solve_rows(s, m, eps, allowed, return_c=False, need_t=True):
     """(p, t) of weighted entmax along the last axis; s, m, allowed [..., n], eps [..., 1].
 
     Entries not allowed get p = 0; a row with no allowed entry gives zeros. t = s - c is the
     shift-free score (meaningful on allowed entries). return_c=True adds c [..., 1] (the
     per-row statistic from which `probabilities` rebuilds p in a backward pass).
-    Outside torch.compile the Newton loop stops as soon as no row moves any more.
+    Outside torch.compile the Newton loop stops as soon as no row moves any more, and callers
+    that need no t (need_t=False, return_c=True: a forward pass that keeps c) may get the
+    sparse path; t is then None.
     """
+    if return_c and not need_t and not torch.compiler.is_compiling() and bool((eps > 0).all()):
+        solved = _solve_sparse(s, m, eps, allowed)
+        if solved is not None:
+            return solved[0], None, solved[1]
     neg_inf = -torch.inf
     top = torch.where(allowed, s, neg_inf).amax(-1, keepdim=True)
     nonempty = torch.isfinite(top)
