@@ -216,10 +216,20 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
         T, W = i1 - i0, j1 - j0
         scores, m, allowed, qt, kw, vw, key_valid = _block(q, k, v, i0, i1, j0, j1, span, ramp, causal,
                                                            key_lengths, q_offset, scale, dtype)
-        p, t = _entmax.probabilities(scores, m, eps, allowed, c[:, :, i0:i1])
+        c_tile = c[:, :, i0:i1]
         dout_t = dout[:, :, i0:i1]
         g = torch.matmul(_grouped(dout_t, Hkv), vw[:, :, None].transpose(-1, -2)).reshape(B, H, T, W)
-        ds, dm, deps = _entmax.vjp_rows(p, t, eps, g, need_eps=alpha_grad)
+        index = _entmax.sparse_support(scores, eps, allowed, c_tile)
+        if index is None:
+            p, t = _entmax.probabilities(scores, m, eps, allowed, c_tile)
+            ds, dm, deps = _entmax.vjp_rows(p, t, eps, g, need_eps=alpha_grad)
+        else:  # entmax rows with small supports: every elementwise step on [..., K] only
+            m_k = m.gather(-1, index)
+            p_k, t_k = _entmax.probabilities(scores.gather(-1, index), m_k, eps, allowed.gather(-1, index), c_tile)
+            ds_k, dm_k, deps = _entmax.vjp_rows(p_k, t_k, eps, g.gather(-1, index), need_eps=alpha_grad)
+            zeros = torch.zeros_like(scores)
+            p, ds = zeros.scatter(-1, index, p_k), zeros.scatter(-1, index, ds_k)
+            dm, m = dm_k, m_k  # only dspan reads them, as a sum
         dq[:, :, i0:i1] = scale * torch.matmul(_grouped(ds, Hkv), kw[:, :, None]).reshape(B, H, T, D)
         dk_w = scale * torch.matmul(_grouped(ds, Hkv).transpose(-1, -2), _grouped(qt, Hkv)).sum(2)
         dv_w = torch.matmul(_grouped(p, Hkv).transpose(-1, -2), _grouped(dout_t, Hkv)).sum(2)

@@ -84,6 +84,19 @@ def _solve_sparse(s, m, eps, allowed):
     return torch.where(nonempty, p, 0.0), c + top
 
 
+def sparse_support(s, eps, allowed, c):
+    """index [..., K] of the entries that can have p > 0 for a known c (u = 1 + eps (s - c) > 0),
+    padded with other entries; None when more than a quarter of a row qualifies, some row has
+    alpha = 1, or under torch.compile. Lets a backward pass work on [..., K] instead of [..., n]."""
+    if torch.compiler.is_compiling() or not bool((eps > 0).all()):
+        return None
+    candidates = allowed & (1 + eps * (s - c) > 0)
+    K = int(candidates.sum(-1).max()) if candidates.numel() else 0
+    if K > s.shape[-1] // 4:
+        return None
+    return torch.topk(torch.where(candidates, s, -torch.inf), max(K, 1), dim=-1).indices
+
+
 def solve_rows(s, m, eps, allowed, return_c=False, need_t=True):
     """(p, t) of weighted entmax along the last axis; s, m, allowed [..., n], eps [..., 1].
 
