@@ -31,23 +31,15 @@ def _backend(name, attention_fn, vjp_fn, entmax_fn=None, entmax_vjp_fn=None):
 
 def _with_arguments(change):
     """A mutant that calls the reference with some arguments changed."""
-    def attention(q, k, v, **kw):
-        return reference.attention(*change(q, k, v, kw))
+    def forward(q, k, v, **kw):
+        q2, k2, v2, kw2 = change(q, k, v, kw)
+        return reference.attention(q2, k2, v2, **kw2)
 
     def vjp(q, k, v, grad_out, **kw):
         q2, k2, v2, kw2 = change(q, k, v, kw)
         return reference.attention_vjp(q2, k2, v2, grad_out, **kw2)
 
-    def with_kwargs(fn):
-        def call(q, k, v, *rest, **kw):
-            return fn(q, k, v, *rest, **kw)
-        return call
-
-    def forward(q, k, v, **kw):
-        q2, k2, v2, kw2 = change(q, k, v, kw)
-        return reference.attention(q2, k2, v2, **kw2)
-
-    return with_kwargs(forward), vjp
+    return forward, vjp
 
 
 def _with_patch(target, name, replacement):

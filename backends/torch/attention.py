@@ -78,7 +78,6 @@ def backward(grad_out, p, t, m, q, k, v, alpha, span, ramp, causal, key_lengths,
     dtype = p.dtype
     B, H, Lq, Lk = p.shape
     Hkv = k.shape[1]
-    allowed = p > 0
     _, _, key_valid = _masks(q, k, None, ramp, False, key_lengths, q_offset, dtype)
     row_reads = (m > 0).any(-1, keepdim=True)
     kc = torch.where(key_valid[:, None, :, None], k.to(dtype), torch.zeros((), dtype=dtype, device=k.device))
@@ -88,7 +87,6 @@ def backward(grad_out, p, t, m, q, k, v, alpha, span, ramp, causal, key_lengths,
     g = torch.matmul(_grouped(dout, Hkv), vc[:, :, None].transpose(-1, -2)).reshape(B, H, Lq, Lk)
     eps = (alpha.to(dtype) - 1)[None, :, None, None]
     ds, dm, deps = _entmax.vjp_rows(p, t, eps, g, need_eps=alpha_grad)
-    del allowed
     dq = scale * torch.matmul(_grouped(ds, Hkv), kc[:, :, None]).reshape(B, H, Lq, -1)
     dk = scale * torch.matmul(_grouped(ds, Hkv).transpose(-1, -2), _grouped(qc, Hkv)).sum(2)
     dv = torch.matmul(_grouped(p, Hkv).transpose(-1, -2), _grouped(dout, Hkv)).sum(2)
