@@ -123,24 +123,23 @@ def _check_finite_number(name, x, *, positive=False):
         raise ValueError(f"{name} must be > 0; got {value}")
 
 
-def _check_alpha_values(alpha):
-    value = _arrays.concrete_value(alpha)
+def _check_range(name, x, low, high, rule):
+    """Every concrete value of x is finite and in [low, high]; `rule` words the error."""
+    value = _arrays.concrete_value(x)
     if value is None:
         return
     value = np.asarray(value, dtype=np.float64)
-    bad = ~(np.isfinite(value) & (value >= 1.0) & (value <= 2.0))
+    bad = ~(np.isfinite(value) & (value >= low) & (value <= high))
     if bad.any():
-        raise ValueError(f"alpha must lie in [1, 2] and be finite; got {value[bad].ravel()[:4].tolist()}")
+        raise ValueError(f"{name} must {rule}; got {value[bad].ravel()[:4].tolist()}")
+
+
+def _check_alpha_values(alpha):
+    _check_range("alpha", alpha, 1.0, 2.0, "lie in [1, 2] and be finite")
 
 
 def _check_span_values(span):
-    value = _arrays.concrete_value(span)
-    if value is None:
-        return
-    value = np.asarray(value, dtype=np.float64)
-    bad = ~(np.isfinite(value) & (value >= 0.0))
-    if bad.any():
-        raise ValueError(f"span must be finite and >= 0; got {value[bad].ravel()[:4].tolist()}")
+    _check_range("span", span, 0.0, np.inf, "be finite and >= 0")
 
 
 #: Positions are int64 in every implementation; offsets beyond this would overflow i + o - j.
