@@ -173,3 +173,63 @@ def test_tiled_skips_keys_out_of_reach():
     assert (j0, j1) == (1000 - 132, 1016)
     j0, j1 = tiled._window(0, 16, 4096, None, 32.0, False, torch.tensor([50, 10]), offsets)
     assert (j0, j1) == (0, 50)
+
+
+# --- stand-alone entmax and span_mask (both torch backends share one implementation) ---------
+
+
+def test_standalone_entmax_gradcheck_in_x_alpha_and_weights():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    # per-row alpha on axis 1 (size 1 there), away from 1 and 2 where one-sided limits apply
+    alpha = torch.tensor([[[1.2]], [[1.5]], [[1.8]]], dtype=torch.float64).expand(3, 1, 6).clone()
+    alpha.requires_grad_(True)
+    # weights above 1 in some rows exercise the heavy-weight rescaling (SPEC.md 2.5)
+    weights = (torch.rand(3, 5, 6, generator=g, dtype=torch.float64) * 2.5 + 0.05).requires_grad_(True)
+
+    def fn(x, alpha, weights):
+        return attnspec.entmax(x, alpha, axis=1, weights=weights, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, (x, alpha, weights), eps=1e-6, atol=1e-7)
+
+
+def test_standalone_entmax_matches_reference_including_edge_rows():
+    x = np.array([
+        [-np.inf, -np.inf, -np.inf, -np.inf],    # all -inf: zeros, not NaN
+        [-3e4, -3e4 + 1.0, -3e4 + 2.0, -3e4],     # very negative (the entmax package's fp16 NaN)
+        [50.0, 0.0, -1.0, 0.5],                   # peaked
+        [0.3, np.nan, -np.inf, 1.0],              # an allowed NaN poisons the row
+    ])
+    for alpha in (1.0, 1.25, 1.5, 2.0):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            xt = torch.tensor(x).to(dtype)
+            expected = attnspec.reference.entmax(xt.double().numpy(), alpha)  # on the rounded input
+            out = attnspec.entmax(xt, alpha, backend="torch")
+            assert out.dtype == dtype
+            got = out.double().numpy()
+            assert np.array_equal(np.isnan(got), np.isnan(expected)), (alpha, dtype)
+            finite = ~np.isnan(expected)
+            tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+            np.testing.assert_allclose(got[finite], expected[finite], atol=tol)
+
+
+def test_standalone_entmax_under_torch_compile():
+    x = torch.randn(4, 9, dtype=torch.float32)
+    alpha = torch.full((4, 1), 1.4)
+    fn = torch.compile(lambda x, a: attnspec.entmax(x, a), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(fn(x, alpha), attnspec.entmax(x, alpha, backend="torch"))
+
+
+def test_standalone_span_mask_values_and_kink_gradients():
+    span = torch.tensor([0.0, 2.0, 3.5], dtype=torch.float64, requires_grad=True)
+    offsets = torch.tensor([0, 3])
+    m = attnspec.span_mask(4, 6, span, 2.0, q_offset=offsets, backend="torch")
+    expected = attnspec.reference.span_mask(4, 6, span.detach().numpy(), 2.0, q_offset=offsets.numpy())
+    assert m.shape == (2, 3, 4, 6)
+    np.testing.assert_array_equal(m.detach().numpy(), expected)
+    grad = torch.linspace(-1, 1, m.numel(), dtype=torch.float64).reshape(m.shape)
+    m.backward(grad)
+    # integer span and ramp put many distances exactly on the kinks: the gradient there is 0,
+    # as in the reference (autodiff through clamp would count them)
+    want = attnspec.reference.span_mask_vjp(4, 6, span.detach().numpy(), 2.0, grad.numpy(), q_offset=offsets.numpy())
+    np.testing.assert_allclose(span.grad.numpy(), want, rtol=1e-12, atol=1e-12)

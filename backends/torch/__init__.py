@@ -20,6 +20,8 @@ from attnspec.dispatch.capabilities import Capabilities, Kernel, all_features
 from attnspec.dispatch.registry import Backend
 
 from . import attention as _attention
+from . import entmax as _entmax
+from . import span as _span
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 #: torch-eager materialises B*H*Lq*Lk scores (several buffers of them): it declares a cap.
@@ -59,6 +61,21 @@ def _devices():
     return ("cpu", "cuda", "meta") if torch.cuda.is_available() else ("cpu", "meta")
 
 
+def _standalone_kernels():
+    """entmax and span_mask: one implementation, shared by both torch backends (they differ
+    only in how attention holds its scores)."""
+    # No meta device: the row solver's early exits read tensor values.
+    devices = tuple(d for d in _devices() if d != "meta")
+
+    def caps(op):
+        return Capabilities(array_type="torch", devices=devices, dtypes=DTYPES, features=all_features(op))
+
+    return {
+        "entmax": Kernel("entmax", _entmax.entmax, caps("entmax")),
+        "span_mask": Kernel("span_mask", _span.span_mask, caps("span_mask")),
+    }
+
+
 EAGER = Backend(
     name="torch-eager",
     version=f"{__version__} (torch {torch.__version__})",
@@ -66,6 +83,7 @@ EAGER = Backend(
         "attention": Kernel("attention", eager_attention, Capabilities(
             array_type="torch", devices=_devices(), dtypes=DTYPES, features=all_features("attention"),
             max_scores=EAGER_MAX_SCORES)),
+        **_standalone_kernels(),
     },
     priority=20,
     description="PyTorch, full score matrix (small calls), analytic backward",
@@ -77,6 +95,7 @@ TILED = Backend(
     kernels={
         "attention": Kernel("attention", tiled_attention, Capabilities(
             array_type="torch", devices=_devices(), dtypes=DTYPES, features=all_features("attention"))),
+        **_standalone_kernels(),
     },
     priority=10,
     description="PyTorch, query tiles x reachable key window, O(tile x window) memory, analytic backward",

@@ -223,3 +223,86 @@ def vjp_rows(p, t, eps, g, need_eps=True):
         return ds, dm, torch.zeros_like(total)
     deps = (centred * torch.where(support, p * psi(t, eps), zero)).sum(-1, keepdim=True)
     return ds, dm, deps
+
+
+# ----------------------------------------------------------------------------------------------
+# The stand-alone op: attnspec.entmax(x, alpha, axis, weights) for torch tensors.
+
+
+def _rows(x, alpha, axis, weights):
+    """x, alpha and weights as rows along the last axis, in the compute dtype:
+    s, m [..., n] and eps [..., 1] (the reference's `_rows`, without flattening)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s = x.to(dtype).movedim(axis, -1)
+    alpha = torch.as_tensor(alpha, dtype=dtype, device=x.device).to(dtype)
+    alpha = alpha.reshape((1,) * (x.dim() - alpha.dim()) + tuple(alpha.shape))  # x's rank
+    eps = alpha.movedim(axis, -1).expand(s.shape[:-1] + (1,)) - 1.0
+    m = torch.ones_like(s) if weights is None else weights.to(dtype).expand(x.shape).movedim(axis, -1)
+    return s, m, eps
+
+
+def _rescale_heavy_weights(s, m):
+    """Rows whose largest allowed weight lam exceeds 1 are solved as p(lam^eps s, m / lam)
+    (SPEC.md section 2.5). Returns (s', m', log_lam [..., 1]; 0 where unchanged)."""
+    allowed = (m > 0) & (s > -torch.inf)
+    lam = torch.where(allowed, m, 0.0).amax(-1, keepdim=True)
+    heavy = lam > 1
+    log_lam = torch.where(heavy, torch.log(torch.where(heavy, lam, 1.0)), 0.0)
+    return log_lam, heavy, lam
+
+
+def _entmax_forward(s, m, eps):
+    """(p, t, log_lam) of the rows, the heavy-weight rescaling and the poisoned rows included."""
+    log_lam, heavy, lam = _rescale_heavy_weights(s, m)
+    factor = torch.exp(eps * log_lam)
+    s = torch.where(heavy, s * factor, s)
+    m = torch.where(heavy, m / torch.where(heavy, lam, 1.0), m)
+    allowed = (m > 0) & torch.isfinite(s)
+    p, t = solve_rows(s, m, eps, allowed)
+    # An allowed entry that is NaN or +inf makes the row undefined (SPEC.md section 2.1).
+    poisoned = ((m > 0) & (torch.isnan(s) | (s == torch.inf))).any(-1, keepdim=True)
+    p = torch.where(poisoned, torch.nan, p)
+    return p, t, s, log_lam
+
+
+class _Entmax(torch.autograd.Function):
+    """Forward: solve the rows. Backward: SPEC.md section 4 through the rescaling
+    s' = lam^eps s, m' = m / lam (lam held fixed: the identity holds for every lam)."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, weights, axis):
+        s, m, eps = _rows(x, alpha, axis, weights)
+        p, t, s_scaled, log_lam = _entmax_forward(s, m, eps)
+        ctx.save_for_backward(p, t, s_scaled, eps, log_lam)
+        ctx.axis = axis
+        ctx.x_dtype = x.dtype
+        ctx.alpha_meta = (alpha.dtype, alpha.shape) if isinstance(alpha, torch.Tensor) else None
+        ctx.weights_meta = (weights.dtype, weights.shape) if isinstance(weights, torch.Tensor) else None
+        return p.movedim(-1, axis).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_p):
+        p, t, s_scaled, eps, log_lam = ctx.saved_tensors
+        axis = ctx.axis
+        g = grad_p.to(p.dtype).movedim(axis, -1)
+        need_alpha = ctx.needs_input_grad[1]
+        ds, dm, deps = vjp_rows(p, t, eps, g, need_eps=need_alpha)
+        dx = dalpha = dweights = None
+        if need_alpha:
+            deps = deps + log_lam * (ds * torch.where(ds != 0, s_scaled, 0.0)).sum(-1, keepdim=True)
+            dtype, shape = ctx.alpha_meta
+            dalpha = deps.movedim(-1, axis).sum_to_size(shape).to(dtype)
+        if ctx.needs_input_grad[0]:
+            dx = (ds * torch.exp(eps * log_lam)).movedim(-1, axis).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            dtype, shape = ctx.weights_meta
+            dweights = (dm / torch.exp(log_lam)).movedim(-1, axis).sum_to_size(shape).to(dtype)
+        return dx, dalpha, dweights, None
+
+
+def entmax(x, alpha, axis=-1, weights=None):
+    """Weighted alpha-entmax of a torch tensor along `axis` (SPEC.md section 2), in x's dtype
+    (halves compute in float32), differentiable in x, alpha and weights. Arguments are
+    validated by the dispatcher."""
+    axis = axis % x.dim()
+    return _Entmax.apply(x, alpha, weights, axis)
