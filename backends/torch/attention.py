@@ -136,40 +136,52 @@ def _window(i0, i1, Lk, span, ramp, causal, key_lengths, q_offset):
     return max(0, j0), max(0, min(Lk, j1))
 
 
+def _sum_groups(x):
+    """[B, Hkv, G, ...] -> [B, Hkv, ...]: the query heads of a group add up (a view if G = 1)."""
+    return x[:, :, 0] if x.shape[2] == 1 else x.sum(2)
+
+
 def _tile_rows(B, H, Lk):
     return max(MIN_TILE, BLOCK_ELEMENTS // max(1, B * H * Lk))
 
 
 def _block(q, k, v, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, scale, dtype):
-    """Scores, weights and masks of rows i0..i1-1 against keys j0..j1-1."""
+    """Rows i0..i1-1 against keys j0..j1-1: (scores [B, H, T, W] with -inf wherever a key is
+    not allowed, m [B, 1, T, W] (0 where not allowed) or None without span, allowed
+    [B, 1, T, W], the scaled query tile and the key/value window, key_valid [B, W])."""
     B, H, _, _ = q.shape
     Hkv = k.shape[1]
     device = q.device
-    lengths = key_lengths if key_lengths is not None else torch.full((B,), k.shape[2], device=device)
-    keys = torch.arange(j0, j1, device=device)
-    key_valid = keys[None, :] < lengths.to(device)[:, None]  # [B, W]
-    rows = torch.arange(i0, i1, device=device)
-    d = (q_offset.to(device)[:, None, None] + rows[None, :, None] - keys[None, None, :])[:, None]  # [B,1,T,W]
-    allowed = key_valid[:, None, None, :].expand(B, 1, i1 - i0, j1 - j0)
-    if causal:
-        allowed = allowed & (d >= 0)
-    if span is None:
-        m = torch.ones((B, 1, i1 - i0, j1 - j0), dtype=dtype, device=device)
-    else:
-        m = _span.soft_mask(d, span, ramp, dtype)
-        allowed = allowed & (m > 0)
-    m = torch.where(allowed, m, torch.zeros_like(m))
-    zero = torch.zeros((), dtype=dtype, device=device)
-    kv_mask = key_valid[:, None, :, None]
-    kw = torch.where(kv_mask, k[:, :, j0:j1].to(dtype), zero)
-    vw = torch.where(kv_mask, v[:, :, j0:j1].to(dtype), zero)
-    reads = allowed.any(-1, keepdim=True)
-    qt = torch.where(reads, q[:, :, i0:i1].to(dtype), zero)
     T, W = i1 - i0, j1 - j0
-    scores = scale * torch.matmul(_grouped(qt, Hkv), kw[:, :, None].transpose(-1, -2)).reshape(B, H, T, W)
-    allowed = allowed.expand(B, H, T, W)
-    scores = torch.where(allowed, scores, torch.full_like(scores, -torch.inf))
-    return scores, m.expand(B, H, T, W), allowed, qt, kw, vw, key_valid
+    keys = torch.arange(j0, j1, device=device)
+    allowed = None
+    key_valid = None
+    if key_lengths is not None:
+        key_valid = keys[None, :] < key_lengths.to(device)[:, None]  # [B, W]
+        allowed = key_valid[:, None, None, :]
+    if causal or span is not None:
+        rows = torch.arange(i0, i1, device=device)
+        d = (q_offset.to(device)[:, None, None] + rows[None, :, None] - keys[None, None, :])[:, None]  # [B,1,T,W]
+        if causal:
+            allowed = (d >= 0) if allowed is None else allowed & (d >= 0)
+    m = None
+    if span is not None:
+        m = _span.soft_mask(d, span, ramp, dtype)  # [B, H, T, W]
+        allowed = (m > 0) if allowed is None else allowed & (m > 0)
+        m = torch.where(allowed, m, 0.0)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    kw, vw = k[:, :, j0:j1].to(dtype), v[:, :, j0:j1].to(dtype)
+    if key_valid is not None:  # padding keys may hold NaN (SPEC.md 5.3)
+        kw = torch.where(key_valid[:, None, :, None], kw, zero)
+        vw = torch.where(key_valid[:, None, :, None], vw, zero)
+    qt = scale * q[:, :, i0:i1].to(dtype)
+    if allowed is not None:
+        allowed = allowed.expand(B, allowed.shape[1], T, W)
+        qt = torch.where(allowed.any(-1, keepdim=True), qt, zero)  # rows that read nothing
+    scores = torch.matmul(_grouped(qt, Hkv), kw[:, :, None].transpose(-1, -2)).reshape(B, H, T, W)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -torch.inf)
+    return scores, m, allowed, qt, kw, vw, key_valid
 
 
 def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
@@ -186,9 +198,9 @@ def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, sca
         j0, j1 = _window(i0, i1, Lk, span, ramp, causal, key_lengths, q_offset)
         if j1 <= j0:
             continue  # no key in reach: these rows are empty (zeros)
-        scores, m, allowed, _, _, vw, _ = _block(q, k, v, i0, i1, j0, j1, span, ramp, causal, key_lengths,
-                                                 q_offset, scale, dtype)
-        p, _, c_tile = _entmax.solve_rows(scores, m, eps, allowed, return_c=True, need_t=False)
+        scores, m, _, _, _, vw, _ = _block(q, k, v, i0, i1, j0, j1, span, ramp, causal, key_lengths,
+                                           q_offset, scale, dtype)
+        p, c_tile = _entmax.solve_masked_rows(scores, m, eps)
         out[:, :, i0:i1] = torch.matmul(_grouped(p, Hkv), vw[:, :, None]).reshape(B, H, i1 - i0, Dv)
         c[:, :, i0:i1] = c_tile
     return out.to(q.dtype), c
@@ -217,23 +229,27 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
         c_tile = c[:, :, i0:i1]
         dout_t = dout[:, :, i0:i1]
         g = torch.matmul(_grouped(dout_t, Hkv), vw[:, :, None].transpose(-1, -2)).reshape(B, H, T, W)
-        index = _entmax.sparse_support(scores, eps, allowed, c_tile)
-        if index is None:
-            p, t = _entmax.probabilities(scores, m, eps, allowed, c_tile)
+        support = _entmax.sparse_support(scores, eps, c_tile)
+        if support is None:
+            p, t = _entmax.probabilities(scores, m, eps, None, c_tile)  # -inf scores give p = 0
             ds, dm, deps = _entmax.vjp_rows(p, t, eps, g, need_eps=alpha_grad)
         else:  # entmax rows with small supports: every elementwise step on [..., K] only
-            m_k = m.gather(-1, index)
-            p_k, t_k = _entmax.probabilities(scores.gather(-1, index), m_k, eps, allowed.gather(-1, index), c_tile)
+            index, valid = support
+            m_k = None if m is None else m.gather(-1, index)
+            p_k, t_k = _entmax.probabilities(scores.gather(-1, index), m_k, eps, valid, c_tile)
             ds_k, dm_k, deps = _entmax.vjp_rows(p_k, t_k, eps, g.gather(-1, index), need_eps=alpha_grad)
-            zeros = torch.zeros_like(scores)
-            p, ds = zeros.scatter(-1, index, p_k), zeros.scatter(-1, index, ds_k)
+            p, ds = _entmax.expand(index, p_k, W), _entmax.expand(index, ds_k, W)
             dm, m = dm_k, m_k  # only dspan reads them, as a sum
+        # qt holds scale * q: ds/dq = scale k, ds/dk = scale q
         dq[:, :, i0:i1] = scale * torch.matmul(_grouped(ds, Hkv), kw[:, :, None]).reshape(B, H, T, D)
-        dk_w = scale * torch.matmul(_grouped(ds, Hkv).transpose(-1, -2), _grouped(qt, Hkv)).sum(2)
-        dv_w = torch.matmul(_grouped(p, Hkv).transpose(-1, -2), _grouped(dout_t, Hkv)).sum(2)
-        valid = key_valid[:, None, :, None]
-        dk[:, :, j0:j1] += torch.where(valid, dk_w, torch.zeros_like(dk_w))
-        dv[:, :, j0:j1] += torch.where(valid, dv_w, torch.zeros_like(dv_w))
+        dk_w = _sum_groups(torch.matmul(_grouped(ds, Hkv).transpose(-1, -2), _grouped(qt, Hkv)))
+        dv_w = _sum_groups(torch.matmul(_grouped(p, Hkv).transpose(-1, -2), _grouped(dout_t, Hkv)))
+        if key_valid is not None:
+            valid = key_valid[:, None, :, None]
+            dk_w = torch.where(valid, dk_w, 0.0)
+            dv_w = torch.where(valid, dv_w, 0.0)
+        dk[:, :, j0:j1] += dk_w
+        dv[:, :, j0:j1] += dv_w
         dalpha += deps.sum((0, 2, 3))
         if span is not None:
             dspan += (dm * _span.mask_slope(m, ramp)).sum((0, 2, 3))

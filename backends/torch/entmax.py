@@ -32,8 +32,40 @@ def log_ratio(t, eps):
     return torch.where(inside | (eps == 0), value, -torch.inf)
 
 
-#: Keys per row solved first, in _solve_sparse, to get a tight lower bracket.
-FIRST_KEYS = 32
+#: Keys per chunk in _bracket: each chunk's largest score stands in for the chunk.
+CHUNK = 16
+
+
+def compact(candidates):
+    """(index [..., K], valid [..., K]): per row, the positions of the True entries of
+    candidates [..., n] in increasing order, padded (valid = False, index 0) to the largest
+    count K.
+
+    Sorting-free: nonzero() reads the boolean mask (one byte per entry) and yields the
+    positions row by row; each then goes to slot (its rank within its row). On CPU this is
+    several times cheaper than topk, which it replaces.
+    """
+    lead, n = candidates.shape[:-1], candidates.shape[-1]
+    flat = candidates.reshape(-1, n)
+    rows = flat.shape[0]
+    where = flat.nonzero()
+    row, position = where[:, 0], where[:, 1]
+    counts = torch.bincount(row, minlength=rows)
+    K = int(counts.max()) if rows else 0
+    start = counts.cumsum(0) - counts
+    slot = torch.arange(row.shape[0], device=row.device) - start[row]
+    index = torch.zeros((rows, K), dtype=torch.int64, device=candidates.device)
+    index[row, slot] = position
+    valid = torch.arange(K, device=candidates.device) < counts[:, None]
+    return index.reshape(lead + (K,)), valid.reshape(lead + (K,))
+
+
+def expand(index, values, n):
+    """The inverse of compaction: values [..., K] at positions index [..., K] of zeros
+    [..., n]. Padding slots must hold 0: they point at position 0, and the row's first slot is
+    written again last, so a padding 0 never overwrites a real value there."""
+    out = values.new_zeros(values.shape[:-1] + (n,)).scatter_(-1, index, values)
+    return out.scatter_(-1, index[..., :1], values[..., :1])
 
 
 def _solve_on(shifted, m, safe, lo, iterations):
@@ -45,59 +77,106 @@ def _solve_on(shifted, m, safe, lo, iterations):
     return _newton(shifted, log_m, safe, lo, hi, iterations, True)
 
 
-def _solve_sparse(s, m, eps, allowed):
-    """(p, c) or None: the eager fast path for rows that all have alpha > 1 and sparse supports.
-
-    Adding keys only raises h, so the c that solves the problem restricted to any subset of a
-    row's keys is a lower bracket of the true c, and keys with u = 1 + eps (s - c) <= 0 there
-    can never enter the support. We solve on the FIRST_KEYS best-scoring keys (cheap, usually
-    already exact), keep the keys above the resulting threshold, and if there are more of them
-    solve again on those. Everything after the two gathers works on [..., K]; p is scattered
-    back. None when more than a quarter of a row could be in the support (dense rows).
-    """
-    n = s.shape[-1]
-    masked = torch.where(allowed, s, -torch.inf)
-    R = min(n, FIRST_KEYS)
-    first, index = torch.topk(masked, R, dim=-1)
-    top = first[..., :1]
-    nonempty = torch.isfinite(top)
-    top = torch.where(nonempty, top, 0.0)
-    safe = _safe_eps(eps)
-    shifted = first - top
-    m_first = m.gather(-1, index)
-    lo = torch.where(nonempty, -torch.expm1(-safe * torch.log(torch.where(nonempty, m_first[..., :1], 1.0))) / safe, 0.0)
-    iterations = ITERATIONS[s.dtype]
-    c = torch.where(nonempty, _solve_on(shifted, m_first, safe, lo, iterations), 0.0)
-    count = (masked - top > c - 1 / safe).sum(-1, keepdim=True)
-    K = int(count.max()) if count.numel() else 0
-    if K > n // 4:
-        return None
-    if K > R:  # more keys may enter: solve on all of them, from the bracket we have
-        shifted, index = torch.topk(masked, K, dim=-1)
-        shifted = shifted - top
-        m_first = m.gather(-1, index)
-        c = torch.where(nonempty, _solve_on(shifted, m_first, safe, c, iterations), 0.0)
-    finite = torch.isfinite(shifted)
-    p_k = torch.where(finite, m_first * torch.exp(log_ratio(torch.where(finite, shifted - c, 0.0), safe)), 0.0)
-    p_k = torch.where(finite & (1 + safe * (shifted - c) > 0), p_k, 0.0)
-    p = torch.zeros_like(s).scatter_(-1, index, p_k)
-    return torch.where(nonempty, p, 0.0), c + top
+#: Keys per chunk in _bracket: each chunk's largest score stands in for the chunk.
+CHUNK = 16
 
 
-def sparse_support(s, eps, allowed, c):
-    """index [..., K] of the entries that can have p > 0 for a known c (u = 1 + eps (s - c) > 0),
-    padded with other entries; None when more than a quarter of a row qualifies, some row has
-    alpha = 1, or under torch.compile. Lets a backward pass work on [..., K] instead of [..., n]."""
+def _unexpanded(x):
+    """x without the broadcast (stride-0) dimensions an expand() gave it: same values,
+    broadcasting back against the full shape, and no copy of the repeated data."""
+    for dim in range(x.dim()):
+        if x.stride(dim) == 0 and x.shape[dim] > 1:
+            x = x.narrow(dim, 0, 1)
+    return x
+
+
+def _chunks(x, fill, reduce):
+    n = x.shape[-1]
+    pad = (-n) % CHUNK
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad), value=fill)
+    return reduce(x.reshape(x.shape[:-1] + (x.shape[-1] // CHUNK, CHUNK)), -1)
+
+
+def _bracket(s, top, m, safe):
+    """A lower bracket of c - top for every row, from a cheap sub-problem.
+
+    Adding keys only raises h(c), so the c solving any subset of a row's keys is a lower
+    bracket of the true c; so is the c of "weaker" keys (each with a smaller score or weight
+    than a distinct real key). Each chunk of CHUNK keys contributes one such key: the chunk's
+    largest score with the chunk's smallest allowed weight. One pass over the row, then Newton
+    on n / CHUNK entries."""
+    chunk_top = _chunks(s, -torch.inf, torch.amax) - top
+    finite = torch.isfinite(chunk_top)
+    if m is None:
+        log_w = torch.where(finite, 0.0, -torch.inf)
+    else:
+        m = _unexpanded(m)
+        weight = _chunks(torch.where(m > 0, m, torch.inf), torch.inf, torch.amin)
+        log_w = torch.where(finite, torch.log(torch.where(torch.isfinite(weight), weight, 1.0)), -torch.inf)
+    # each chunk's key alone has p = 1 at c = score - expm1(-eps log w) / eps: a lower bracket
+    lo = torch.where(finite, chunk_top - torch.expm1(-safe * log_w) / safe, -torch.inf).amax(-1, keepdim=True)
+    lo = torch.where(torch.isfinite(lo), lo, 0.0)
+    chunk_top = torch.where(finite, chunk_top, -torch.inf)
+    return _solve_on(chunk_top, torch.exp(log_w), safe, lo, ITERATIONS[s.dtype])
+
+
+def _margin(c, eps):
+    """Slack for the test s > c - 1/eps that picks the keys able to enter the support: it must
+    keep every key with 1 + eps (s - c) > 0 as computed, whatever the rounding; keys kept in
+    excess just get p = 0."""
+    return 16 * torch.finfo(c.dtype).eps * (1 + c.abs() + 1 / eps)
+
+
+def solve_masked_rows(s, m, eps):
+    """(p, c) of weighted entmax along the last axis, for the attention forward: s [..., n]
+    holds -inf wherever a key is not allowed, m is 0 there (m may be an expanded view, or
+    None for all ones), eps [..., 1]. Only c is kept for the backward, so no t is returned.
+
+    Rows with alpha > 1 and small supports take a sparse path outside torch.compile: a lower
+    bracket c0 of c (_bracket) rules out every key with s <= c0 - 1/eps (it can never enter the
+    support); the remaining candidates are compacted to [..., K], the row is solved there
+    from c0, and p is scattered back. Otherwise (alpha = 1 anywhere, dense rows, compiling)
+    solve_rows solves the rows in place."""
+    allowed = None
+    if not torch.compiler.is_compiling() and bool((eps > 0).all()):
+        n = s.shape[-1]
+        top = s.amax(-1, keepdim=True)
+        nonempty = torch.isfinite(top)
+        top = torch.where(nonempty, top, 0.0)
+        safe = _safe_eps(eps)
+        c0 = top + _bracket(s, top, m, safe)
+        index, valid = compact(s > c0 - 1 / safe - _margin(c0, safe))  # empty rows have none
+        K = index.shape[-1]
+        if K <= max(n // 4, 1):
+            shifted = torch.where(valid, s.gather(-1, index) - top, -torch.inf)
+            m_k = torch.ones_like(shifted) if m is None else m.expand(s.shape).gather(-1, index)
+            m_k = torch.where(valid, m_k, 0.0)
+            c = _solve_on(shifted, m_k, safe, c0 - top, ITERATIONS[s.dtype])
+            finite = torch.isfinite(shifted)
+            t = torch.where(finite, shifted - c, 0.0)
+            p_k = torch.where(finite & (1 + safe * t > 0), m_k * torch.exp(log_ratio(t, safe)), 0.0)
+            return expand(index, p_k, n), torch.where(nonempty, c + top, 0.0)
+    allowed = torch.isfinite(s)
+    m = allowed.to(s.dtype) if m is None else m.expand(s.shape)
+    p, _, c = solve_rows(s, m, eps, allowed, return_c=True)
+    return p, c
+
+
+def sparse_support(s, eps, c):
+    """(index, valid) [..., K] of the entries that can have p > 0 for a known c
+    (u = 1 + eps (s - c) > 0, i.e. s > c - 1/eps), compacted (see `compact`); None when more
+    than a quarter of a row qualifies, some row has alpha = 1, or under torch.compile. Lets a
+    backward pass work on [..., K] instead of [..., n]. s must be -inf where not allowed."""
     if torch.compiler.is_compiling() or not bool((eps > 0).all()):
         return None
-    candidates = allowed & (1 + eps * (s - c) > 0)
-    K = int(candidates.sum(-1).max()) if candidates.numel() else 0
-    if K > s.shape[-1] // 4:
+    index, valid = compact(s > c - 1 / eps - _margin(c, eps))
+    if index.shape[-1] > s.shape[-1] // 4:
         return None
-    return torch.topk(torch.where(candidates, s, -torch.inf), max(K, 1), dim=-1).indices
+    return index, valid
 
 
-def solve_rows(s, m, eps, allowed, return_c=False, need_t=True):
+def solve_rows(s, m, eps, allowed, return_c=False):
     """(p, t) of weighted entmax along the last axis; s, m, allowed [..., n], eps [..., 1].
 
     Entries not allowed get p = 0; a row with no allowed entry gives zeros. t = s - c is the
@@ -107,10 +186,6 @@ def solve_rows(s, m, eps, allowed, return_c=False, need_t=True):
     that need no t (need_t=False, return_c=True: a forward pass that keeps c) may get the
     sparse path; t is then None.
     """
-    if return_c and not need_t and not torch.compiler.is_compiling() and bool((eps > 0).all()):
-        solved = _solve_sparse(s, m, eps, allowed)
-        if solved is not None:
-            return solved[0], None, solved[1]
     neg_inf = -torch.inf
     top = torch.where(allowed, s, neg_inf).amax(-1, keepdim=True)
     nonempty = torch.isfinite(top)
@@ -177,17 +252,30 @@ def _newton(shifted, log_m, eps, lo, hi, iterations, early_exit):
         hi = torch.where(h <= 0, c, hi)
         newton = c - h / slope
         inside = torch.isfinite(newton) & (newton >= lo) & (newton <= hi)
-        c = torch.where(h == 0, c, torch.where(inside, newton, (lo + hi) / 2))
+        # Newton on h = log(1 + g), g(c) = sum_j m_j u_j^(1/eps) - 1, may overshoot from the
+        # left (it did by far when the root sat on hi: bisection then crept to it, 2^-40 short).
+        # g is convex, so Newton on g itself never overshoots from the left: take its step
+        # (g / g' = (1 - exp(-h)) / h') before falling back to bisection.
+        convex = c + torch.expm1(-h) / slope
+        convex_inside = torch.isfinite(convex) & (convex >= lo) & (convex <= hi)
+        step = torch.where(inside, newton, torch.where(convex_inside, convex, (lo + hi) / 2))
+        c = torch.where(h == 0, c, step)
         if early_exit and bool(((c - previous).abs() <= tolerance * (1 + c.abs())).all()):
             break
     return c
 
 
 def probabilities(s, m, eps, allowed, c):
-    """(p, t) for a known per-row c [..., 1] (as solve_rows returns it for the same s)."""
+    """(p, t) for a known per-row c [..., 1] (as solve_rows returns it for the same s).
+    m None: all ones. allowed None: entries not allowed already hold s = -inf (p = 0 there;
+    t is then -inf there too, which vjp_rows never reads off the support)."""
     t = s - c
-    p = torch.where(allowed, m * torch.exp(log_ratio(t, eps)), 0.0)
-    return p, torch.where(allowed, t, 0.0)
+    p = torch.exp(log_ratio(t, eps))
+    if m is not None:
+        p = m * p
+    if allowed is None:
+        return p, t
+    return torch.where(allowed, p, 0.0), torch.where(allowed, t, 0.0)
 
 
 def psi(t, eps):
