@@ -145,20 +145,36 @@ def _tile_rows(B, H, Lk):
     return max(MIN_TILE, BLOCK_ELEMENTS // max(1, B * H * Lk))
 
 
-def _block(q, k, v, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, scale, dtype):
-    """Rows i0..i1-1 against keys j0..j1-1: (scores [B, H, T, W] with -inf wherever a key is
-    not allowed, m [B, 1, T, W] (0 where not allowed) or None without span, allowed
-    [B, 1, T, W], the scaled query tile and the key/value window, key_valid [B, W])."""
-    B, H, _, _ = q.shape
-    Hkv = k.shape[1]
-    device = q.device
+def _prepare(q, k, v, key_lengths, scale, dtype, transpose_v):
+    """Once per call: q scaled, k and v in the compute dtype with padding keys zeroed (they may
+    hold NaN, SPEC.md 5.3), and k (and v, for the backward) transposed to [B, Hkv, D, Lk]
+    contiguous: a row tile times a transposed *view* of k was 2x slower on CPU."""
+    zero = torch.zeros((), dtype=dtype, device=q.device)
+    kc, vc = k.to(dtype), v.to(dtype)
+    if key_lengths is not None:
+        key_valid = (torch.arange(k.shape[2], device=k.device)[None, :] < key_lengths.to(k.device)[:, None])
+        kc = torch.where(key_valid[:, None, :, None], kc, zero)
+        vc = torch.where(key_valid[:, None, :, None], vc, zero)
+    kT = kc.transpose(-1, -2).contiguous()
+    vT = vc.transpose(-1, -2).contiguous() if transpose_v else None
+    return scale * q.to(dtype), kc, kT, vc, vT
+
+
+def _block(qs, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, dtype):
+    """Rows i0..i1-1 against keys j0..j1-1: (scores [B, H, T, W] holding -inf wherever a key
+    is not allowed, m [B, H, T, W] or None without span, the query tile qt).
+
+    m is the span weight alone; where causal or key_lengths exclude a key its score is -inf,
+    which gives p = 0 whatever m says. Rows that may read no key have their query zeroed (it
+    may hold NaN there, SPEC.md 5.3)."""
+    B, H, _, _ = qs.shape
+    Hkv = kT.shape[1]
+    device = qs.device
     T, W = i1 - i0, j1 - j0
     keys = torch.arange(j0, j1, device=device)
-    allowed = None
-    key_valid = None
+    allowed = None  # [B, 1, T, W] from causal and key_lengths
     if key_lengths is not None:
-        key_valid = keys[None, :] < key_lengths.to(device)[:, None]  # [B, W]
-        allowed = key_valid[:, None, None, :]
+        allowed = (keys[None, :] < key_lengths.to(device)[:, None])[:, None, None, :]
     if causal or span is not None:
         rows = torch.arange(i0, i1, device=device)
         d = (q_offset.to(device)[:, None, None] + rows[None, :, None] - keys[None, None, :])[:, None]  # [B,1,T,W]
@@ -168,20 +184,15 @@ def _block(q, k, v, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, s
     if span is not None:
         m = _span.soft_mask(d, span, ramp, dtype)  # [B, H, T, W]
         allowed = (m > 0) if allowed is None else allowed & (m > 0)
-        m = torch.where(allowed, m, 0.0)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    kw, vw = k[:, :, j0:j1].to(dtype), v[:, :, j0:j1].to(dtype)
-    if key_valid is not None:  # padding keys may hold NaN (SPEC.md 5.3)
-        kw = torch.where(key_valid[:, None, :, None], kw, zero)
-        vw = torch.where(key_valid[:, None, :, None], vw, zero)
-    qt = scale * q[:, :, i0:i1].to(dtype)
+    qt = qs[:, :, i0:i1]
+    bias = None
     if allowed is not None:
-        allowed = allowed.expand(B, allowed.shape[1], T, W)
-        qt = torch.where(allowed.any(-1, keepdim=True), qt, zero)  # rows that read nothing
-    scores = torch.matmul(_grouped(qt, Hkv), kw[:, :, None].transpose(-1, -2)).reshape(B, H, T, W)
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, -torch.inf)
-    return scores, m, allowed, qt, kw, vw, key_valid
+        qt = torch.where(allowed.any(-1, keepdim=True), qt, 0.0)
+        bias = torch.where(allowed, 0.0, -torch.inf).to(dtype)
+    scores = torch.matmul(_grouped(qt, Hkv), kT[:, :, None, :, j0:j1]).reshape(B, H, T, W)
+    if bias is not None:
+        scores.add_(bias)  # -inf where not allowed; cheaper than masked_fill on CPU
+    return scores, m, qt
 
 
 def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
@@ -190,6 +201,7 @@ def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, sca
     B, H, Lq, _ = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     eps = (alpha.to(dtype) - 1)[None, :, None, None]
+    qs, _, kT, vc, _ = _prepare(q, k, v, key_lengths, scale, dtype, transpose_v=False)
     out = torch.zeros((B, H, Lq, Dv), dtype=dtype, device=q.device)
     c = torch.zeros((B, H, Lq, 1), dtype=dtype, device=q.device)
     tile = _tile_rows(B, H, Lk)
@@ -198,10 +210,9 @@ def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, sca
         j0, j1 = _window(i0, i1, Lk, span, ramp, causal, key_lengths, q_offset)
         if j1 <= j0:
             continue  # no key in reach: these rows are empty (zeros)
-        scores, m, _, _, _, vw, _ = _block(q, k, v, i0, i1, j0, j1, span, ramp, causal, key_lengths,
-                                           q_offset, scale, dtype)
+        scores, m, _ = _block(qs, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, dtype)
         p, c_tile = _entmax.solve_masked_rows(scores, m, eps)
-        out[:, :, i0:i1] = torch.matmul(_grouped(p, Hkv), vw[:, :, None]).reshape(B, H, i1 - i0, Dv)
+        out[:, :, i0:i1] = torch.matmul(_grouped(p, Hkv), vc[:, :, None, j0:j1]).reshape(B, H, i1 - i0, Dv)
         c[:, :, i0:i1] = c_tile
     return out.to(q.dtype), c
 
@@ -211,6 +222,7 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     eps = (alpha.to(dtype) - 1)[None, :, None, None]
+    qs, kc, kT, _, vT = _prepare(q, k, v, key_lengths, scale, dtype, transpose_v=True)
     dq = torch.zeros((B, H, Lq, D), dtype=dtype, device=q.device)
     dk = torch.zeros((B, Hkv, Lk, D), dtype=dtype, device=q.device)
     dv = torch.zeros((B, Hkv, Lk, Dv), dtype=dtype, device=q.device)
@@ -224,11 +236,10 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
         if j1 <= j0:
             continue
         T, W = i1 - i0, j1 - j0
-        scores, m, allowed, qt, kw, vw, key_valid = _block(q, k, v, i0, i1, j0, j1, span, ramp, causal,
-                                                           key_lengths, q_offset, scale, dtype)
+        scores, m, qt = _block(qs, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, dtype)
         c_tile = c[:, :, i0:i1]
         dout_t = dout[:, :, i0:i1]
-        g = torch.matmul(_grouped(dout_t, Hkv), vw[:, :, None].transpose(-1, -2)).reshape(B, H, T, W)
+        g = torch.matmul(_grouped(dout_t, Hkv), vT[:, :, None, :, j0:j1]).reshape(B, H, T, W)
         support = _entmax.sparse_support(scores, eps, c_tile)
         if support is None:
             p, t = _entmax.probabilities(scores, m, eps, None, c_tile)  # -inf scores give p = 0
@@ -240,16 +251,10 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
             ds_k, dm_k, deps = _entmax.vjp_rows(p_k, t_k, eps, g.gather(-1, index), need_eps=alpha_grad)
             p, ds = _entmax.expand(index, p_k, W), _entmax.expand(index, ds_k, W)
             dm, m = dm_k, m_k  # only dspan reads them, as a sum
-        # qt holds scale * q: ds/dq = scale k, ds/dk = scale q
-        dq[:, :, i0:i1] = scale * torch.matmul(_grouped(ds, Hkv), kw[:, :, None]).reshape(B, H, T, D)
-        dk_w = _sum_groups(torch.matmul(_grouped(ds, Hkv).transpose(-1, -2), _grouped(qt, Hkv)))
-        dv_w = _sum_groups(torch.matmul(_grouped(p, Hkv).transpose(-1, -2), _grouped(dout_t, Hkv)))
-        if key_valid is not None:
-            valid = key_valid[:, None, :, None]
-            dk_w = torch.where(valid, dk_w, 0.0)
-            dv_w = torch.where(valid, dv_w, 0.0)
-        dk[:, :, j0:j1] += dk_w
-        dv[:, :, j0:j1] += dv_w
+        # qt holds scale * q: ds/dq = scale k, ds/dk = scale q. Padding keys get ds = p = 0.
+        dq[:, :, i0:i1] = scale * torch.matmul(_grouped(ds, Hkv), kc[:, :, None, j0:j1]).reshape(B, H, T, D)
+        dk[:, :, j0:j1] += _sum_groups(torch.matmul(_grouped(ds, Hkv).transpose(-1, -2), _grouped(qt, Hkv)))
+        dv[:, :, j0:j1] += _sum_groups(torch.matmul(_grouped(p, Hkv).transpose(-1, -2), _grouped(dout_t, Hkv)))
         dalpha += deps.sum((0, 2, 3))
         if span is not None:
             dspan += (dm * _span.mask_slope(m, ramp)).sum((0, 2, 3))
