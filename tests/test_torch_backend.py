@@ -150,15 +150,22 @@ def test_tiled_with_many_tiles_passes_the_conformance_suite(tiny_tiles, tmp_path
     dict(alpha=1.5, span=torch.tensor([3.5, 9.25, 0.5, 20.0]), ramp=2.0, causal=True),
     dict(alpha=torch.tensor([1.0, 1.2, 1.7, 2.0]), span=6.5, ramp=4.0, causal=False),
     dict(alpha=1.3, causal=True, key_lengths=torch.tensor([40, 17]), q_offset=torch.tensor([3, -5])),
+    # every head at alpha = 1 takes the softmax paths (forward and backward), dalpha included
+    dict(alpha=torch.ones(4), span=torch.tensor([3.5, 9.25, 0.5, 20.0]), ramp=2.0, causal=True,
+         key_lengths=torch.tensor([40, 17])),
+    dict(alpha=torch.full((4,), 1.5), span=torch.tensor([3.5, 9.25, 0.5, 20.0]), ramp=2.0, causal=True),
 ])
 def test_tiled_matches_eager_across_tiles_and_windows(tiny_tiles, kw):
     q, k, v = inputs(torch.float64, Lq=37, Lk=45, requires_grad=True)
+    kw = {n: x.double().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+          for n, x in kw.items()}
+    wrt = [q, k, v] + [x for x in kw.values() if isinstance(x, torch.Tensor) and x.requires_grad]
     out = attnspec.attention(q, k, v, backend="torch", **kw)
     expected = attnspec.attention(q, k, v, backend="torch-eager", **kw)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-13)
     go = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), go)
-    expected_grads = torch.autograd.grad(expected, (q, k, v), go)
+    grads = torch.autograd.grad(out, wrt, go)
+    expected_grads = torch.autograd.grad(expected, wrt, go)
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 

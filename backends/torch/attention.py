@@ -229,6 +229,8 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
     dalpha = torch.zeros((H,), dtype=dtype, device=q.device)
     dspan = torch.zeros((H,), dtype=dtype, device=q.device)
     dout = grad_out.to(dtype)
+    # alpha = 1 in every head: the plain softmax backward (as solve_masked_rows' forward)
+    softmax = not torch.compiler.is_compiling() and not bool((eps > 0).any())
     tile = _tile_rows(B, H, Lk)
     for i0 in range(0, Lq, tile):
         i1 = min(Lq, i0 + tile)
@@ -240,8 +242,12 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
         c_tile = c[:, :, i0:i1]
         dout_t = dout[:, :, i0:i1]
         g = torch.matmul(_grouped(dout_t, Hkv), vT[:, :, None, :, j0:j1]).reshape(B, H, T, W)
-        support = _entmax.sparse_support(scores, eps, c_tile)
-        if support is None:
+        support = None if softmax else _entmax.sparse_support(scores, eps, c_tile)
+        if softmax:
+            p, ds, deps = _entmax.softmax_rows_vjp(scores, m, c_tile, g, alpha_grad)
+            if span is not None:  # dL/dm = ds / m where m > 0
+                dspan += torch.where(m > 0, ds / m * _span.mask_slope(m, ramp), 0.0).sum((0, 2, 3))
+        elif support is None:
             p, t = _entmax.probabilities(scores, m, eps, None, c_tile)  # -inf scores give p = 0
             ds, dm, deps = _entmax.vjp_rows(p, t, eps, g, need_eps=alpha_grad)
         else:  # entmax rows with small supports: every elementwise step on [..., K] only
@@ -256,7 +262,7 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
         dk[:, :, j0:j1] += _sum_groups(torch.matmul(_grouped(ds, Hkv).transpose(-1, -2), _grouped(qt, Hkv)))
         dv[:, :, j0:j1] += _sum_groups(torch.matmul(_grouped(p, Hkv).transpose(-1, -2), _grouped(dout_t, Hkv)))
         dalpha += deps.sum((0, 2, 3))
-        if span is not None:
+        if span is not None and not softmax:
             dspan += (dm * _span.mask_slope(m, ramp)).sum((0, 2, 3))
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dalpha.to(alpha.dtype),
             dspan.to(alpha.dtype if span is None else span.dtype))

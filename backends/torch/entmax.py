@@ -138,8 +138,10 @@ def solve_masked_rows(s, m, eps):
     support); the remaining candidates are compacted to [..., K], the row is solved there
     from c0, and p is scattered back. Otherwise (alpha = 1 anywhere, dense rows, compiling)
     solve_rows solves the rows in place."""
-    allowed = None
-    if not torch.compiler.is_compiling() and bool((eps > 0).all()):
+    compiling = torch.compiler.is_compiling()
+    if not compiling and not bool((eps > 0).any()):
+        return softmax_rows(s, m)
+    if not compiling and bool((eps > 0).all()):
         n = s.shape[-1]
         top = s.amax(-1, keepdim=True)
         nonempty = torch.isfinite(top)
@@ -161,6 +163,29 @@ def solve_masked_rows(s, m, eps):
     m = allowed.to(s.dtype) if m is None else m.expand(s.shape)
     p, _, c = solve_rows(s, m, eps, allowed, return_c=True)
     return p, c
+
+
+def softmax_rows(s, m):
+    """(p, c) of alpha = 1 rows: p = m exp(s - c) = softmax(s + log m), c the log-normaliser
+    (0 for rows with no allowed key, which get p = 0). s holds -inf where not allowed."""
+    logits = s if m is None else s + torch.log(m)
+    c = torch.logsumexp(logits, -1, keepdim=True)
+    c = torch.where(torch.isfinite(c), c, 0.0)
+    return torch.exp(logits - c), c
+
+
+def softmax_rows_vjp(s, m, c, g, need_eps):
+    """(p, ds, deps) of softmax_rows for dL/dp = g, rebuilding p from c:
+    ds = p (g - sum p g); dm = ds / m (as p = m exp(s - c)); deps = -1/2 sum ds t^2 with
+    t = s - c, the alpha = 1 limit of SPEC.md 4.3 (zeros unless need_eps)."""
+    logits = s if m is None else s + torch.log(m)
+    p = torch.exp(logits - c)
+    ds = p * (g - (p * g).sum(-1, keepdim=True))
+    if not need_eps:
+        return p, ds, torch.zeros_like(c)
+    t = s - c
+    deps = -0.5 * torch.where(p > 0, ds * t * t, 0.0).sum(-1, keepdim=True)
+    return p, ds, deps
 
 
 def sparse_support(s, eps, c):
