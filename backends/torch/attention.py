@@ -110,7 +110,7 @@ def backward(grad_out, p, t, m, q, k, v, alpha, span, ramp, causal, key_lengths,
 
 #: Elements of one [B, H, tile, window] block (several such buffers live at once), and the
 #: smallest tile (tests lower both to force many tiles on small inputs).
-BLOCK_ELEMENTS = 1 << 21
+BLOCK_ELEMENTS = 1 << 19
 MIN_TILE = 16
 
 
@@ -145,10 +145,10 @@ def _tile_rows(B, H, Lk):
     return max(MIN_TILE, BLOCK_ELEMENTS // max(1, B * H * Lk))
 
 
-def _prepare(q, k, v, key_lengths, scale, dtype, transpose_v):
-    """Once per call: q scaled, k and v in the compute dtype with padding keys zeroed (they may
-    hold NaN, SPEC.md 5.3), and k (and v, for the backward) transposed to [B, Hkv, D, Lk]
-    contiguous: a row tile times a transposed *view* of k was 2x slower on CPU."""
+def _prepare(q, k, v, key_lengths, scale, dtype, transpose_v):  # noqa: ARG001 (q, scale: symmetry)
+    """Once per call: k and v in the compute dtype with padding keys zeroed (they may hold NaN,
+    SPEC.md 5.3), and k (and v, for the backward) transposed to [B, Hkv, D, Lk] contiguous: a
+    row tile times a transposed *view* of k was 2x slower on CPU. q is scaled tile by tile."""
     zero = torch.zeros((), dtype=dtype, device=q.device)
     kc, vc = k.to(dtype), v.to(dtype)
     if key_lengths is not None:
@@ -157,19 +157,19 @@ def _prepare(q, k, v, key_lengths, scale, dtype, transpose_v):
         vc = torch.where(key_valid[:, None, :, None], vc, zero)
     kT = kc.transpose(-1, -2).contiguous()
     vT = vc.transpose(-1, -2).contiguous() if transpose_v else None
-    return scale * q.to(dtype), kc, kT, vc, vT
+    return kc, kT, vc, vT
 
 
-def _block(qs, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, dtype):
+def _block(q, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, scale, dtype):
     """Rows i0..i1-1 against keys j0..j1-1: (scores [B, H, T, W] holding -inf wherever a key
     is not allowed, m [B, H, T, W] or None without span, the query tile qt).
 
     m is the span weight alone; where causal or key_lengths exclude a key its score is -inf,
     which gives p = 0 whatever m says. Rows that may read no key have their query zeroed (it
     may hold NaN there, SPEC.md 5.3)."""
-    B, H, _, _ = qs.shape
+    B, H, _, _ = q.shape
     Hkv = kT.shape[1]
-    device = qs.device
+    device = q.device
     T, W = i1 - i0, j1 - j0
     keys = torch.arange(j0, j1, device=device)
     allowed = None  # [B, 1, T, W] from causal and key_lengths
@@ -184,7 +184,7 @@ def _block(qs, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, dt
     if span is not None:
         m = _span.soft_mask(d, span, ramp, dtype)  # [B, H, T, W]
         allowed = (m > 0) if allowed is None else allowed & (m > 0)
-    qt = qs[:, :, i0:i1]
+    qt = scale * q[:, :, i0:i1].to(dtype)
     bias = None
     if allowed is not None:
         qt = torch.where(allowed.any(-1, keepdim=True), qt, 0.0)
@@ -201,7 +201,7 @@ def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, sca
     B, H, Lq, _ = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     eps = (alpha.to(dtype) - 1)[None, :, None, None]
-    qs, _, kT, vc, _ = _prepare(q, k, v, key_lengths, scale, dtype, transpose_v=False)
+    _, kT, vc, _ = _prepare(q, k, v, key_lengths, scale, dtype, transpose_v=False)
     out = torch.zeros((B, H, Lq, Dv), dtype=dtype, device=q.device)
     c = torch.zeros((B, H, Lq, 1), dtype=dtype, device=q.device)
     tile = _tile_rows(B, H, Lk)
@@ -210,7 +210,7 @@ def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, sca
         j0, j1 = _window(i0, i1, Lk, span, ramp, causal, key_lengths, q_offset)
         if j1 <= j0:
             continue  # no key in reach: these rows are empty (zeros)
-        scores, m, _ = _block(qs, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, dtype)
+        scores, m, _ = _block(q, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, scale, dtype)
         p, c_tile = _entmax.solve_masked_rows(scores, m, eps)
         out[:, :, i0:i1] = torch.matmul(_grouped(p, Hkv), vc[:, :, None, j0:j1]).reshape(B, H, i1 - i0, Dv)
         c[:, :, i0:i1] = c_tile
@@ -222,7 +222,7 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     eps = (alpha.to(dtype) - 1)[None, :, None, None]
-    qs, kc, kT, _, vT = _prepare(q, k, v, key_lengths, scale, dtype, transpose_v=True)
+    kc, kT, _, vT = _prepare(q, k, v, key_lengths, scale, dtype, transpose_v=True)
     dq = torch.zeros((B, H, Lq, D), dtype=dtype, device=q.device)
     dk = torch.zeros((B, Hkv, Lk, D), dtype=dtype, device=q.device)
     dv = torch.zeros((B, Hkv, Lk, Dv), dtype=dtype, device=q.device)
@@ -238,7 +238,7 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
         if j1 <= j0:
             continue
         T, W = i1 - i0, j1 - j0
-        scores, m, qt = _block(qs, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, dtype)
+        scores, m, qt = _block(q, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, scale, dtype)
         c_tile = c[:, :, i0:i1]
         dout_t = dout[:, :, i0:i1]
         g = torch.matmul(_grouped(dout_t, Hkv), vT[:, :, None, :, j0:j1]).reshape(B, H, T, W)
