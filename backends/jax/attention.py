@@ -117,7 +117,12 @@ def plan(B, H, Lq, Lk, D, Dv, tile_q=None, tile_k=None):
 
 def _loop(lo, hi, body, init, count):
     """fori_loop over key tiles [lo, hi); with a single key tile, its body once, unconditionally
-    (masks decide every element; the bounds only skip work), which compiles much faster."""
+    (masks decide every element; the bounds only skip work), which compiles much faster.
+
+    Traced bounds make the fori_loop a while_loop (fine: reverse mode never enters it). The
+    alternative, all `count` tiles with a lax.cond per tile, measured 2.9x slower for alpha = 1.5
+    at L = 2048 (forward + backward, CPU; the Newton passes pay the cond on every tile) and the
+    same for the span target."""
     if count == 1:
         return body(jnp.zeros((), jnp.int32), init)
     return lax.fori_loop(lo, hi, body, init)
