@@ -127,7 +127,78 @@ class TorchFramework:
         return out, grads
 
 
-_ADAPTERS = {"numpy": NumpyFramework, "torch": TorchFramework}
+
+
+class JaxFramework:
+    """jax arrays on the default device; gradients through jax.vjp of the kernel. float64
+    exists only under jax_enable_x64 (attnspec never switches it on)."""
+
+    name = "jax"
+
+    def __init__(self):
+        import jax
+        import jax.numpy as jnp
+
+        self.jax, self.jnp = jax, jnp
+
+    def available_dtypes(self):
+        x64 = ("float64",) if self.jax.config.jax_enable_x64 else ()
+        return ("float16", "bfloat16", "float32") + x64
+
+    def unavailable_reason(self, dtype):
+        if dtype == "float64" and not self.jax.config.jax_enable_x64:
+            return "jax makes float64 arrays only under jax_enable_x64 (off here)"
+        return None
+
+    def default_device(self, devices):
+        return self.jax.default_backend()
+
+    def _device(self, device):
+        if device in (None, self.jax.default_backend()):
+            return None
+        return self.jax.devices(device)[0]
+
+    def array(self, x, dtype, device):
+        out = self.jnp.asarray(np.asarray(x, dtype=np.float64), dtype=getattr(self.jnp, dtype))
+        target = self._device(device)
+        return out if target is None else self.jax.device_put(out, target)
+
+    def param(self, value, dtype, device):
+        if value is None or not isinstance(value, np.ndarray):
+            return value
+        return self.array(value, COMPUTE[dtype], device)
+
+    def integers(self, value, device):
+        if value is None or not isinstance(value, np.ndarray):
+            return value
+        dtype = self.jnp.int64 if self.jax.config.jax_enable_x64 else self.jnp.int32
+        out = self.jnp.asarray(value.astype(np.int64), dtype=dtype)
+        target = self._device(device)
+        return out if target is None else self.jax.device_put(out, target)
+
+    def to_numpy(self, x):
+        return np.asarray(np.asarray(x, dtype=np.float32) if str(x.dtype) == "bfloat16" else np.asarray(x),
+                          dtype=np.float64)
+
+    def vjp(self, kernel, args: dict, static: dict, cotangent, wrt):
+        jnp = self.jnp
+        dtype = next(a.dtype for a in args.values() if hasattr(a, "dtype"))
+        compute = jnp.float64 if dtype == jnp.float64 else jnp.float32
+        args = dict(args)
+        for name in wrt:  # Python numbers are differentiated as 0-d arrays
+            if args.get(name) is not None and not hasattr(args[name], "dtype"):
+                args[name] = jnp.asarray(float(args[name]), compute)
+        names = [n for n in wrt if args.get(n) is not None]
+
+        def fn(*values):
+            return kernel.fn(**{**args, **dict(zip(names, values))}, **static)
+
+        out, pullback = self.jax.vjp(fn, *[args[n] for n in names])
+        grads = pullback(cotangent.astype(out.dtype))
+        return out, dict(zip(names, grads))
+
+
+_ADAPTERS = {"numpy": NumpyFramework, "torch": TorchFramework, "jax": JaxFramework}
 
 
 def register_framework(array_type: str, adapter_class) -> None:

@@ -155,8 +155,9 @@ def check(backend: str = "numpy", *, profile: str = "ci", dtypes=None, device=No
                 reason = f"dtype {dtype} not declared"
                 report.cells.append(CellResult(cell.name, cell.op, dtype, "unsupported", reason))
             elif dtype not in available:
+                why = getattr(fw, "unavailable_reason", lambda d: None)(dtype)
                 report.cells.append(CellResult(cell.name, cell.op, dtype, "unsupported",
-                                               f"{fw.name} cannot make {dtype} arrays here"))
+                                               why or f"{fw.name} cannot make {dtype} arrays here"))
             else:
                 work.append((cell, kernel, fw, dtype))
     directory = artifacts_dir or tempfile.mkdtemp(prefix="attnspec-failures-")

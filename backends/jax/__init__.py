@@ -1,0 +1,49 @@
+"""The JAX backend `jax`: jax arrays on CPU, GPU or TPU, float16 / bfloat16 / float32, and
+float64 when `jax_enable_x64` is on (importing attnspec never switches it on). Half types
+accumulate in float32.
+
+Query tiles against the key tiles each can reach (causal, span and key_lengths bounds are
+traced integers, so tiles that cannot contribute are skipped without recompiling); one number
+per row (c, SPEC.md 2.2) is kept for the backward, which is analytic (jax.custom_vjp) and gives
+gradients for q, k, v, alpha and span. Works under jit, vmap, grad, jax.checkpoint and with
+sharded inputs (XLA's partitioner splits batch and heads). Double differentiation is not
+supported (the backward's loops have traced bounds).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from attnspec._version import __version__
+from attnspec.dispatch.capabilities import Capabilities, Kernel, all_features
+from attnspec.dispatch.registry import Backend
+
+from . import attention as _attention
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def blocked_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None, q_offset=None,
+              scale=None):
+    return _attention.attention(q, k, v, alpha=alpha, span=span, ramp=ramp, causal=causal,
+                                key_lengths=key_lengths, q_offset=q_offset, scale=scale)
+
+
+def _extra_reasons(call):
+    # float64 jax arrays exist only under jax_enable_x64; say so rather than fail later.
+    if call.dtype == "float64" and not jax.config.jax_enable_x64:
+        return ["dtype=float64 needs jax_enable_x64 (jax.config.update('jax_enable_x64', True))"]
+    return []
+
+
+BACKEND = Backend(
+    name="jax",
+    version=f"{__version__} (jax {jax.__version__})",
+    kernels={
+        "attention": Kernel("attention", blocked_attention, Capabilities(
+            array_type="jax", devices=("cpu", "gpu", "cuda", "rocm", "tpu"), dtypes=DTYPES,
+            features=all_features("attention")), extra_reasons=_extra_reasons),
+    },
+    priority=10,
+    description="JAX, query tiles x reachable key tiles, custom_vjp keeping one number per row; jit/vmap/grad",
+)

@@ -1,0 +1,525 @@
+"""Adaptive-span alpha-entmax attention in JAX, blocked over query and key tiles (SPEC.md 5).
+
+One jittable core. What shapes the program is static (`Config`: causal, whether there is a
+span, whether alpha is the Python number 1, which gradients are wanted, the tile sizes; and
+the arrays' shapes); everything else is traced: alpha [H], span [H], ramp, scale,
+key_lengths [B] and q_offset [B]. A decode loop that moves q_offset, or training that moves
+alpha and span, never recompiles.
+
+Layout: grouped-query heads are viewed as q [B, Hkv, G, Lq, D] against k [B, Hkv, Lk, D]
+(query head h = g * G + i reads kv head g): K and V are never repeated. Queries are processed
+in tiles of `tile_q` rows (lax.scan), keys in tiles of `tile_k` (lax.fori_loop). The key tiles
+a query tile may read come from the causal bound, the span window |d| < fl(R + z) and
+key_lengths, as traced integers: fori_loop with traced bounds is a while_loop, so tiles that
+cannot contribute are never computed. Reverse mode never goes through those loops: the
+backward is our own (jax.custom_vjp).
+
+Forward, per query tile:
+- alpha = 1 given as a Python number (softmax only): one pass, online log-sum-exp;
+- otherwise: one pass writes the tile's scores (and span weights) into a strip
+  [key tiles, B, Hkv, G, tile_q, tile_k] and gathers the bracket of SPEC.md 2.4; then Newton
+  steps on h(c) = log sum p, safeguarded by bisection, each step a pass over the reachable key
+  tiles of the strip, until no row moves by more than 4 ulps (float32 accumulation for the
+  half types, float64 for float64); then one pass for P V.
+The only residual besides the inputs is c, one number per row (SPEC.md 2.2), from which the
+backward rebuilds p exactly, without iterating.
+
+Backward, per query tile: pass 1 recomputes scores and g = dout V^T into strips and sums
+w = p/u and w g per row (gbar of SPEC.md 4); pass 2 forms ds = w (g - gbar) and accumulates
+dq, dk, dv (dk and dv summed over each kv group), and d alpha (psi) and d span (dm/dz) when
+they are wanted. Memory is O(strip), never [B, H, Lq, Lk] for long sequences.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from numbers import Integral, Real
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import entmax as _entmax
+from . import span as _span
+
+#: Rows per query tile and keys per key tile (upper bounds; small inputs use one tile).
+TILE_Q = 128
+TILE_K = 128
+#: Elements of one score strip [B, H, tile_q, Lk]; the query tile shrinks to stay below it.
+STRIP_ELEMENTS = 1 << 22
+MIN_TILE = 16
+#: Newton steps at most (each also halves the bracket when Newton would leave it).
+ITERATIONS = {"float64": 60, "float32": 40}
+#: Positions (i + q_offset) are int32 unless jax_enable_x64 is on; offsets are clamped to this
+#: so that i + o - j cannot overflow. Exact for causal; for a span, exact unless z + R exceeds
+#: 2**29 - Lk (beyond float32's integer range anyway).
+POSITION_LIMIT = {"int32": 2**29, "int64": 2**60}
+
+HIGHEST = lax.Precision.HIGHEST
+
+
+class Config(NamedTuple):
+    has_span: bool
+    softmax_only: bool  # alpha is the Python number 1: online softmax, no Newton
+    need_dalpha: bool  # backward only
+    need_dspan: bool  # backward only
+    tile_q: int
+    tile_k: int
+
+    def forward_part(self):
+        """What the forward depends on: calls differing only in the gradients they may want
+        share one compiled forward."""
+        return self._replace(need_dalpha=False, need_dspan=False)
+
+
+def compute_dtype(dtype):
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def position_dtype():
+    return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def _power_of_two(n):
+    return 1 << max(0, n - 1).bit_length()
+
+
+def plan(B, H, Lq, Lk, D, Dv, tile_q=None, tile_k=None):
+    """((Lq, Lk, D, Dv) padded, (tile_q, tile_k)) for a call.
+
+    Lengths up to one tile are padded to a power of two and longer ones to whole tiles, head
+    dims to a multiple of 8: calls of nearby shapes (and every dtype but float64, which all
+    compute in float32) share one compiled kernel; padding rows and keys are masked. Key tiles
+    hold TILE_K keys; query tiles TILE_Q rows, fewer (a power of two, at least MIN_TILE) when
+    a strip of B*H*tile_q*Lk scores would pass STRIP_ELEMENTS. Explicit tile sizes (tests)
+    pad to whole tiles only."""
+    if tile_k:
+        tk, Lk_pad = tile_k, _round_up(Lk, tile_k)
+    else:
+        Lk_pad = min(_power_of_two(Lk), TILE_K) if Lk <= TILE_K else _round_up(Lk, TILE_K)
+        tk = min(TILE_K, Lk_pad)
+    if tile_q:
+        tq, Lq_pad = tile_q, _round_up(Lq, tile_q)
+    else:
+        budget = min(TILE_Q, max(MIN_TILE, STRIP_ELEMENTS // max(1, B * H * Lk_pad)))
+        tq = 1 << (budget.bit_length() - 1)  # a power of two <= budget
+        Lq_pad = min(_power_of_two(Lq), tq) if Lq <= tq else _round_up(Lq, tq)
+        tq = min(tq, Lq_pad)
+    return (Lq_pad, Lk_pad, _round_up(D, 8), _round_up(Dv, 8)), (tq, tk)
+
+
+def _loop(lo, hi, body, init, count):
+    """fori_loop over key tiles [lo, hi); with a single key tile, its body once, unconditionally
+    (masks decide every element; the bounds only skip work), which compiles much faster.
+
+    Traced bounds make the fori_loop a while_loop (fine: reverse mode never enters it). The
+    alternative, all `count` tiles with a lax.cond per tile, measured 2.9x slower for alpha = 1.5
+    at L = 2048 (forward + backward, CPU; the Newton passes pay the cond on every tile) and the
+    same for the span target."""
+    if count == 1:
+        return body(jnp.zeros((), jnp.int32), init)
+    return lax.fori_loop(lo, hi, body, init)
+
+
+def _query_tiles(body, carry, count):
+    """lax.scan of body over the query tiles, or one direct call when there is one."""
+    if count == 1:
+        carry, y = body(carry, jnp.zeros((), jnp.int32))
+        return carry, jax.tree_util.tree_map(lambda x: x[None], y)
+    return lax.scan(body, carry, jnp.arange(count, dtype=jnp.int32))
+
+
+def _einsum(spec, a, b):
+    # HIGHEST: float32 products and sums everywhere (TPUs and GPUs default to less).
+    return jnp.einsum(spec, a, b, precision=HIGHEST)
+
+
+class _Call(NamedTuple):
+    """The traced parameters of one call, in the kernel's layout."""
+
+    eps: object  # [1, Hkv, G, 1, 1] compute dtype, or None (softmax only)
+    span: object  # [Hkv, G] or None
+    causal: object  # bool, traced (one compiled program serves both)
+    ramp: object
+    scale: object
+    lengths: object  # [B] positions dtype
+    positions: object  # [B] q_offset, positions dtype
+    Lq: object  # the real number of query rows (traced: padded shapes share a kernel)
+    Lk: int  # padded
+
+
+def _key_tiles(i0, call: _Call, cfg: Config):
+    """[first, last) key tiles that rows i0 .. i0 + tile_q - 1 may read, over every batch and
+    head, as traced integers."""
+    Tq, Tk = cfg.tile_q, cfg.tile_k
+    pdt = call.positions.dtype
+    last_row = jnp.minimum(i0 + Tq, call.Lq) - 1
+    first = i0 + jnp.min(call.positions)
+    last = last_row + jnp.max(call.positions)
+    j_hi = jnp.max(call.lengths)
+    j_lo = jnp.zeros((), pdt)
+    j_hi = jnp.where(call.causal, jnp.minimum(j_hi, last + 1), j_hi)
+    if cfg.has_span:
+        limit = POSITION_LIMIT[jnp.dtype(pdt).name]
+        reach = _span.reach(call.span, call.ramp, call.ramp.dtype)
+        reach = jnp.ceil(jnp.clip(reach, 0, limit)).astype(pdt)
+        j_lo = jnp.maximum(j_lo, first - reach)
+        j_hi = jnp.where(call.causal, j_hi, jnp.minimum(j_hi, last + reach + 1))
+    j_lo = jnp.clip(j_lo, 0, call.Lk)
+    j_hi = jnp.clip(j_hi, 0, call.Lk)
+    k_lo = j_lo // Tk
+    k_hi = jnp.maximum(k_lo, (j_hi + Tk - 1) // Tk)
+    return k_lo.astype(jnp.int32), k_hi.astype(jnp.int32)
+
+
+def _kv_tile(x, kt, call: _Call, cfg: Config):
+    """Keys/values kt*tile_k ... of x [B, Hkv, Lk_pad, *]: padding keys (j >= key_lengths_b)
+    may hold NaN/Inf (SPEC.md 5.3), so they are zeroed; also returns key indices and validity."""
+    Tk = cfg.tile_k
+    j0 = kt * Tk
+    tile = lax.dynamic_slice_in_dim(x, j0, Tk, axis=2)
+    keys = (j0 + jnp.arange(Tk, dtype=jnp.int32)).astype(call.positions.dtype)
+    valid = keys[None, :] < call.lengths[:, None]  # [B, Tk]
+    return jnp.where(valid[:, None, :, None], tile, 0), keys, valid
+
+
+def _block(qt, kp, i0, kt, call: _Call, cfg: Config):
+    """Scores of query rows i0.. against key tile kt: (s with -inf where not allowed, m or
+    None, allowed, the cleaned key tile). s [B, Hkv, G, Tq, Tk]."""
+    kb, keys, valid = _kv_tile(kp, kt, call, cfg)
+    rows = (i0 + jnp.arange(cfg.tile_q, dtype=jnp.int32)).astype(call.positions.dtype)
+    d = _span.distances(rows, keys, call.positions)  # [B, Tq, Tk]
+    allowed = valid[:, None, :] & (rows < call.Lq)[None, :, None]
+    allowed = allowed & ((d >= 0) | ~call.causal)
+    allowed = allowed[:, None, None]  # [B, 1, 1, Tq, Tk]
+    m = None
+    if cfg.has_span:
+        m = _span.soft_mask(d, call.span, call.ramp, qt.dtype)
+        allowed = allowed & (m > 0)
+        m = jnp.where(allowed, m, 0.0)
+    s = call.scale * _einsum("bkgqd,bkjd->bkgqj", qt, kb)
+    return jnp.where(allowed, s, -jnp.inf), m, allowed, kb
+
+
+def _probabilities(s, m, call: _Call, c):
+    """(p, e = p/m, t) of a block for row normalisers c [..., Tq]."""
+    if call.eps is None:  # softmax: p = m exp(s - c)
+        t = s - c[..., None]
+        e = jnp.exp(t)
+        return (e if m is None else m * e), e, t
+    return _entmax.probabilities(s, m, call.eps, c[..., None])
+
+
+def _forward_softmax_tile(qt, kp, vp, i0, call, cfg):
+    """Online log-sum-exp over the reachable key tiles: (out tile, c)."""
+    k_lo, k_hi = _key_tiles(i0, call, cfg)
+    B, Hkv, G, Tq, _ = qt.shape
+    Dv = vp.shape[-1]
+    dtype = qt.dtype
+
+    def step(kt, state):
+        top, total, acc = state
+        s, m, _, _ = _block(qt, kp, i0, kt, call, cfg)
+        vb, _, _ = _kv_tile(vp, kt, call, cfg)
+        new_top = jnp.maximum(top, s.max(-1))
+        base = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
+        e = jnp.exp(s - base[..., None])
+        p = e if m is None else m * e
+        rescale = jnp.exp(top - base)
+        total = total * rescale + p.sum(-1)
+        acc = acc * rescale[..., None] + _einsum("bkgqj,bkje->bkgqe", p, vb)
+        return new_top, total, acc
+
+    init = (jnp.full((B, Hkv, G, Tq), -jnp.inf, dtype), jnp.zeros((B, Hkv, G, Tq), dtype),
+            jnp.zeros((B, Hkv, G, Tq, Dv), dtype))
+    top, total, acc = _loop(k_lo, k_hi, step, init, kp.shape[2] // cfg.tile_k)
+    nonempty = total > 0
+    safe = jnp.where(nonempty, total, 1.0)
+    c = jnp.where(nonempty, top + jnp.log(safe), 0.0)
+    out = jnp.where(nonempty[..., None], acc / safe[..., None], 0.0)
+    return out, c
+
+
+def _forward_entmax_tile(qt, kp, vp, i0, call, cfg):
+    """Scores into a strip, bracket, safeguarded Newton on c, then P V: (out tile, c)."""
+    k_lo, k_hi = _key_tiles(i0, call, cfg)
+    B, Hkv, G, Tq, _ = qt.shape
+    nk, Dv = kp.shape[2] // cfg.tile_k, vp.shape[-1]
+    dtype = qt.dtype
+    eps = call.eps
+    rows = (B, Hkv, G, Tq)
+    strip = (nk, B, Hkv, G, Tq, cfg.tile_k)
+
+    def fill(kt, state):
+        S, M, top, lo, mass = state
+        s, m, allowed, _ = _block(qt, kp, i0, kt, call, cfg)
+        S = lax.dynamic_update_index_in_dim(S, s, kt, 0)
+        top = jnp.maximum(top, s.max(-1))
+        if m is None:
+            mass = mass + jnp.broadcast_to(allowed, s.shape).sum(-1).astype(dtype)
+        else:
+            M = lax.dynamic_update_index_in_dim(M, m, kt, 0)
+            alone = jnp.where(allowed, _entmax.one_alone(s, jnp.where(allowed, m, 1.0), eps), -jnp.inf)
+            lo = jnp.maximum(lo, alone.max(-1))
+            mass = mass + m.sum(-1)
+        return S, M, top, lo, mass
+
+    neg = jnp.full(rows, -jnp.inf, dtype)
+    M0 = jnp.zeros(strip, dtype) if cfg.has_span else jnp.zeros((), dtype)
+    S, M, top, lo, mass = _loop(k_lo, k_hi, fill, (jnp.zeros(strip, dtype), M0, neg, neg, jnp.zeros(rows, dtype)),
+                                nk)
+    if not cfg.has_span:
+        lo = top  # every weight is 1: entry j alone needs c = s_j
+    nonempty = top > -jnp.inf
+    row_eps = eps[..., 0]
+    hi = top + _entmax.upper_bracket(jnp.where(nonempty, mass, 1.0), row_eps)
+    lo = jnp.where(nonempty, lo, 0.0)
+    hi = jnp.where(nonempty, jnp.maximum(hi, lo), 0.0)
+    tolerance = 4 * jnp.finfo(dtype).eps
+
+    def sums(c):
+        def add(kt, acc):
+            m = M[kt] if cfg.has_span else None
+            total_p, total_w = _entmax.newton_sums(S[kt], m, eps, c[..., None])
+            return acc[0] + total_p, acc[1] + total_w
+        return _loop(k_lo, k_hi, add, (jnp.zeros(rows, dtype), jnp.zeros(rows, dtype)), nk)
+
+    def keep_going(state):
+        _, _, _, it, done = state
+        return (~done) & (it < ITERATIONS[jnp.dtype(dtype).name])
+
+    def newton(state):
+        c, lo, hi, it, _ = state
+        new, lo, hi = _entmax.newton_update(c, lo, hi, *sums(c))
+        new = jnp.where(nonempty, new, 0.0)
+        moved = jnp.abs(new - c) > tolerance * (1 + jnp.abs(new))  # NaN rows count as settled
+        return new, lo, hi, it + 1, ~jnp.any(moved)
+
+    c = lax.while_loop(keep_going, newton, (lo, lo, hi, jnp.zeros((), jnp.int32), jnp.zeros((), bool)))[0]
+
+    def output(kt, acc):
+        m = M[kt] if cfg.has_span else None
+        p, _, _ = _entmax.probabilities(S[kt], m, eps, c[..., None])
+        vb, _, _ = _kv_tile(vp, kt, call, cfg)
+        return acc + _einsum("bkgqj,bkje->bkgqe", p, vb)
+
+    out = _loop(k_lo, k_hi, output, jnp.zeros(rows + (Dv,), dtype), nk)
+    return jnp.where(nonempty[..., None], out, 0.0), c
+
+
+def _layout(cfg, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
+    """Inputs (padded to whole tiles, in the compute dtype) in the kernel's layout:
+    (qg, kp, vp, call, sizes)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    dtype = q.dtype
+    nq, nk = Lq // cfg.tile_q, Lk // cfg.tile_k
+    qg, kp, vp = q.reshape(B, Hkv, G, Lq, D), k, v
+    eps = None if cfg.softmax_only else (alpha.astype(dtype) - 1).reshape(1, Hkv, G, 1, 1)
+    z = span.astype(dtype).reshape(Hkv, G) if cfg.has_span else None
+    call = _Call(eps=eps, span=z, causal=causal, ramp=ramp.astype(dtype), scale=scale.astype(dtype), lengths=lengths,
+                 positions=positions, Lq=n_rows, Lk=Lk)
+    return qg, kp, vp, call, (B, H, Hkv, G, Lq, Lk, D, v.shape[3], nq, nk)
+
+
+def _forward(cfg, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
+    """(out [B, H, Lq, Dv], c [B, Hkv, G, Lq]) on padded inputs in the compute dtype."""
+    qg, kp, vp, call, (B, H, Hkv, G, Lq, Lk, D, Dv, nq, nk) = _layout(
+        cfg, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows)
+    tile = _forward_softmax_tile if cfg.softmax_only else _forward_entmax_tile
+
+    def body(_, qi):
+        i0 = qi * cfg.tile_q
+        qt = lax.dynamic_slice_in_dim(qg, i0, cfg.tile_q, axis=3)
+        return None, tile(qt, kp, vp, i0, call, cfg)
+
+    _, (out, c) = _query_tiles(body, None, nq)
+    # [nq, B, Hkv, G, Tq, ...] -> [B, Hkv, G, nq * Tq, ...]
+    out = jnp.moveaxis(out, 0, 3).reshape(B, H, Lq, Dv)
+    c = jnp.moveaxis(c, 0, 3).reshape(B, Hkv, G, Lq)
+    return out, c
+
+
+def _backward(cfg, residuals, dout):
+    c, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows = residuals
+    qg, kp, vp, call, (B, H, Hkv, G, Lq, Lk, D, Dv, nq, nk) = _layout(
+        cfg, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows)
+    dtype = qg.dtype
+    Tq, Tk = cfg.tile_q, cfg.tile_k
+    dog = dout.astype(dtype).reshape(B, Hkv, G, Lq, Dv)
+    strip = (nk, B, Hkv, G, Tq, Tk)
+    rows = (B, Hkv, G, Tq)
+
+    def body(carry, qi):
+        dk, dv, dalpha, dspan = carry
+        i0 = qi * Tq
+        qt = lax.dynamic_slice_in_dim(qg, i0, Tq, axis=3)
+        dot = lax.dynamic_slice_in_dim(dog, i0, Tq, axis=3)
+        ct = lax.dynamic_slice_in_dim(c, i0, Tq, axis=3)
+        k_lo, k_hi = _key_tiles(i0, call, cfg)
+
+        def first(kt, state):  # scores and g into strips; sum w and sum w g per row
+            S, M, Gs, sum_w, sum_wg, reads = state
+            s, m, allowed, _ = _block(qt, kp, i0, kt, call, cfg)
+            vb, _, _ = _kv_tile(vp, kt, call, cfg)
+            g = _einsum("bkgqe,bkje->bkgqj", dot, vb)
+            p, _, t = _probabilities(s, m, call, ct)
+            w = p if call.eps is None else _entmax.weights(p, t, call.eps)
+            S = lax.dynamic_update_index_in_dim(S, s, kt, 0)
+            Gs = lax.dynamic_update_index_in_dim(Gs, g, kt, 0)
+            if m is not None:
+                M = lax.dynamic_update_index_in_dim(M, m, kt, 0)
+            reads = reads | jnp.broadcast_to(allowed, s.shape).any(-1)
+            return S, M, Gs, sum_w + w.sum(-1), sum_wg + jnp.where(w > 0, w * g, 0.0).sum(-1), reads
+
+        M0 = jnp.zeros(strip, dtype) if cfg.has_span else jnp.zeros((), dtype)
+        zeros = jnp.zeros(rows, dtype)
+        S, M, Gs, sum_w, sum_wg, reads = _loop(
+            k_lo, k_hi, first, (jnp.zeros(strip, dtype), M0, jnp.zeros(strip, dtype), zeros, zeros,
+                                jnp.zeros(rows, bool)), nk)
+        gbar = sum_wg / jnp.where(sum_w > 0, sum_w, 1.0)
+        # A row that reads no key may hold anything (NaN included): it must not reach dk.
+        q_clean = jnp.where(reads[..., None], qt, 0.0)
+
+        def second(kt, state):
+            dq_t, dk, dv, dalpha, dspan = state
+            m = M[kt] if cfg.has_span else None
+            p, e, t = _probabilities(S[kt], m, call, ct)
+            eps = 0.0 if call.eps is None else call.eps
+            w = p if call.eps is None else _entmax.weights(p, t, eps)
+            ds, dm, deps = _entmax.vjp_terms(p, e, t, w, eps, Gs[kt], gbar[..., None], cfg.need_dalpha)
+            kb, _, _ = _kv_tile(kp, kt, call, cfg)
+            dq_t = dq_t + call.scale * _einsum("bkgqj,bkjd->bkgqd", ds, kb)
+            j0 = kt * Tk
+            dk_tile = call.scale * _einsum("bkgqj,bkgqd->bkjd", ds, q_clean)
+            dv_tile = _einsum("bkgqj,bkgqe->bkje", p, dot)
+            dk = lax.dynamic_update_slice_in_dim(dk, lax.dynamic_slice_in_dim(dk, j0, Tk, 2) + dk_tile, j0, 2)
+            dv = lax.dynamic_update_slice_in_dim(dv, lax.dynamic_slice_in_dim(dv, j0, Tk, 2) + dv_tile, j0, 2)
+            if cfg.need_dalpha:
+                dalpha = dalpha + deps.sum((0, 3, 4))
+            if cfg.need_dspan:
+                dspan = dspan + (dm * _span.mask_slope(m, call.ramp)).sum((0, 3, 4))
+            return dq_t, dk, dv, dalpha, dspan
+
+        dq_t, dk, dv, dalpha, dspan = _loop(
+            k_lo, k_hi, second, (jnp.zeros(rows + (D,), dtype), dk, dv, dalpha, dspan), nk)
+        return (dk, dv, dalpha, dspan), dq_t
+
+    init = (jnp.zeros(kp.shape, dtype), jnp.zeros(vp.shape, dtype), jnp.zeros((Hkv, G), dtype),
+            jnp.zeros((Hkv, G), dtype))
+    (dk, dv, dalpha, dspan), dq = _query_tiles(body, init, nq)
+    dq = jnp.moveaxis(dq, 0, 3).reshape(B, H, Lq, D)
+    return dq, dk, dv, dalpha.reshape(H), dspan.reshape(H)
+
+
+def _integer_zeros(x):
+    return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
+
+
+# Forward and backward are jitted separately (and inline into a caller's jit): a forward
+# compiles once per (shapes, dtype, forward_part of the config), whatever gradients follow.
+_forward_jit = jax.jit(_forward, static_argnums=0)
+_backward_jit = jax.jit(_backward, static_argnums=0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(cfg, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
+    return _forward_jit(cfg.forward_part(), q, k, v, alpha, span, causal, ramp, scale, lengths, positions,
+                        n_rows)[0]
+
+
+def _core_fwd(cfg, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
+    out, c = _forward_jit(cfg.forward_part(), q, k, v, alpha, span, causal, ramp, scale, lengths, positions,
+                          n_rows)
+    return out, (c, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows)
+
+
+def _core_bwd(cfg, residuals, dout):
+    _, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows = residuals
+    dq, dk, dv, dalpha, dspan = _backward_jit(cfg, residuals, dout)
+    return (dq, dk, dv, dalpha, None if span is None else dspan, _integer_zeros(causal), jnp.zeros_like(ramp),
+            jnp.zeros_like(scale), _integer_zeros(lengths), _integer_zeros(positions), _integer_zeros(n_rows))
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _pad_to(x, shape):
+    return jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, shape)])
+
+
+@partial(jax.jit, static_argnums=(3, 4))
+def _prepare(q, k, v, dtype, padded):
+    """q, k, v in the compute dtype, padded to the kernel's shapes (one small program per call
+    shape; autodiff slices the gradients back)."""
+    Lq, Lk, D, Dv = padded
+    B, H, Hkv = q.shape[0], q.shape[1], k.shape[1]
+    return (_pad_to(q.astype(dtype), (B, H, Lq, D)), _pad_to(k.astype(dtype), (B, Hkv, Lk, D)),
+            _pad_to(v.astype(dtype), (B, Hkv, Lk, Dv)))
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _finish(out, shape, dtype):
+    B, H, Lq, Dv = shape
+    return out[:, :, :Lq, :Dv].astype(dtype)
+
+
+def _is_number(x):
+    return isinstance(x, (Real, np.number)) and not isinstance(x, bool) or (
+        isinstance(x, np.ndarray) and x.ndim == 0)
+
+
+def _per_head(value, H, dtype):
+    """alpha/span as an [H] array of the compute dtype; broadcasting outside the custom_vjp
+    lets autodiff sum the per-head gradient of a scalar back to shape []."""
+    return jnp.broadcast_to(jnp.asarray(value).astype(dtype), (H,))
+
+
+def _offsets(q_offset, B, Lq, Lk, pdt):
+    limit = POSITION_LIMIT[jnp.dtype(pdt).name]
+    if q_offset is None:
+        return jnp.full((B,), Lk - Lq, pdt)
+    if isinstance(q_offset, Integral):
+        return jnp.full((B,), max(-limit, min(limit, int(q_offset))), pdt)
+    if isinstance(q_offset, np.ndarray):
+        q_offset = np.clip(q_offset.astype(np.int64), -limit, limit)
+    offsets = jnp.clip(jnp.asarray(q_offset).astype(pdt), -limit, limit)
+    return jnp.broadcast_to(offsets, (B,))
+
+
+def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None, q_offset=None,
+              scale=None, tile_q=None, tile_k=None):
+    """SPEC.md's attention on jax arrays (already validated by attnspec.attention)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if Lq == 0 or Lk == 0:  # nothing to read: zeros (rows with no allowed key)
+        return jnp.zeros((B, H, Lq, Dv), q.dtype)
+    dtype = compute_dtype(q.dtype)
+    pdt = position_dtype()
+    padded, (tq, tk) = plan(B, H, Lq, Lk, D, Dv, tile_q, tile_k)
+    cfg = Config(
+        has_span=span is not None,
+        softmax_only=_is_number(alpha) and float(alpha) == 1.0,
+        need_dalpha=not _is_number(alpha),
+        need_dspan=span is not None and not _is_number(span),
+        tile_q=tq,
+        tile_k=tk,
+    )
+    alpha_h = _per_head(alpha, H, dtype)
+    span_h = None if span is None else _per_head(span, H, dtype)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    lengths = (jnp.full((B,), Lk, pdt) if key_lengths is None
+               else jnp.asarray(key_lengths).astype(pdt).reshape(B))
+    positions = _offsets(q_offset, B, Lq, Lk, pdt)
+    qp, kp, vp = _prepare(q, k, v, jnp.dtype(dtype).name, padded)
+    out = _core(cfg, qp, kp, vp, alpha_h, span_h, jnp.asarray(bool(causal)), jnp.asarray(ramp, dtype),
+                jnp.asarray(scale, dtype), lengths, positions, jnp.asarray(Lq, jnp.int32))
+    return _finish(out, (B, H, Lq, Dv), jnp.dtype(q.dtype).name)

@@ -1,0 +1,105 @@
+"""Weighted alpha-entmax on blocks of rows in JAX (SPEC.md sections 2 and 4).
+
+Everything here works on one block of scores [..., T, W] (rows T, keys W) with eps = alpha - 1
+broadcasting against it, in the parametrisation of SPEC.md 2.2: for a row's normaliser c,
+t = s - c and p = m exp(log1p(eps t) / eps) (p = m exp(t) at eps = 0), which does not cancel
+near alpha = 1. The attention kernel (attention.py) solves c per row by Newton steps whose sums
+it accumulates over key tiles with `newton_sums`, then rebuilds p from c alone with
+`probabilities` in both passes, and gets the gradients of SPEC.md 4 from `vjp_terms`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+# psi(eps, t) switches to its series below |eps t| < threshold (SPEC.md 4.3): float64 with 12
+# terms (error ~1e-24 at the switch), float32 with 16 terms up to 0.3 (error ~1e-8).
+SERIES = {"float64": (1e-2, 12), "float32": (0.3, 16)}
+
+
+def safe_eps(eps):
+    return jnp.where(eps > 0, eps, jnp.ones_like(eps))
+
+
+def log_ratio(t, eps):
+    """log(p/m) = log1p(eps t)/eps, t where eps = 0; -inf where eps t <= -1 (and where t = -inf)."""
+    x = eps * t
+    inside = x > -1
+    value = jnp.log1p(jnp.where(inside, x, 0.0)) / safe_eps(eps)
+    value = jnp.where(eps > 0, value, t)
+    return jnp.where(inside | (eps == 0), value, -jnp.inf)
+
+
+def one_alone(s, m, eps):
+    """c at which entry j alone would have p_j = 1: s - expm1(-eps log m)/eps (s + log m at
+    eps = 0). Its maximum over a row is the lower end of the bracket of SPEC.md 2.4."""
+    log_m = jnp.log(m)
+    return s + jnp.where(eps > 0, -jnp.expm1(-eps * log_m) / safe_eps(eps), log_m)
+
+
+def upper_bracket(mass, eps):
+    """c_hi - top for a row whose allowed weights sum to `mass` (SPEC.md 2.4)."""
+    log_mass = jnp.log(mass)
+    return jnp.where(eps > 0, -jnp.expm1(-eps * log_mass) / safe_eps(eps), log_mass)
+
+
+def probabilities(s, m, eps, c):
+    """(p, e = p/m, t = s - c) of a block for the rows' normalisers c [..., T, 1]. s holds
+    -inf where a key is not allowed; m is None when every weight is 1. p = 0 off the support
+    (u = 1 + eps t <= 0 included: at alpha = 2 an entry with u = 0 exactly is outside)."""
+    t = s - c
+    e = jnp.exp(log_ratio(t, eps))
+    p = e if m is None else m * e
+    return p, e, t
+
+
+def newton_sums(s, m, eps, c):
+    """(sum p, sum p/u) over the block's keys, [..., T]: h = log sum p and h' = -sum(p/u)/sum p."""
+    p, _, t = probabilities(s, m, eps, c)
+    return p.sum(-1), weights(p, t, eps).sum(-1)
+
+
+def newton_update(c, lo, hi, total_p, total_w):
+    """One safeguarded Newton step on h(c) = log sum p (decreasing): shrink [lo, hi] with the
+    sign of h, take the Newton step if it stays inside, else bisect. Rows [..., T]."""
+    h = jnp.log(total_p)
+    slope = -total_w / total_p
+    lo = jnp.where(h >= 0, c, lo)
+    hi = jnp.where(h <= 0, c, hi)
+    newton = c - h / slope
+    inside = jnp.isfinite(newton) & (newton >= lo) & (newton <= hi)
+    return jnp.where(h == 0, c, jnp.where(inside, newton, (lo + hi) / 2)), lo, hi
+
+
+def psi(t, eps):
+    """d/d eps of log1p(eps t)/eps, with its series where |eps t| is small (SPEC.md 4.3)."""
+    threshold, terms = SERIES["float64" if t.dtype == jnp.float64 else "float32"]
+    x = eps * t
+    small = jnp.abs(x) < threshold
+    xs = jnp.where(small, x, 0.0)
+    series = jnp.zeros_like(x)
+    for k in range(terms + 1, 1, -1):
+        series = series * xs + ((-1.0) ** (k + 1)) * (k - 1) / k
+    series = series * t * t
+    xd = jnp.where(small, 0.0, x)
+    safe = safe_eps(eps)
+    direct = (xd / (1 + xd) - jnp.log1p(xd)) / (safe * safe)
+    return jnp.where(small, series, direct)
+
+
+def weights(p, t, eps):
+    """w = p/u on the support, 0 elsewhere: dc/ds_j = w_j / sum w (SPEC.md 4.1)."""
+    support = p > 0
+    return jnp.where(support, p / jnp.where(support, 1 + eps * t, 1.0), 0.0)
+
+
+def vjp_terms(p, e, t, w, eps, g, gbar, need_eps):
+    """(ds, dm, deps) of a block for dL/dp = g and the rows' gbar [..., T, 1] (SPEC.md 4.1-4.3):
+    ds = w (g - gbar), dm = (p/m)(g - gbar), deps_row = sum (g - gbar) p psi; all 0 off S."""
+    support = p > 0
+    centred = jnp.where(support, g - gbar, 0.0)
+    ds = w * centred
+    dm = jnp.where(support, e, 0.0) * centred
+    if not need_eps:
+        return ds, dm, None
+    return ds, dm, centred * jnp.where(support, p * psi(jnp.where(support, t, 0.0), eps), 0.0)

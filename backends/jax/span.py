@@ -1,0 +1,32 @@
+"""The soft span mask in JAX (SPEC.md section 3): m = clip((R + z - |d|) / R, 0, 1) in the
+compute dtype, in exactly that order; dm/dz = 1/R where the computed m is strictly inside
+(0, 1). The gradient is written by hand (`mask_slope`), never taken by autodiff through clip
+(frameworks disagree at the kinks)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def distances(rows, keys, positions):
+    """d = position of the row - key index: rows [T] and keys [W] are indices, positions [B]
+    the batch's q_offset; returns [B, T, W] in the positions' integer dtype."""
+    return (positions[:, None, None] + rows[None, :, None]) - keys[None, None, :]
+
+
+def soft_mask(d, span, ramp, dtype):
+    """d [B, T, W] integers, span [Hkv, G] (heads), ramp a scalar -> m [B, Hkv, G, T, W]."""
+    z = span.astype(dtype)[None, :, :, None, None]
+    absd = jnp.abs(d).astype(dtype)[:, None, None]
+    return jnp.clip(((ramp + z) - absd) / ramp, 0.0, 1.0)
+
+
+def mask_slope(m, ramp):
+    """dm/dz: 1/R strictly inside (0, 1), else 0 (one-sided at both kinks)."""
+    return jnp.where((m > 0) & (m < 1), 1.0 / ramp, 0.0).astype(m.dtype)
+
+
+def reach(span, ramp, dtype):
+    """The largest fl(R + z) over heads, as computed by soft_mask: keys at |d| >= it have
+    fl(fl(R + z) - |d|) <= 0 (rounding is monotone), so m = 0 there exactly."""
+    return jnp.max(ramp + span.astype(dtype))

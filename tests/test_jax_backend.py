@@ -1,0 +1,238 @@
+"""The JAX backend: the conformance suite (every dtype, one and many tiles), jit / vmap / grad /
+checkpoint, check_grads in float64, a decode loop that does not recompile, sharding over 4 CPU
+devices (in a subprocess), and which key tiles are skipped."""
+
+import dataclasses
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+import attnspec  # noqa: E402
+import attnspec.conformance as conformance  # noqa: E402
+
+kernel = importlib.import_module("attnspec.backends.jax.attention")
+# jax >= 0.6 has jax.enable_x64; older releases keep it in jax.experimental.
+enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else importlib.import_module("jax.experimental").enable_x64
+
+SPAN = [1.3, 2.7, 0.4, 5.2]
+RAMP = 1.75  # no integer distance sits on a kink z or z + R
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def inputs(B=2, H=4, Hkv=2, Lq=5, Lk=7, D=8, Dv=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(B, H, Lq, D)), rng.normal(size=(B, Hkv, Lk, D)), rng.normal(size=(B, Hkv, Lk, Dv))
+
+
+@pytest.fixture
+def tiny_tiles(monkeypatch):
+    """Tiles of 2 query rows and 3 keys: small inputs cross many (and partial) tiles."""
+    monkeypatch.setattr(kernel, "TILE_Q", 2)
+    monkeypatch.setattr(kernel, "TILE_K", 3)
+
+
+def test_conformance_half_and_single_precision(tmp_path):
+    report = conformance.check("jax", dtypes=["float16", "bfloat16", "float32"], artifacts_dir=str(tmp_path))
+    assert report.passed, str(report)
+    assert {c.dtype for c in report.cells if c.status == "pass"} == {"float16", "bfloat16", "float32"}
+
+
+def test_conformance_float64_under_x64(tmp_path):
+    with enable_x64(True):
+        report = conformance.check("jax", dtypes=["float64"], artifacts_dir=str(tmp_path))
+    assert report.passed, str(report)
+    assert any(c.status == "pass" and c.dtype == "float64" for c in report.cells)
+
+
+def test_conformance_with_many_tiles(tiny_tiles, tmp_path):
+    """The loops over query and key tiles (the path of every long sequence). Compiling costs
+    more than running here, so CI runs the cell that draws every feature; the thorough profile
+    runs them all."""
+    cells = None if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else ["combined"]
+    with enable_x64(True):
+        report = conformance.check("jax", dtypes=["float64"], cells=cells, artifacts_dir=str(tmp_path))
+    assert report.passed, str(report)
+
+
+def test_float64_without_x64_is_refused_with_the_reason():
+    assert not jax.config.jax_enable_x64
+    report = conformance.check("jax", dtypes=["float64"], cells=["causal"])
+    (cell,) = report.cells
+    assert cell.status == "unsupported" and "jax_enable_x64" in cell.reason
+    call = attnspec.validation.validate_attention(*(np.zeros((1, 1, 2, 2)),) * 3)
+    reasons = attnspec.dispatch.registry.load("jax").kernel("attention").not_supported_reasons(
+        dataclasses.replace(call, array_type="jax"))
+    assert any("jax_enable_x64" in r for r in reasons)
+
+
+@pytest.mark.parametrize("kw, tiles", [
+    (dict(alpha=1.0, causal=True), None),
+    (dict(alpha=1.0, span=3.5, ramp=RAMP, key_lengths=[7, 4], q_offset=[3, -1]), (2, 3)),
+])
+def test_online_softmax_path_matches_the_reference_float64(kw, tiles):
+    """alpha given as the Python number 1 takes the one-pass online softmax, whose gradients
+    the conformance suite does not reach (it differentiates alpha, which needs the general
+    path): values and dq, dk, dv against the reference here."""
+    q, k, v = inputs()
+    g = np.random.default_rng(1).normal(size=q.shape[:3] + (v.shape[-1],))
+    ref_kw = {n: (np.asarray(x) if isinstance(x, list) else x) for n, x in kw.items()}
+    ref = attnspec.reference.attention(q, k, v, **ref_kw)
+    vjp = attnspec.reference.attention_vjp(q, k, v, g, **ref_kw)
+    with enable_x64(True):
+        jkw = {n: (jnp.asarray(x) if isinstance(x, list) else x) for n, x in kw.items()}
+        tile_q, tile_k = tiles or (None, None)
+
+        def f(q, k, v):
+            return kernel.attention(q, k, v, tile_q=tile_q, tile_k=tile_k, **jkw)
+
+        out, pullback = jax.vjp(f, *map(jnp.asarray, (q, k, v)))
+        dq, dk, dv = pullback(jnp.asarray(g))
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-13)
+    for mine, want in ((dq, vjp.dq), (dk, vjp.dk), (dv, vjp.dv)):
+        np.testing.assert_allclose(np.asarray(mine), want, atol=1e-12)
+
+
+def test_check_grads_float64_all_inputs():
+    from jax.test_util import check_grads
+
+    q, k, v = inputs(Lq=3, Lk=6, D=4, Dv=2)
+    with enable_x64(True):
+        q, k, v = map(jnp.asarray, (q, k, v))
+        alpha = jnp.asarray([1.05, 1.3, 1.5, 1.9])
+        span = jnp.asarray(SPAN)
+        lengths, offsets = jnp.asarray([6, 5]), jnp.asarray([2, -1])
+
+        def fn(q, k, v, alpha, span):
+            return kernel.attention(q, k, v, alpha=alpha, span=span, ramp=RAMP, causal=True, key_lengths=lengths,
+                                    q_offset=offsets, tile_q=2, tile_k=4)
+
+        check_grads(fn, (q, k, v, alpha, span), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+def _loss(q, k, v, alpha, span):
+    return jnp.sum(jnp.sin(attnspec.attention(q, k, v, alpha=alpha, span=span, ramp=RAMP, causal=True)))
+
+
+def test_jit_grad_vmap_and_checkpoint_agree_with_eager():
+    q, k, v = map(jnp.asarray, inputs())
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    alpha, span = jnp.asarray([1.0, 1.2, 1.5, 2.0]), jnp.asarray(SPAN)
+    grad = jax.grad(_loss, argnums=(0, 1, 2, 3, 4))
+    eager = grad(q, k, v, alpha, span)
+    jitted = jax.jit(grad)(q, k, v, alpha, span)
+    remat = jax.jit(jax.grad(jax.checkpoint(_loss), argnums=(0, 1, 2, 3, 4)))(q, k, v, alpha, span)
+    for a, b, c in zip(eager, jitted, remat):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+    # vmap of the gradient over stacked queries and spans: each slice equals its own call
+    qs, spans = jnp.stack([q, 2 * q]), jnp.stack([span, span + 1.0])
+    batched = jax.jit(jax.vmap(grad, in_axes=(0, None, None, None, 0)))(qs, k, v, alpha, spans)
+    second = grad(2 * q, k, v, alpha, span + 1.0)
+    for i, (a, b) in enumerate(zip(eager, second)):
+        np.testing.assert_allclose(np.asarray(batched[i][0]), np.asarray(a), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(batched[i][1]), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_decode_loop_with_traced_q_offset_compiles_once():
+    B, H, Lk, D = 2, 4, 16, 8
+    rng = np.random.default_rng(3)
+    k = jnp.asarray(rng.normal(size=(B, H, Lk, D)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, H, Lk, D)), jnp.float32)
+    traces = []
+
+    @jax.jit
+    def step(q, position, lengths):
+        traces.append(1)  # runs only when jax traces the function
+        return attnspec.attention(q, k, v, alpha=1.5, span=4.0, ramp=2.0, causal=True, key_lengths=lengths,
+                                  q_offset=position)
+
+    for t in range(6):
+        q = jnp.asarray(rng.normal(size=(B, H, 1, D)), jnp.float32)
+        position = jnp.asarray([t, t + 3], jnp.int32)
+        out = step(q, position, position + 1)
+        ref = attnspec.reference.attention(np.asarray(q, np.float64), np.asarray(k, np.float64),
+                                           np.asarray(v, np.float64), alpha=1.5, span=4.0, ramp=2.0, causal=True,
+                                           key_lengths=np.asarray(position) + 1, q_offset=np.asarray(position))
+        np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5)
+    assert len(traces) == 1
+
+
+def test_empty_rows_and_nan_padding_give_zero_not_nan():
+    q, k, v = (jnp.asarray(x, jnp.float32) for x in inputs())
+    k = k.at[1, :, 3:].set(jnp.nan)
+    v = v.at[1, :, 3:].set(jnp.inf)
+    lengths = jnp.asarray([0, 3])
+
+    out, pullback = jax.vjp(lambda q, k, v: attnspec.attention(q, k, v, alpha=1.5, causal=True,
+                                                               key_lengths=lengths), q, k, v)
+    assert bool(jnp.isfinite(out).all()) and bool((out[0] == 0).all())
+    dq, dk, dv = pullback(jnp.ones_like(out))
+    assert bool(jnp.isfinite(dq).all()) and bool((dq[0] == 0).all())
+    assert bool((dk[1, :, 3:] == 0).all()) and bool((dv[1, :, 3:] == 0).all())
+
+
+def test_key_tiles_skip_what_causal_span_and_lengths_exclude():
+    def tiles_of(i0, Lq, Lk, causal, span=None, lengths=None, offset=None):
+        call = kernel._Call(eps=None, span=None if span is None else jnp.full((1, 1), span), causal=jnp.asarray(causal),
+                            ramp=jnp.asarray(2.0), scale=jnp.asarray(1.0),
+                            lengths=jnp.asarray([Lk if lengths is None else lengths]),
+                            positions=jnp.asarray([Lk - Lq if offset is None else offset]), Lq=jnp.asarray(Lq), Lk=Lk)
+        cfg = kernel.Config(has_span=span is not None, softmax_only=False, need_dalpha=False, need_dspan=False,
+                            tile_q=16, tile_k=16)
+        lo, hi = kernel._key_tiles(jnp.asarray(i0), call, cfg)
+        return int(lo), int(hi)
+
+    assert tiles_of(0, 256, 256, causal=False) == (0, 16)
+    assert tiles_of(0, 256, 256, causal=True) == (0, 1)  # rows 0..15 read keys 0..15
+    assert tiles_of(128, 256, 256, causal=True) == (0, 9)
+    # span 10, ramp 2: rows 128..143 read keys > 128 - 12 only
+    assert tiles_of(128, 256, 256, causal=True, span=10.0) == (7, 9)
+    assert tiles_of(128, 256, 256, causal=False, span=10.0) == (7, 10)
+    assert tiles_of(0, 256, 256, causal=False, lengths=40) == (0, 3)
+    assert tiles_of(0, 1, 256, causal=True, span=10.0, offset=200) == (11, 13)  # decode at position 200
+
+
+SHARDING_PROGRAM = textwrap.dedent("""
+    import numpy as np, jax, jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import attnspec
+    assert len(jax.devices()) == 4, jax.devices()
+    rng = np.random.default_rng(0)
+    B, H, L, D = 4, 4, 24, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(B, H, L, D)), jnp.float32) for _ in range(3))
+    alpha, span = jnp.asarray([1.0, 1.3, 1.5, 2.0]), jnp.asarray([3.5, 9.25, 0.5, 20.0])
+
+    def loss(q, k, v, alpha, span):
+        out = attnspec.attention(q, k, v, alpha=alpha, span=span, ramp=2.0, causal=True)
+        return jnp.sum(out * out), out
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
+    (l0, out0), g0 = step(q, k, v, alpha, span)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("batch", "heads"))
+    rows = NamedSharding(mesh, P("batch", "heads"))
+    heads = NamedSharding(mesh, P("heads"))
+    args = [jax.device_put(x, rows) for x in (q, k, v)] + [jax.device_put(x, heads) for x in (alpha, span)]
+    (l1, out1), g1 = step(*args)
+    assert len(out1.sharding.device_set) == 4, out1.sharding
+    np.testing.assert_allclose(np.asarray(out1), np.asarray(out0), rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    print("sharded ok")
+""")
+
+
+def test_sharded_over_four_cpu_devices_equals_unsharded():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    result = subprocess.run([sys.executable, "-c", SHARDING_PROGRAM], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "sharded ok" in result.stdout
