@@ -10,4 +10,5 @@ BUILTIN_BACKENDS maps a backend name to (module, attribute holding the Backend, 
 BUILTIN_BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "torch-eager": ("attnspec.backends.torch", "EAGER", ("torch",)),
     "torch": ("attnspec.backends.torch", "TILED", ("torch",)),
+    "triton": ("attnspec.backends.triton", "TRITON", ("torch",)),
 }
