@@ -34,3 +34,27 @@ def device_function(fn):
     if isinstance(jitted, InterpretedFunction) and hasattr(jitted, "rewrite"):
         return _InterpretedHelper(jitted)
     return jitted
+
+
+# tl.sum / tl.max are themselves jitted functions of triton.language, so under the interpreter
+# each call re-patches the language as above. One tl.reduce with the standard combine
+# functions is what they compile to, and the interpreter runs it as one NumPy reduction.
+import triton.language as tl  # noqa: E402
+
+
+@device_function
+def row_sum(x):
+    """Sum of a float32 [M, N] block over axis 1."""
+    return tl.reduce(x, 1, tl.standard._sum_combine)
+
+
+@device_function
+def row_max(x):
+    """Max of an [M, N] block over axis 1."""
+    return tl.reduce(x, 1, tl.standard._elementwise_max)
+
+
+@device_function
+def any_true(x):
+    """Whether any element of a boolean block (any shape) is set, as a scalar."""
+    return tl.reduce(tl.reshape(x.to(tl.int32), [x.numel]), 0, tl.standard._elementwise_max) > 0

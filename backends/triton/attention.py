@@ -39,7 +39,7 @@ import triton.language as tl
 
 from . import entmax as _entmax
 from . import span as _span
-from ._jit import device_function
+from ._jit import any_true, device_function, row_max, row_sum
 
 #: Safety cap on the passes of the alpha > 1 solve. Convergence takes far fewer (the tests
 #: record the counts); hitting the cap would mean a bug, and the stats expose it.
@@ -114,12 +114,12 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
     bits = Bits + bh.to(tl.int64) * n_qt * n_kt + pid_m * n_kt
     neg_inf = float("-inf")
 
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    psum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
+    psum = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     if eps == 0.0:
         # alpha = 1: online softmax of s + log m (FlashAttention), c = logsumexp.
         run_max = tl.full([BLOCK_M], neg_inf, dtype=tl.float32)
-        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        total = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + offs_n0
             kt = _load_rows(k_base, offs_n, kv_len, offs_d, D)
@@ -129,15 +129,15 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
                 logits = tl.where(allowed, s + tl.log(tl.where(allowed, m, 1.0)), neg_inf)
             else:
                 logits = tl.where(allowed, s, neg_inf)
-            new_max = tl.maximum(run_max, tl.max(logits, 1))
+            new_max = tl.maximum(run_max, row_max(logits))
             ref = tl.where(new_max == neg_inf, 0.0, new_max)
             correction = tl.exp(run_max - ref)
             e = tl.exp(logits - ref[:, None])
-            total = total * correction + tl.sum(e, 1)
+            total = total * correction + row_sum(e)
             vt = _load_rows(v_base, offs_n, kv_len, offs_dv, Dv)
             acc = acc * correction[:, None] + _dot(e.to(vt.dtype), vt, F32, UPCAST)
             run_max = new_max
-            tl.store(bits + start // BLOCK_N, tl.max(tl.max(allowed.to(tl.int32), 1), 0).to(tl.int8))
+            tl.store(bits + start // BLOCK_N, any_true(allowed).to(tl.int8))
         nonempty = total > 0.0
         safe_total = tl.where(nonempty, total, 1.0)
         acc = acc / safe_total[:, None]
@@ -151,23 +151,23 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
         # there), c_hi = max s - expm1(-eps log sum m)/eps; candidate tiles for the running c_lo.
         top = tl.full([BLOCK_M], neg_inf, dtype=tl.float32)
         clo = tl.full([BLOCK_M], neg_inf, dtype=tl.float32)
-        mass = tl.zeros([BLOCK_M], dtype=tl.float32)
+        mass = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + offs_n0
             kt = _load_rows(k_base, offs_n, kv_len, offs_d, D)
             s = _dot(q, tl.trans(kt), F32, UPCAST) * scale
             m, allowed = _span.mask_block(offs_m, offs_n, offset, kv_len, Lq, z, ramp, HAS_SPAN, CAUSAL)
-            top = tl.maximum(top, tl.max(tl.where(allowed, s, neg_inf), 1))
+            top = tl.maximum(top, row_max(tl.where(allowed, s, neg_inf)))
             if HAS_SPAN:
                 alone = s - _entmax.expm1(-eps * tl.log(tl.where(allowed, m, 1.0)), LIBDEVICE) / eps
             else:
                 alone = s
-            clo = tl.maximum(clo, tl.max(tl.where(allowed, alone, neg_inf), 1))
-            mass += tl.sum(m, 1)
+            clo = tl.maximum(clo, row_max(tl.where(allowed, alone, neg_inf)))
+            mass += row_sum(m)
             # u = 1 + eps (s - c) <= 0 at the running c_lo (<= the final one): p = 0 for good.
             ref = tl.where(clo == neg_inf, 0.0, clo)
             live = allowed & (eps * (s - ref[:, None]) > -1.0)
-            tl.store(bits + start // BLOCK_N, tl.max(tl.max(live.to(tl.int32), 1), 0).to(tl.int8))
+            tl.store(bits + start // BLOCK_N, any_true(live).to(tl.int8))
         nonempty = top > neg_inf
         # From here on c is relative to the row's top score (SPEC.md 2.3's shifted scores): it
         # stays O(log n), so float32 resolves it finely whatever the scores' magnitude.
@@ -182,10 +182,10 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
         active = nonempty
         tl.debug_barrier()  # the tile map written above is read by every thread below
         it = 0
-        while (tl.max(active.to(tl.int32), 0) > 0) & (it < MAX_ITERS):
-            f0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-            f1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-            f2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        while any_true(active) & (it < MAX_ITERS):
+            f0 = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+            f1 = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+            f2 = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
             for start in range(lo, hi, BLOCK_N):
                 if tl.load(bits + start // BLOCK_N) != 0:
                     offs_n = start + offs_n0
@@ -194,11 +194,11 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
                     m, allowed = _span.mask_block(offs_m, offs_n, offset, kv_len, Lq, z, ramp, HAS_SPAN, CAUSAL)
                     p, ratio, u, t = _entmax.probabilities(s, top, c, m, allowed, eps, LIBDEVICE)
                     r = p / u
-                    f0 += tl.sum(p, 1)
-                    f1 += tl.sum(r, 1)
-                    f2 += tl.sum(r / u, 1)
+                    f0 += row_sum(p)
+                    f1 += row_sum(r)
+                    f2 += row_sum(r / u)
                     if it == 0:  # c = c_lo, the smallest iterate: the exact candidate tiles
-                        tl.store(bits + start // BLOCK_N, tl.max(tl.max((p > 0.0).to(tl.int32), 1), 0).to(tl.int8))
+                        tl.store(bits + start // BLOCK_N, any_true(p > 0.0).to(tl.int8))
             c, c_lo, c_hi, h_old, active = _entmax.halley_update(c, c_lo, c_hi, h_old, f0, f1, f2, eps, active,
                                                                  HTOL, CTOL)
             it += 1
@@ -213,8 +213,8 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
                 p, ratio, u, t = _entmax.probabilities(s, top, c, m, allowed, eps, LIBDEVICE)
                 vt = _load_rows(v_base, offs_n, kv_len, offs_dv, Dv)
                 acc += _dot(p.to(vt.dtype), vt, F32, UPCAST)
-                psum += tl.sum(p, 1)
-                tl.store(bits + start // BLOCK_N, tl.max(tl.max((p > 0.0).to(tl.int32), 1), 0).to(tl.int8))
+                psum += row_sum(p)
+                tl.store(bits + start // BLOCK_N, any_true(p > 0.0).to(tl.int8))
         passes = it + 2
     row_ok = offs_m < Lq
     out_base = Out + bh.to(tl.int64) * Lq * Dv
@@ -267,14 +267,14 @@ def _backward_dq_kernel(Q, K, V, C, Bits, DO, DQ, GBar, DAlpha, DSpan, Alpha, Sp
     lo, hi = _span.key_window(first, last, kv_len, z, ramp, HAS_SPAN, CAUSAL, BLOCK_N)
     bits = Bits + bh.to(tl.int64) * n_qt * n_kt + pid_m * n_kt
 
-    wgk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    wk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    sum_w = tl.zeros([BLOCK_M], dtype=tl.float32)
-    sum_wg = tl.zeros([BLOCK_M], dtype=tl.float32)
-    sum_psi = tl.zeros([BLOCK_M], dtype=tl.float32)
-    sum_gpsi = tl.zeros([BLOCK_M], dtype=tl.float32)
-    sum_dm = tl.zeros([BLOCK_M], dtype=tl.float32)
-    sum_gdm = tl.zeros([BLOCK_M], dtype=tl.float32)
+    wgk = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
+    wk = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
+    sum_w = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    sum_wg = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    sum_psi = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    sum_gpsi = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    sum_dm = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    sum_gdm = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         if tl.load(bits + start // BLOCK_N) != 0:
             offs_n = start + offs_n0
@@ -287,18 +287,18 @@ def _backward_dq_kernel(Q, K, V, C, Bits, DO, DQ, GBar, DAlpha, DSpan, Alpha, Sp
             g = tl.where(support, _dot(do, tl.trans(vt), F32, UPCAST), 0.0)
             w = p / u
             wg = w * g
-            sum_w += tl.sum(w, 1)
-            sum_wg += tl.sum(wg, 1)
+            sum_w += row_sum(w)
+            sum_wg += row_sum(wg)
             wgk += _dot(wg.to(kt.dtype), kt, F32, UPCAST)
             wk += _dot(w.to(kt.dtype), kt, F32, UPCAST)
             if ALPHA_GRAD:
                 pp = tl.where(support, p * _entmax.psi(t, eps), 0.0)
-                sum_psi += tl.sum(pp, 1)
-                sum_gpsi += tl.sum(pp * g, 1)
+                sum_psi += row_sum(pp)
+                sum_gpsi += row_sum(pp * g)
             if SPAN_GRAD:
                 dm = ratio * _span.slope(m, ramp)
-                sum_dm += tl.sum(dm, 1)
-                sum_gdm += tl.sum(dm * g, 1)
+                sum_dm += row_sum(dm)
+                sum_gdm += row_sum(dm * g)
     gbar = tl.where(sum_w > 0.0, sum_wg / tl.where(sum_w > 0.0, sum_w, 1.0), 0.0)
     dq = scale * (wgk - gbar[:, None] * wk)
     tl.store(DQ + bh.to(tl.int64) * Lq * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -337,8 +337,8 @@ def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengt
     vt = _load_rows(V + bkv.to(tl.int64) * Lk * Dv, offs_n, kv_len, offs_dv, Dv)
     first_key = pid_n * BLOCK_N
     last_key = tl.minimum(first_key + BLOCK_N, kv_len) - 1
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, dtype=tl.float32)
     for g_i in range(0, G):
         h = kvh * G + g_i
         bh = b * H + h
@@ -366,7 +366,7 @@ def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengt
                 g = _dot(do, tl.trans(vt), F32, UPCAST)
                 ds = tl.where(support, (p / u) * (g - gbar[:, None]), 0.0)
                 # Rows without support here contribute nothing, whatever q holds (SPEC.md 5.3).
-                reads = tl.max(support.to(tl.int32), 1) > 0
+                reads = row_max(support.to(tl.int32)) > 0
                 q = tl.where(reads[:, None], q, 0.0)
                 do = tl.where(reads[:, None], do, 0.0)
                 dk += _dot(tl.trans(ds).to(q.dtype), q, F32, UPCAST)

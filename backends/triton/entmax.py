@@ -87,7 +87,7 @@ def psi(t, eps):
     small = tl.abs(x) < 0.3
     xs = tl.where(small, x, 0.0)
     # Horner, coefficients (-1)^(k+1) (k-1)/k for k = 17 down to 2.
-    series = tl.zeros_like(x) + (0.9411764705882353)
+    series = x * 0.0 + (0.9411764705882353)
     series = series * xs + (-0.9375)
     series = series * xs + (0.9333333333333333)
     series = series * xs + (-0.9285714285714286)

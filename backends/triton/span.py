@@ -66,7 +66,7 @@ def mask_block(offs_m, offs_n, offset, kv_len, Lq, z, ramp, HAS_SPAN: tl.constex
         allowed = allowed & (d >= 0)
     if HAS_SPAN:
         dist = tl.abs(d).to(tl.float32)
-        m = tl.math.div_rn((ramp + z) - dist, tl.zeros_like(dist) + ramp)
+        m = tl.math.div_rn((ramp + z) - dist, dist * 0.0 + ramp)
         m = tl.minimum(tl.maximum(m, 0.0), 1.0)
         allowed = allowed & (m > 0.0)
         m = tl.where(allowed, m, 0.0)
