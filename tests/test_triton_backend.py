@@ -234,3 +234,43 @@ def test_cpu_tensors_are_refused_without_the_interpreter():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
                          timeout=300).stdout
     assert "set TRITON_INTERPRET=1" in out, out
+
+
+_COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import attnspec.backends.triton.attention as A
+
+dtype = sys.argv[1]
+common = dict(HAS_SPAN=True, CAUSAL=True, HAS_LENGTHS=True, F32=dtype == "fp32", UPCAST=False, LIBDEVICE=True,
+              BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DV=64)
+x, f, i = "*" + dtype, "*fp32", "*i32"
+pointers = dict(Q=x, K=x, V=x, Out=x, DO=x, DQ=x, DK=x, DV=x, Bits="*i8", Passes=i, Lengths=i, Offsets=i)
+kernels = [(A._forward_kernel, dict(STATS=True, MAX_ITERS=64, HTOL=A.H_TOL, CTOL=A.C_TOL)),
+           (A._backward_dq_kernel, dict(ALPHA_GRAD=True, SPAN_GRAD=True)), (A._backward_dkdv_kernel, {})]
+for fn, extra in kernels:
+    constexprs = dict(common, **extra)
+    signature = {n: "constexpr" if n in constexprs else "fp32" if n in ("scale", "ramp")
+                 else "i32" if n in ("H", "G", "Lq", "Lk", "D", "Dv", "n_qt", "n_kt") else pointers.get(n, f)
+                 for n in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 80, 32), options=dict(num_warps=4, num_stages=2))
+    assert "cubin" in kernel.asm, fn.__name__
+    print(fn.__name__, "compiled, shared memory", kernel.metadata.shared)
+"""
+
+
+@pytest.mark.skipif(os.environ.get("ATTNSPEC_TRITON_COMPILE") != "1",
+                    reason="compiling for CUDA takes minutes; set ATTNSPEC_TRITON_COMPILE=1")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_a_cuda_target(dtype):
+    """The compiled (non-interpreter) path has its own rules (types of if-branches, constexprs,
+    libdevice): compile every kernel to a cubin for sm_80 without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    out = subprocess.run([sys.executable, "-c", _COMPILE, dtype], capture_output=True, text=True, env=env,
+                         timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("compiled") == 3, out.stdout

@@ -56,5 +56,12 @@ def row_max(x):
 
 @device_function
 def any_true(x):
-    """Whether any element of a boolean block (any shape) is set, as a scalar."""
-    return tl.reduce(tl.reshape(x.to(tl.int32), [x.numel]), 0, tl.standard._elementwise_max) > 0
+    """Whether any element of a 1-D boolean block is set, as a scalar."""
+    return tl.reduce(x.to(tl.int32), 0, tl.standard._elementwise_max) > 0
+
+
+@device_function
+def any_true_2d(x):
+    """Whether any element of a 2-D boolean block is set, as a scalar."""
+    rows = tl.reduce(x.to(tl.int32), 1, tl.standard._elementwise_max)
+    return tl.reduce(rows, 0, tl.standard._elementwise_max) > 0

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from . import entmax as _entmax
 from . import span as _span
-from ._jit import any_true, device_function, row_max, row_sum
+from ._jit import any_true, any_true_2d, device_function, row_max, row_sum
 
 #: Safety cap on the passes of the alpha > 1 solve. Convergence takes far fewer (the tests
 #: record the counts); hitting the cap would mean a bug, and the stats expose it.
@@ -137,7 +137,7 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
             vt = _load_rows(v_base, offs_n, kv_len, offs_dv, Dv)
             acc = acc * correction[:, None] + _dot(e.to(vt.dtype), vt, F32, UPCAST)
             run_max = new_max
-            tl.store(bits + start // BLOCK_N, any_true(allowed).to(tl.int8))
+            tl.store(bits + start // BLOCK_N, any_true_2d(allowed).to(tl.int8))
         nonempty = total > 0.0
         safe_total = tl.where(nonempty, total, 1.0)
         acc = acc / safe_total[:, None]
@@ -167,7 +167,7 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
             # u = 1 + eps (s - c) <= 0 at the running c_lo (<= the final one): p = 0 for good.
             ref = tl.where(clo == neg_inf, 0.0, clo)
             live = allowed & (eps * (s - ref[:, None]) > -1.0)
-            tl.store(bits + start // BLOCK_N, any_true(live).to(tl.int8))
+            tl.store(bits + start // BLOCK_N, any_true_2d(live).to(tl.int8))
         nonempty = top > neg_inf
         # From here on c is relative to the row's top score (SPEC.md 2.3's shifted scores): it
         # stays O(log n), so float32 resolves it finely whatever the scores' magnitude.
@@ -198,7 +198,7 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
                     f1 += row_sum(r)
                     f2 += row_sum(r / u)
                     if it == 0:  # c = c_lo, the smallest iterate: the exact candidate tiles
-                        tl.store(bits + start // BLOCK_N, any_true(p > 0.0).to(tl.int8))
+                        tl.store(bits + start // BLOCK_N, any_true_2d(p > 0.0).to(tl.int8))
             c, c_lo, c_hi, h_old, active = _entmax.halley_update(c, c_lo, c_hi, h_old, f0, f1, f2, eps, active,
                                                                  HTOL, CTOL)
             it += 1
@@ -214,7 +214,7 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
                 vt = _load_rows(v_base, offs_n, kv_len, offs_dv, Dv)
                 acc += _dot(p.to(vt.dtype), vt, F32, UPCAST)
                 psum += row_sum(p)
-                tl.store(bits + start // BLOCK_N, any_true(p > 0.0).to(tl.int8))
+                tl.store(bits + start // BLOCK_N, any_true_2d(p > 0.0).to(tl.int8))
         passes = it + 2
     row_ok = offs_m < Lq
     out_base = Out + bh.to(tl.int64) * Lq * Dv

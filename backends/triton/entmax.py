@@ -18,10 +18,13 @@ import triton.language as tl
 
 from ._jit import device_function
 
-try:  # triton >= 3.0; absent in some builds, then only the interpreter path can run
+try:  # the backend-neutral dispatcher (CUDA or HIP) of recent Triton versions
     from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover - depends on the triton build
-    libdevice = None
+except ImportError:  # pragma: no cover - depends on the triton version / build
+    try:
+        from triton.language.extra.cuda import libdevice
+    except ImportError:
+        libdevice = None  # then only the interpreter (LIBDEVICE=False) can run
 
 
 @device_function
