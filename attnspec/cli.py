@@ -140,7 +140,8 @@ def cmd_check(args) -> int:
     progress = None if args.quiet else _ProgressBar()
     for name in names:
         report = conformance.check(name, profile=args.profile, dtypes=args.dtype, device=args.device,
-                                   seed=args.seed, artifacts_dir=args.artifacts, progress=progress)
+                                   seed=args.seed, artifacts_dir=args.artifacts, progress=progress,
+                                   examples=args.examples)
         reports.append(report)
     print(conformance.format_table(reports))
     for s in unavailable:
@@ -173,6 +174,7 @@ def main(argv=None) -> int:
     check.add_argument("--dtype", action="append", help="only this dtype (repeatable)")
     check.add_argument("--device", help="device to run on, e.g. cuda (default: the backend's first)")
     check.add_argument("--seed", type=int, help="Hypothesis seed (default: ci is derandomised)")
+    check.add_argument("--examples", type=int, help="examples per cell and dtype (default: the profile's)")
     check.add_argument("--json", metavar="FILE", help="also write the reports as JSON")
     check.add_argument("--artifacts", metavar="DIR", help="where failing examples are saved")
     check.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -11,4 +11,5 @@ BUILTIN_BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "torch-eager": ("attnspec.backends.torch", "EAGER", ("torch",)),
     "torch": ("attnspec.backends.torch", "TILED", ("torch",)),
     "jax": ("attnspec.backends.jax", "BACKEND", ("jax",)),
+    "triton": ("attnspec.backends.triton", "TRITON", ("torch",)),
 }

@@ -121,7 +121,8 @@ def _refusal_reason(backend, cell, kernel, fw, dtype, device):
 
 
 def check(backend: str = "numpy", *, profile: str = "ci", dtypes=None, device=None, seed=None,
-          cells=None, artifacts_dir=None, stop_on_first_failure=False, shrink=True, progress=None) -> Report:
+          cells=None, artifacts_dir=None, stop_on_first_failure=False, shrink=True, progress=None,
+          examples=None) -> Report:
     """Check a registered backend against SPEC.md; returns a Report (report.passed, .failures).
 
     profile: 'ci' (small, derandomised) or 'thorough' (many fresh examples).
@@ -130,9 +131,14 @@ def check(backend: str = "numpy", *, profile: str = "ci", dtypes=None, device=No
     artifacts_dir: where failing examples are saved (default: a new temporary directory).
     stop_on_first_failure / shrink=False: the fast mode used to prove the suite catches bugs.
     progress: called with (done, total, label) as cells complete.
+    examples: examples per (cell, dtype) instead of the profile's count (e.g. fewer for a
+    backend that runs slowly here, such as Triton kernels under the interpreter; the report
+    states the count it ran).
     """
     if profile not in PROFILES:
         raise ValueError(f"profile='{profile}' is not a profile (profiles: {', '.join(PROFILES)})")
+    if examples is not None and (not isinstance(examples, int) or isinstance(examples, bool) or examples < 1):
+        raise ValueError(f"examples must be a positive integer or None; got {examples!r}")
     start = time.perf_counter()
     b = registry.load(backend)
     selected = [c for c in strategies.CELLS if cells is None or c.name in cells]
@@ -163,7 +169,11 @@ def check(backend: str = "numpy", *, profile: str = "ci", dtypes=None, device=No
     directory = artifacts_dir or tempfile.mkdtemp(prefix="attnspec-failures-")
     for done, (cell, kernel, fw, dtype) in enumerate(work):
         dev = device or fw.default_device(kernel.capabilities.devices)
-        result = _run_cell(backend, cell, kernel, fw, dtype, dev, profile, seed, shrink, directory)
+        if dev not in kernel.capabilities.devices:  # e.g. a GPU-only backend on a CPU machine
+            reason = f"device {dev} not declared (devices: {', '.join(kernel.capabilities.devices)})"
+            report.cells.append(CellResult(cell.name, cell.op, dtype, "unsupported", reason))
+            continue
+        result = _run_cell(backend, cell, kernel, fw, dtype, dev, profile, seed, shrink, directory, examples)
         report.cells.append(result)
         if progress is not None:
             progress(done + 1, len(work), f"{backend} {cell.name} {dtype}: {result.status}")
@@ -173,7 +183,7 @@ def check(backend: str = "numpy", *, profile: str = "ci", dtypes=None, device=No
     return report
 
 
-def _run_cell(backend, cell, kernel, fw, dtype, device, profile, seed, shrink, directory) -> CellResult:
+def _run_cell(backend, cell, kernel, fw, dtype, device, profile, seed, shrink, directory, examples=None) -> CellResult:
     result = CellResult(cell.name, cell.op, dtype, "pass")
     supported = frozenset(kernel.capabilities.features)
     if not cell.required <= supported:
@@ -185,8 +195,8 @@ def _run_cell(backend, cell, kernel, fw, dtype, device, profile, seed, shrink, d
         return result
     ctx = Context(backend=backend, kernel=kernel, framework=fw, dtype=dtype, device=device)
     for plan in plans(cell, supported):
-        examples = int(round(PROFILES[profile] * plan.share))
-        outcome = _run_plan(ctx, plan, _settings(profile, examples, shrink, seed), seed)
+        count = int(round((examples or PROFILES[profile]) * plan.share))
+        outcome = _run_plan(ctx, plan, _settings(profile, count, shrink, seed), seed)
         if outcome is not None:
             case, error = outcome
             result.status = "FAIL"
