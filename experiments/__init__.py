@@ -1,0 +1,1 @@
+"""Experiments that use attnspec (not part of the installed package)."""
