@@ -222,8 +222,9 @@ def _cache_key(call: CallInfo, backend):
         size_class = tuple(sorted(sizes.items()))
     else:
         size_class = tuple([sizes.get(name, 0) > limit for name, limit in limits])
-    return (call.op, call.array_type, call.device, call.dtype, call.features, size_class, backend,
-            _enabled.get(), _environment_value())
+    key = (call.op, call.array_type, call.device, call.dtype, call.features, size_class, backend,
+           _enabled.get(), _environment_value())
+    return key, _snapshot[0]
 
 
 def _extra_checks(decision: Decision, call: CallInfo):
@@ -244,16 +245,18 @@ def select(call: CallInfo, backend=None) -> Kernel:
     """The kernel that runs `call`; raises if none of the allowed backends can."""
     if backend is not None and type(backend) is not str:
         return decide_or_raise(call, backend).kernel  # decide raises the TypeError
-    key = _cache_key(call, backend)
+    key, snapshot = _cache_key(call, backend)
     hit = _cache.get(key)
-    if hit is not None:
-        kernel, checks = hit
+    # The snapshot check closes a race: a decision taken while another thread changed the
+    # registry may be stored after that thread emptied the cache; it carries the old snapshot.
+    if hit is not None and hit[2] is _snapshot[0]:
+        kernel, checks, _ = hit
         if all((not k.extra_reasons(call)) == accepted for k, accepted in checks):
             return kernel
     decision = decide_or_raise(call, backend)
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()
-    _cache[key] = (decision.kernel, _extra_checks(decision, call))
+    _cache[key] = (decision.kernel, _extra_checks(decision, call), snapshot)
     return decision.kernel
 
 
