@@ -246,7 +246,7 @@ def run(preset: Preset, *, targets=None, exclude=(), baseline="sdpa", seed=0, pr
         _ratios(config_rows, baseline)
         rows += config_rows
     bar.close()
-    env = environment(frameworks)
+    env = environment(frameworks | {"numpy"})
     env["load_average_at_start"] = load_at_start
     env["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     env["devices"] = {framework: list(value) for (framework, _), value in devices.items()}
@@ -288,6 +288,9 @@ def _run_one(target, cfg, arrays, inputs_cache, devices, preset, device, last_ti
     row["device"] = dev
     if why:
         return stop("unavailable", why)
+    why = runner.dtype_reason(cfg.dtype)
+    if why:
+        return stop("unsupported", why)
     if target.framework == "numpy" and cfg.scores > preset.numpy_max_scores:
         return stop("skipped", f"NumPy (the float64 reference) runs only up to B*H*L*L = {preset.numpy_max_scores} "
                                f"score entries here (this call: {cfg.scores}); raise --numpy-max-scores")

@@ -66,9 +66,9 @@ def measure_in_this_process(cfg, target_name: str, device: str, seed: int) -> di
     """The measurement itself (run in the child)."""
     from .core import make_inputs
     from .runners import runner_for
-    from .targets import all_targets
+    from .targets import find_target
 
-    target = next(t for t in all_targets() if t.name == target_name)
+    target = find_target(target_name)
     runner = runner_for(target.framework)
     inputs = make_inputs(runner, cfg, device, seed)[0]
     built = target.build(cfg, device)

@@ -62,6 +62,10 @@ class Runner:
         """Why this runner cannot use `device` (None: it can)."""
         return None if device == "cpu" else f"{self.name} runner: device {device} is not available"
 
+    def dtype_reason(self, dtype: str) -> str | None:
+        """Why this runner cannot make arrays of `dtype` (None: it can)."""
+        return None
+
     def inputs(self, arrays: tuple, dtype: str, device: str, grad: bool) -> tuple:
         raise NotImplementedError
 
@@ -86,6 +90,11 @@ class Runner:
 
 class NumpyRunner(Runner):
     name = module = "numpy"
+
+    def dtype_reason(self, dtype):
+        if dtype == "bfloat16" and not framework_available("ml_dtypes"):
+            return "NumPy has bfloat16 arrays only with the ml_dtypes package"
+        return None
 
     def inputs(self, arrays, dtype, device, grad):
         if dtype == "bfloat16":
@@ -232,6 +241,13 @@ class JaxRunner(Runner):
             jax.devices(device)
         except RuntimeError as exc:
             return f"jax: no {device} device ({exc})"
+        return None
+
+    def dtype_reason(self, dtype):
+        import jax
+
+        if dtype == "float64" and not jax.config.jax_enable_x64:
+            return "JAX computes float64 only with x64 enabled (JAX_ENABLE_X64=1); it would silently use float32"
         return None
 
     def _device(self, device):

@@ -310,3 +310,18 @@ def peer_targets() -> list[Target]:
 def all_targets() -> list[Target]:
     """attnspec's backends (as the dispatcher lists them), then the peers."""
     return backend_targets(set(PEERS)) + peer_targets()
+
+
+def find_target(name: str) -> Target:
+    """One target by name, loading only the backend it needs (for the memory child process)."""
+    from attnspec.dispatch import registry
+
+    for peer in peer_targets():
+        if peer.name == name:
+            return peer
+    backend = name.split(":", 1)[1] if name.startswith("attnspec:") else name
+    registry.load(backend)
+    import attnspec
+
+    status = next(s for s in attnspec.list_backends(load_all=False) if s.name == backend)
+    return BackendTarget(status, name)
