@@ -227,7 +227,7 @@ def run(preset: Preset, *, targets=None, exclude=(), baseline="sdpa", seed=0, pr
     kinds = {t.name: (t.framework, t.kind) for t in all_targets()}
     rows = []
     bar = _Progress(len(configs) * (len(chosen) + len(excluded)), enabled=progress)
-    last_time = {}  # (target, family) -> (L, seconds of one call)
+    last_time = {}  # (target, family) -> [(L, median seconds of one call)], L increasing
     reference_cache = {}
     devices = {}
     for cfg in configs:
@@ -295,12 +295,10 @@ def _run_one(target, cfg, arrays, inputs_cache, devices, preset, device, last_ti
         return stop("skipped", f"NumPy (the float64 reference) runs only up to B*H*L*L = {preset.numpy_max_scores} "
                                f"score entries here (this call: {cfg.scores}); raise --numpy-max-scores")
     family = (target.name, cfg.family())
-    if family in last_time:
-        L0, seconds = last_time[family]
-        predicted = seconds * (cfg.L / L0) ** 2
-        if predicted > preset.max_call_seconds:
-            return stop("skipped", f"one call would take about {predicted:.0f} s (it took {seconds:.1f} s at "
-                                   f"L={L0}; time grows as L²), above --max-call-seconds {preset.max_call_seconds:g}")
+    predicted = _predict(last_time.get(family, []), cfg.L)
+    if predicted is not None and predicted[0] > preset.max_call_seconds:
+        return stop("skipped", f"one call would take about {predicted[0]:.0f} s ({predicted[1]}), above "
+                               f"--max-call-seconds {preset.max_call_seconds:g}")
     try:
         if target.framework not in inputs_cache:
             inputs_cache[target.framework] = runner.inputs(arrays, cfg.dtype, dev, grad=cfg.mode == "fwd+bwd")
@@ -328,7 +326,7 @@ def _run_one(target, cfg, arrays, inputs_cache, devices, preset, device, last_ti
         timing = measure(prepared.step, repeats=repeats, warmup=warmup)
         row.update(timing.to_dict())
         row.update(first_call_s=first, threads=runner.threads())
-        last_time[family] = (cfg.L, timing.median)
+        last_time.setdefault(family, []).append((cfg.L, timing.median))
         # accuracy against the float64 reference of the function this target computes
         ref_kwargs, note = target.computes(cfg)
         blocks = reference_rows(cfg, preset.reference_full_scores, preset.reference_rows)
@@ -354,6 +352,22 @@ def _run_one(target, cfg, arrays, inputs_cache, devices, preset, device, last_ti
         else:
             row.update(peak_bytes=result["peak_bytes"], memory_method=result["method"])
     return row
+
+
+def _predict(history, L):
+    """(seconds, how) for one call at length L from the calls measured at smaller L: the growth
+    exponent of the last two sizes, clamped to [1, 2] (attention costs between L and L²); from a
+    single size, linear growth (a lower bound: small sizes are dominated by fixed costs)."""
+    if not history:
+        return None
+    L1, t1 = history[-1]
+    exponent = 1.0
+    if len(history) >= 2:
+        L0, t0 = history[-2]
+        if t0 > 0 and t1 > 0 and L1 != L0:
+            exponent = min(max(math.log(t1 / t0) / math.log(L1 / L0), 1.0), 2.0)
+    how = f"{t1:.2g} s at L={L1}, growing as L^{exponent:.2g}"
+    return t1 * (L / L1) ** exponent, how
 
 
 def _reference(cache, cfg, arrays, blocks, kwargs):

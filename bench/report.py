@@ -73,7 +73,7 @@ def markdown(result) -> str:
         for r in rows:
             if r["status"] == "ok":
                 iqr = None if r["q3_s"] is None else r["q3_s"] - r["q1_s"]
-                ratio = "—" if r.get("ratio") is None else f"{r['ratio']:.2f}"
+                ratio = "—" if r.get("ratio") is None else f"{r['ratio']:.3g}"
                 compile_s = "—" if r.get("compile_s") is None else f"{r['compile_s']:.2f}"
                 notes = [x for x in (r.get("note"), r.get("ratio_note"),
                                      r.get("memory_error") and f"memory: {r['memory_error']}") if x]

@@ -196,3 +196,11 @@ def test_dispatch_overhead_reports_sane_numbers():
     assert "bench-null-kernel" not in attnspec.dispatch.registry.names()  # cleaned up
     text = report.overhead_markdown(o)
     assert "dispatch overhead" in text and "target ≤ 20 µs" in text
+
+
+def test_time_prediction_for_skipping_large_sizes():
+    assert core._predict([], 512) is None
+    assert core._predict([(256, 1.0)], 512)[0] == 2.0  # one size: linear, a lower bound
+    assert math.isclose(core._predict([(256, 1.0), (512, 4.0)], 1024)[0], 16.0)  # L^2
+    assert math.isclose(core._predict([(256, 1.0), (512, 1.0)], 1024)[0], 2.0)  # clamped to L^1
+    assert math.isclose(core._predict([(256, 1.0), (512, 16.0)], 1024)[0], 64.0)  # clamped to L^2
