@@ -3,6 +3,7 @@
     attnspec info [--json]   backends, their status (failed imports with the error), versions
     attnspec check           the conformance suite over every available backend (see --help)
     attnspec demo            a worked example: the spec's continuity-in-span example, explain()
+    attnspec bench           benchmarks: backends and peers, tables and plots (see --help)
 """
 
 from __future__ import annotations
@@ -162,6 +163,12 @@ def cmd_check(args) -> int:
     return 0 if passed else 1
 
 
+def cmd_bench(args) -> int:
+    from .bench import cli as bench_cli
+
+    return bench_cli.run_command(args, args.bench_argv)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="attnspec", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,7 +188,14 @@ def main(argv=None) -> int:
     check.set_defaults(run=cmd_check)
     demo = sub.add_parser("demo", help="a worked example")
     demo.set_defaults(run=cmd_demo)
+    from .bench import cli as bench_cli  # argparse only: no framework is imported
+
+    bench = sub.add_parser("bench", help="benchmark backends and peers (JSON, Markdown table, plots)")
+    bench_cli.add_arguments(bench)
+    bench.set_defaults(run=cmd_bench)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.bench_argv = argv[1:]
     return args.run(args)
 
 

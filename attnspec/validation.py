@@ -37,6 +37,15 @@ class CallInfo:
     features: frozenset = frozenset()
     sizes: dict = field(default_factory=dict)
 
+    @classmethod
+    def _trusted(cls, op, array_type, device, dtype, features, sizes):
+        """The validators' constructor: the frozen dataclass's __init__ sets each field through
+        object.__setattr__, which costs more than the rest of a fast validation."""
+        self = object.__new__(cls)
+        self.__dict__.update(op=op, array_type=array_type, device=device, dtype=dtype, features=features,
+                             sizes=sizes)
+        return self
+
 
 #: Optional parts of SPEC.md a call may use, per op. Kernels declare the subset they support.
 FEATURES = {
@@ -62,13 +71,65 @@ def _type_name(x) -> str:
     return _arrays.array_type(x) or type(x).__name__
 
 
+# The hot path. Every op validates every call, so the common cases (Python numbers, arrays of
+# a type seen before) avoid numpy and abstract-base-class isinstance checks, which cost
+# microseconds each. Each fast path only accepts what the general code would accept; anything
+# else (including every error) goes through the general code, so messages are unchanged.
+
+_ARRAY_TYPES: dict = {}  # type -> _arrays.array_type() (it depends on the type alone)
+_DTYPE_NAMES: dict = {}  # dtype object -> _arrays.dtype_name()
+
+
+def _array_type(x):
+    cls = type(x)
+    try:
+        return _ARRAY_TYPES[cls]
+    except KeyError:
+        kind = _ARRAY_TYPES[cls] = _arrays.array_type(x)
+        return kind
+
+
+def _dtype_name(x) -> str:
+    dtype = x.dtype
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype object
+        name = _arrays.dtype_name(x)
+        try:
+            _DTYPE_NAMES[dtype] = name
+        except TypeError:
+            pass
+        return name
+
+
+def _is_number(x) -> bool:
+    """A plain Python float or int (bool excluded): the usual alpha, span, ramp, scale."""
+    cls = type(x)
+    return cls is float or cls is int
+
+
+def _shape(x) -> tuple:
+    if _is_number(x):
+        return ()
+    if _is_array_fast(x):
+        shape = x.shape
+        # A NumPy shape is a tuple of ints already; torch.Size and JAX shapes are converted
+        # (int() also makes symbolic sizes concrete, as _arrays.shape_of does).
+        return shape if type(x) is np.ndarray else tuple(map(int, shape))
+    return _arrays.shape_of(x)
+
+
+def _is_array_fast(x) -> bool:
+    return _array_type(x) is not None and _arrays.is_array(x)
+
+
 def _require_array(name, x):
     if not _arrays.is_array(x):
         raise TypeError(f"{name} must be an array with .shape and .dtype; got {type(x).__name__}")
 
 
 def _require_float_dtype(name, x):
-    dtype = _arrays.dtype_name(x)
+    dtype = _dtype_name(x)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name}.dtype={dtype} is not supported (supported: {', '.join(FLOAT_DTYPES)})"
@@ -80,6 +141,9 @@ def _check_parameter_kind(name, x, array_type, *, integer):
     """x is a Python number or an array of the inputs' framework, of a real dtype."""
     if x is None:
         return
+    cls = type(x)
+    if cls is int or (cls is float and not integer):
+        return
     if isinstance(x, bool) or isinstance(x, np.bool_):
         raise TypeError(f"{name} must be a number or an array, not bool ({x!r})")
     if isinstance(x, (Integral, Real)):
@@ -90,12 +154,12 @@ def _check_parameter_kind(name, x, array_type, *, integer):
         raise TypeError(
             f"{name} must be a Python number or a {array_type} array; got {type(x).__name__}"
         )
-    kind = _arrays.array_type(x)
+    kind = _array_type(x)
     if kind != array_type:
         raise TypeError(
             f"{name} must be a Python number or a {array_type} array like q; got a {kind} array"
         )
-    dtype = _arrays.dtype_name(x)
+    dtype = _dtype_name(x)
     if integer and not (dtype.startswith("int") or dtype.startswith("uint")):
         raise TypeError(f"{name}.dtype={dtype}: {name} must hold integers")
     if not integer and dtype not in FLOAT_DTYPES and not dtype.startswith(("int", "uint")):
@@ -104,18 +168,21 @@ def _check_parameter_kind(name, x, array_type, *, integer):
 
 def _check_scalar_or_heads(name, x, H):
     """alpha and span: shape [] or [H]; anything else raises."""
-    shape = _arrays.shape_of(x)
+    shape = _shape(x)
     if shape not in ((), (H,)):
         raise ValueError(f"{name} must be a scalar or have shape [H]=[{H}]; got shape {list(shape)}")
     return shape
 
 
 def _check_finite_number(name, x, *, positive=False):
+    # An int is finite, and compares with 0 without overflowing a float.
+    if _is_number(x) and (type(x) is int or math.isfinite(x)) and (not positive or x > 0):
+        return
     value = _arrays.concrete_value(x)
     if value is None:
         return
-    if _arrays.shape_of(x) != ():
-        raise ValueError(f"{name} must be a scalar; got shape {list(_arrays.shape_of(x))}")
+    if _shape(x) != ():
+        raise ValueError(f"{name} must be a scalar; got shape {list(_shape(x))}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value}")
@@ -125,6 +192,8 @@ def _check_finite_number(name, x, *, positive=False):
 
 def _check_range(name, x, low, high, rule):
     """Every concrete value of x is finite and in [low, high]; `rule` words the error."""
+    if _is_number(x) and low <= x <= high and (type(x) is int or math.isfinite(x)):
+        return
     value = _arrays.concrete_value(x)
     if value is None:
         return
@@ -159,10 +228,68 @@ def _check_offset_range(q_offset):
 
 
 def _alpha_may_differ_from_one(alpha) -> bool:
-    if isinstance(alpha, (Integral, Real)):
+    if _is_number(alpha) or isinstance(alpha, (Integral, Real)):
         return float(alpha) != 1.0
     value = _arrays.concrete_value(alpha)
     return value is None or bool(np.any(np.asarray(value) != 1))
+
+
+def _fast_device(x, kind) -> str:
+    if kind == "numpy":
+        return "cpu"
+    if kind == "torch" and x.is_cpu:  # x.device builds a torch.device object: 10x slower
+        return "cpu"
+    return _arrays.device_of(x)
+
+
+def _fast_attention(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+    """The common well-formed call, checked without the general code's generality: concrete
+    arrays of one known class, parameters given as Python numbers. Returns None (never raises)
+    for anything else, which then goes through the general checks and their messages."""
+    cls = type(q)
+    if type(k) is not cls or type(v) is not cls or type(causal) is not bool or key_lengths is not None:
+        return None
+    kind = _array_type(q)
+    if kind not in ("numpy", "torch", "jax") or not _is_number(alpha) or not _is_number(ramp):
+        return None
+    if not (1 <= alpha <= 2) or not ramp > 0 or alpha != alpha or ramp == math.inf:
+        return None
+    if span is not None and (not _is_number(span) or not 0 <= span < math.inf):
+        return None
+    if scale is not None and (not _is_number(scale) or not -math.inf < scale < math.inf):
+        return None
+    if q_offset is not None and (type(q_offset) is not int or not -MAX_OFFSET < q_offset < MAX_OFFSET):
+        return None
+    if kind == "jax" and _arrays.is_traced(q):
+        return None
+    try:
+        B, H, Lq, D = q.shape
+        Bk, Hkv, Lk, Dk = k.shape
+        Bv, Hv, Lv, Dv = v.shape
+    except (TypeError, ValueError):
+        return None
+    dtype = _dtype_name(q)
+    if (Bk != B or Bv != B or Hv != Hkv or Lv != Lk or Dk != D or D < 1 or Hkv < 1 or H % Hkv
+            or dtype not in FLOAT_DTYPES or _dtype_name(k) != dtype or _dtype_name(v) != dtype):
+        return None
+    B, H, Hkv, Lq, Lk, D, Dv = int(B), int(H), int(Hkv), int(Lq), int(Lk), int(D), int(Dv)
+    features = set()
+    if alpha != 1:
+        features.add("entmax")
+    if span is not None:
+        features.add("span")
+    if causal:
+        features.add("causal")
+    if q_offset is not None:
+        features.add("q_offset")
+    if Hkv != H:
+        features.add("gqa")
+    if kind == "torch" and (q.requires_grad or k.requires_grad or v.requires_grad):
+        features.add("grad")
+    return CallInfo._trusted(
+        "attention", kind, _fast_device(q, kind), dtype, frozenset(features),
+        dict(B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, scores=B * H * Lq * Lk),
+    )
 
 
 def validate_attention(
@@ -179,15 +306,18 @@ def validate_attention(
     scale=None,
 ) -> CallInfo:
     """Check an attention call against SPEC.md; raise ValueError/TypeError or describe it."""
+    info = _fast_attention(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
+    if info is not None:
+        return info
     for name, x in (("q", q), ("k", k), ("v", v)):
         _require_array(name, x)
-    kinds = {name: _arrays.array_type(x) for name, x in (("q", q), ("k", k), ("v", v))}
+    kinds = {name: _array_type(x) for name, x in (("q", q), ("k", k), ("v", v))}
     if len(set(kinds.values())) != 1:
         got = ", ".join(f"{n}: {t}" for n, t in kinds.items())
         raise TypeError(f"q, k and v must be arrays of one framework; got {got}")
     array_type = kinds["q"]
 
-    shapes = {"q": _arrays.shape_of(q), "k": _arrays.shape_of(k), "v": _arrays.shape_of(v)}
+    shapes = {"q": _shape(q), "k": _shape(k), "v": _shape(v)}
     layouts = {"q": "[B, H, Lq, D]", "k": "[B, Hkv, Lk, D]", "v": "[B, Hkv, Lk, Dv]"}
     for name, shape in shapes.items():
         if len(shape) != 4:
@@ -234,30 +364,30 @@ def validate_attention(
 
     if key_lengths is not None:
         _check_parameter_kind("key_lengths", key_lengths, array_type, integer=True)
-        if _arrays.shape_of(key_lengths) != (B,):
+        if _shape(key_lengths) != (B,):
             raise ValueError(
-                f"key_lengths must have shape [B]=[{B}]; got shape {list(_arrays.shape_of(key_lengths))}"
+                f"key_lengths must have shape [B]=[{B}]; got shape {list(_shape(key_lengths))}"
             )
         value = _arrays.concrete_value(key_lengths)
         if value is not None and ((value < 0) | (value > Lk)).any():
             raise ValueError(f"key_lengths must lie in [0, Lk]=[0, {Lk}]; got {np.asarray(value).tolist()}")
     if q_offset is not None:
         _check_parameter_kind("q_offset", q_offset, array_type, integer=True)
-        if _arrays.shape_of(q_offset) not in ((), (B,)):
+        if _shape(q_offset) not in ((), (B,)):
             raise ValueError(
                 f"q_offset must be an integer or have shape [B]=[{B}]; "
-                f"got shape {list(_arrays.shape_of(q_offset))}"
+                f"got shape {list(_shape(q_offset))}"
             )
         _check_offset_range(q_offset)
 
     features = set()
     if _alpha_may_differ_from_one(alpha):
         features.add("entmax")
-    if _arrays.shape_of(alpha) == (H,):
+    if _shape(alpha) == (H,):
         features.add("alpha_per_head")
     if span is not None:
         features.add("span")
-        if _arrays.shape_of(span) == (H,):
+        if _shape(span) == (H,):
             features.add("span_per_head")
     if causal:
         features.add("causal")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..errors import BackendUnavailableError, UnsupportedCallError
 from ..validation import CallInfo
 from . import registry
-from .capabilities import Kernel
+from .capabilities import Capabilities, Kernel
 
 ENV_VAR = "ATTNSPEC_BACKEND"
 
@@ -143,9 +143,121 @@ def decide(call: CallInfo, backend=None, *, explain: bool = False) -> Decision:
     return decision
 
 
+# A cache of successful selections, for the per-call hot path (`select`). Selection is a pure
+# function of (the policy, the registry, the call's description), so a decision is reused only
+# when all three are the same:
+# - the policy: the backend= argument, the use_backend context and the raw ATTNSPEC_BACKEND
+#   string, read on every call (a changed variable is a new key, so it is seen at once);
+# - the registry: the entry objects and their loaded backends, compared by identity on every
+#   call (any register/unregister/replace/load empties the cache; the snapshot holds them, so
+#   an id cannot be reused by a new object while it is cached);
+# - the call: op, array type, device, dtype, features, and a size class: on which side of every
+#   size limit declared by a kernel of that op its sizes fall (all sizes when a kernel's
+#   Capabilities is a subclass, whose reasons may read anything).
+# Kernels with `extra_reasons` (arbitrary code: an environment variable, a device property)
+# are asked again on every hit, and a different answer falls back to a full decision.
+# Failures are never cached: errors are always built by `decide` with every reason.
+_cache: dict = {}
+_snapshot: tuple = ((), ())  # (entries, their backends) the cache is valid for
+_limits: dict = {}  # op -> ((size name, limit), ...) or None for "key on every size"
+_CACHE_MAX = 4096
+
+
+def _registry_changed(entries) -> bool:
+    old_entries, old_backends = _snapshot
+    if len(entries) != len(old_entries):
+        return True
+    for entry, old_entry, old_backend in zip(entries, old_entries, old_backends):
+        if entry is not old_entry or entry.backend is not old_backend:
+            return True
+    return False
+
+
+def _size_limits(op: str, backends) -> tuple | None:
+    limits = set()
+    for backend in backends:
+        kernel = backend.kernel(op) if backend is not None else None
+        if kernel is None:
+            continue
+        caps = kernel.capabilities
+        if type(caps) is not Capabilities:
+            return None
+        if caps.max_head_dim is not None:
+            limits.update((("D", caps.max_head_dim), ("Dv", caps.max_head_dim)))
+        if caps.max_scores is not None:
+            limits.add(("scores", caps.max_scores))
+    return tuple(sorted(limits))
+
+
+def _environment_value():
+    """ATTNSPEC_BACKEND as os.environ holds it, read without os.environ.get's str encoding and
+    decoding (a microsecond, a tenth of a cached selection): same source, same freshness."""
+    data = getattr(os.environ, "_data", None)
+    if _ENV_KEY is None or not isinstance(data, dict):
+        return os.environ.get(ENV_VAR)
+    return data.get(_ENV_KEY)
+
+
+try:
+    _ENV_KEY = os.environ.encodekey(ENV_VAR)
+except Exception:  # an os.environ without encodekey: use the public mapping
+    _ENV_KEY = None
+
+
+def _cache_key(call: CallInfo, backend):
+    global _snapshot
+    if not registry._discovered:
+        registry.entries()
+    entries = tuple(registry._entries.values())
+    if _registry_changed(entries):
+        _cache.clear()
+        _limits.clear()
+        _snapshot = (entries, tuple(e.backend for e in entries))
+    try:
+        limits = _limits[call.op]
+    except KeyError:
+        limits = _limits[call.op] = _size_limits(call.op, _snapshot[1])
+    sizes = call.sizes
+    if limits is None:
+        size_class = tuple(sorted(sizes.items()))
+    else:
+        size_class = tuple([sizes.get(name, 0) > limit for name, limit in limits])
+    key = (call.op, call.array_type, call.device, call.dtype, call.features, size_class, backend,
+           _enabled.get(), _environment_value())
+    return key, _snapshot[0]
+
+
+def _extra_checks(decision: Decision, call: CallInfo):
+    """(kernel, accepted) for each kernel with extra_reasons that selection asked on its way to
+    the selected backend: what a cached decision must ask again."""
+    checks = []
+    for name, reasons in decision.considered:
+        entry = registry._entries.get(name)
+        kernel = entry.backend.kernel(call.op) if entry is not None and entry.backend is not None else None
+        if kernel is not None and kernel.extra_reasons is not None and not kernel.capabilities.reasons(call):
+            checks.append((kernel, not reasons))
+        if name == decision.selected:
+            break
+    return tuple(checks)
+
+
 def select(call: CallInfo, backend=None) -> Kernel:
     """The kernel that runs `call`; raises if none of the allowed backends can."""
-    return decide_or_raise(call, backend).kernel
+    if backend is not None and type(backend) is not str:
+        return decide_or_raise(call, backend).kernel  # decide raises the TypeError
+    key, snapshot = _cache_key(call, backend)
+    hit = _cache.get(key)
+    # The snapshot check closes a race: a decision taken while another thread changed the
+    # registry may be stored after that thread emptied the cache; it carries the old snapshot.
+    if hit is not None and hit[2] is _snapshot[0]:
+        kernel, checks, _ = hit
+        if all((not k.extra_reasons(call)) == accepted for k, accepted in checks):
+            return kernel
+    decision = decide_or_raise(call, backend)
+    if len(_cache) >= _CACHE_MAX:
+        _cache.clear()
+    _cache[key] = (decision.kernel, _extra_checks(decision, call), snapshot)
+    return decision.kernel
 
 
 def decide_or_raise(call: CallInfo, backend=None) -> Decision:
