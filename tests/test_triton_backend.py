@@ -301,7 +301,8 @@ def test_a_row_reading_a_nan_score_outputs_nan(backend):
     """SPEC.md 2.1 / 5.3: an allowed NaN score makes the row's p NaN (NaN advised for the
     output); it must not be dropped silently as if p were 0 there. Other rows are unaffected."""
     g = torch.Generator().manual_seed(8)
-    q, k, v = torch.randn(1, 3, 20, 16, generator=g), torch.randn(1, 1, 20, 16, generator=g), torch.randn(1, 1, 20, 8, generator=g)
+    q, k = torch.randn(1, 3, 20, 16, generator=g), torch.randn(1, 1, 20, 16, generator=g)
+    v = torch.randn(1, 1, 20, 8, generator=g)
     q[0, :, 3] = float("nan")
     k[0, 0, 11, 0] = float("nan")  # read by the causal rows i >= 11 only
     for causal in (False, True):
