@@ -83,10 +83,19 @@ def _peak(torch, fn):
 
 
 def _adasplash_default_niter():
+    """The `niter` default of adasplash.adasplash as the installed version declares it. From
+    adasplash 0.2 on it is None: the function dispatches (causal alpha = 1.5 goes to
+    AdaSplash-2 with niter=1, other calls to v1 with 10), so the JSON also records the version."""
     from adasplash import adasplash
 
     parameter = inspect.signature(adasplash).parameters.get("niter")
     return None if parameter is None else parameter.default
+
+
+def _adasplash_version():
+    import adasplash
+
+    return getattr(adasplash, "__version__", None)
 
 
 def run(quick=False, repeats=5, sweep=False):
@@ -156,7 +165,8 @@ def run(quick=False, repeats=5, sweep=False):
         out_ada = adasplash(q, k, v, alpha=1.5, is_causal=True)
         out_ours = attnspec.attention(q, k, v, alpha=1.5, causal=True, backend="triton")
         stats = sys.modules["attnspec.backends.triton"].solve_statistics(q, k, v, alpha=1.5, causal=True)
-    accuracy = dict(L=4096, alpha=1.5, adasplash_default_niter=_adasplash_default_niter(),
+    accuracy = dict(L=4096, alpha=1.5, adasplash_version=_adasplash_version(),
+                    adasplash_default_niter=_adasplash_default_niter(),
                     adasplash_max_abs_err=float(np.abs(out_ada.double().cpu().numpy() - ref).max()),
                     attnspec_max_abs_err=float(np.abs(out_ours.double().cpu().numpy() - ref).max()),
                     attnspec_max_abs_sum_p_minus_1=float((stats["psum"].double() - 1).abs().max()),

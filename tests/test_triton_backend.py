@@ -274,3 +274,41 @@ def test_kernels_compile_for_a_cuda_target(dtype):
                          timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("compiled") == 3, out.stdout
+
+
+def test_equal_score_rows_solve_to_float32_in_few_passes(backend):
+    """Equal scores put the root at the bracket's upper end, c_hi = -expm1(-eps log n)/eps,
+    exactly (SPEC.md 2.4), where h(c) = log n + log1p(-eps c)/eps steepens towards its pole
+    at 1/eps: Newton/Halley steps on h overshoot the bracket and plain bisection creeps (it
+    took up to 16 steps). Causal rows i = 0..63 hold n = i + 1 keys: single-key rows, dense
+    rows at L = 64, and every count between; c must match the closed form to float32 accuracy."""
+    alphas = [1.0, 1.0001, 1.1, 1.5, 1.9, 2.0]
+    q = torch.zeros(1, len(alphas), 64, 16)
+    k = torch.randn(1, len(alphas), 64, 16, generator=torch.Generator().manual_seed(6))
+    stats = backend.solve_statistics(q, k, k, alpha=torch.tensor(alphas), causal=True)
+    n = torch.arange(1, 65, dtype=torch.float64)
+    for h, a in enumerate(alphas):
+        eps = a - 1
+        want = n.log() if eps == 0 else -torch.expm1(-eps * n.log()) / eps
+        got = stats["c"][0, h].double()
+        err = ((got - want).abs() / (2.0**-23 * want.abs().clamp(min=1))).max()
+        assert err <= 4, f"alpha={a}: c off by {float(err):.1f} float32 ulps"
+    assert int(stats["passes"][0, 1:].max()) <= 8, stats["passes"][0]
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered")  # the interpreter's NumPy max of a NaN row
+def test_a_row_reading_a_nan_score_outputs_nan(backend):
+    """SPEC.md 2.1 / 5.3: an allowed NaN score makes the row's p NaN (NaN advised for the
+    output); it must not be dropped silently as if p were 0 there. Other rows are unaffected."""
+    g = torch.Generator().manual_seed(8)
+    q, k = torch.randn(1, 3, 20, 16, generator=g), torch.randn(1, 1, 20, 16, generator=g)
+    v = torch.randn(1, 1, 20, 8, generator=g)
+    q[0, :, 3] = float("nan")
+    k[0, 0, 11, 0] = float("nan")  # read by the causal rows i >= 11 only
+    for causal in (False, True):
+        out = attnspec.attention(q, k, v, alpha=torch.tensor([1.0, 1.5, 2.0]), causal=causal, backend="triton")
+        reads_nan = torch.zeros(20, dtype=torch.bool)
+        reads_nan[3] = True
+        reads_nan[11 if causal else 0:] = True
+        assert out[0, :, reads_nan].isnan().all(), out[0, :, :, 0]
+        assert torch.isfinite(out[0, :, ~reads_nan]).all()

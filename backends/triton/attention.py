@@ -152,6 +152,9 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
         top = tl.full([BLOCK_M], neg_inf, dtype=tl.float32)
         clo = tl.full([BLOCK_M], neg_inf, dtype=tl.float32)
         mass = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+        # Rows reading a NaN or +inf score have p = NaN (SPEC.md 2.1); every comparison below
+        # (u > 0, p > 0) would drop such an entry silently as if its p were 0.
+        bad = tl.full([BLOCK_M], 0, dtype=tl.int32)
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + offs_n0
             kt = _load_rows(k_base, offs_n, kv_len, offs_d, D)
@@ -164,6 +167,7 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
                 alone = s
             clo = tl.maximum(clo, row_max(tl.where(allowed, alone, neg_inf)))
             mass += row_sum(m)
+            bad = tl.maximum(bad, row_max((allowed & ((s != s) | (s == float("inf")))).to(tl.int32)))
             # u = 1 + eps (s - c) <= 0 at the running c_lo (<= the final one): p = 0 for good.
             ref = tl.where(clo == neg_inf, 0.0, clo)
             live = allowed & (eps * (s - ref[:, None]) > -1.0)
@@ -198,9 +202,12 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
                     f1 += row_sum(r)
                     f2 += row_sum(r / u)
                     if it == 0:  # c = c_lo, the smallest iterate: the exact candidate tiles
+                        # Every warp must have read this entry (the branch condition above)
+                        # before any overwrites it, or warps could disagree on the branch.
+                        tl.debug_barrier()
                         tl.store(bits + start // BLOCK_N, any_true_2d(p > 0.0).to(tl.int8))
             c, c_lo, c_hi, h_old, active = _entmax.halley_update(c, c_lo, c_hi, h_old, f0, f1, f2, eps, active,
-                                                                 HTOL, CTOL)
+                                                                 HTOL, CTOL, LIBDEVICE)
             it += 1
             tl.debug_barrier()
         # The last pass: out = P V with the final c, and the map of tiles holding any p > 0.
@@ -214,7 +221,9 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
                 vt = _load_rows(v_base, offs_n, kv_len, offs_dv, Dv)
                 acc += _dot(p.to(vt.dtype), vt, F32, UPCAST)
                 psum += row_sum(p)
+                tl.debug_barrier()  # as above: all warps have read the entry before it changes
                 tl.store(bits + start // BLOCK_N, any_true_2d(p > 0.0).to(tl.int8))
+        acc = tl.where(bad[:, None] > 0, float("nan"), acc)
         passes = it + 2
     row_ok = offs_m < Lq
     out_base = Out + bh.to(tl.int64) * Lq * Dv
