@@ -282,7 +282,6 @@ def _forward_entmax_tile(qt, kp, vp, i0, call, cfg):
     hi = top + _entmax.upper_bracket(jnp.where(nonempty, mass, 1.0), row_eps)
     lo = jnp.where(nonempty, lo, 0.0)
     hi = jnp.where(nonempty, jnp.maximum(hi, lo), 0.0)
-    tolerance = 4 * jnp.finfo(dtype).eps
 
     def sums(c):
         def add(kt, acc):
@@ -291,18 +290,7 @@ def _forward_entmax_tile(qt, kp, vp, i0, call, cfg):
             return acc[0] + total_p, acc[1] + total_w
         return _loop(k_lo, k_hi, add, (jnp.zeros(rows, dtype), jnp.zeros(rows, dtype)), nk)
 
-    def keep_going(state):
-        _, _, _, it, done = state
-        return (~done) & (it < ITERATIONS[jnp.dtype(dtype).name])
-
-    def newton(state):
-        c, lo, hi, it, _ = state
-        new, lo, hi = _entmax.newton_update(c, lo, hi, *sums(c))
-        new = jnp.where(nonempty, new, 0.0)
-        moved = jnp.abs(new - c) > tolerance * (1 + jnp.abs(new))  # NaN rows count as settled
-        return new, lo, hi, it + 1, ~jnp.any(moved)
-
-    c = lax.while_loop(keep_going, newton, (lo, lo, hi, jnp.zeros((), jnp.int32), jnp.zeros((), bool)))[0]
+    c, _ = _entmax.solve(sums, lo, hi, nonempty, ITERATIONS[jnp.dtype(dtype).name])
 
     def output(kt, acc):
         m = M[kt] if cfg.has_span else None

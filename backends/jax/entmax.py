@@ -11,6 +11,7 @@ it accumulates over key tiles with `newton_sums`, then rebuilds p from c alone w
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 # psi(eps, t) switches to its series below |eps t| < threshold (SPEC.md 4.3): float64 with 12
 # terms (error ~1e-24 at the switch), float32 with 16 terms up to 0.3 (error ~1e-8).
@@ -69,6 +70,28 @@ def newton_update(c, lo, hi, total_p, total_w):
     newton = c - h / slope
     inside = jnp.isfinite(newton) & (newton >= lo) & (newton <= hi)
     return jnp.where(h == 0, c, jnp.where(inside, newton, (lo + hi) / 2)), lo, hi
+
+
+def solve(sums, lo, hi, nonempty, iterations):
+    """c per row [...] from c = lo: safeguarded Newton steps until no row moves by more than 4
+    ulps (or `iterations`). sums(c) gives (sum p, sum p/u) per row, each a pass over the keys.
+    Returns (c, the number of passes)."""
+    dtype = lo.dtype
+    tolerance = 4 * jnp.finfo(dtype).eps
+
+    def keep_going(state):
+        _, _, _, it, done = state
+        return (~done) & (it < iterations)
+
+    def step(state):
+        c, lo, hi, it, _ = state
+        new, lo, hi = newton_update(c, lo, hi, *sums(c))
+        new = jnp.where(nonempty, new, 0.0)
+        moved = jnp.abs(new - c) > tolerance * (1 + jnp.abs(new))  # NaN rows count as settled
+        return new, lo, hi, it + 1, ~jnp.any(moved)
+
+    c, _, _, it, _ = lax.while_loop(keep_going, step, (lo, lo, hi, jnp.zeros((), jnp.int32), jnp.zeros((), bool)))
+    return c, it
 
 
 def psi(t, eps):
