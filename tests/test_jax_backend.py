@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import numpy as np
 import pytest
@@ -236,3 +237,48 @@ def test_sharded_over_four_cpu_devices_equals_unsharded():
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "sharded ok" in result.stdout
+
+
+entmax_kernel = importlib.import_module("attnspec.backends.jax.entmax")
+
+
+@partial(jax.jit, static_argnums=3)
+def _solve_rows(s, m, alpha, iterations):
+    """The kernel's row solve on one block of rows s, m [rows, n] (-inf / 0 where not allowed),
+    alpha [rows]: (c, Newton passes over the keys, sum p)."""
+    eps = (alpha - 1)[:, None]
+    allowed = m > 0
+    lo = jnp.where(allowed, entmax_kernel.one_alone(s, jnp.where(allowed, m, 1.0), eps), -jnp.inf).max(-1)
+    hi = jnp.maximum(s.max(-1) + entmax_kernel.upper_bracket(m.sum(-1), eps[:, 0]), lo)
+
+    def sums(c):
+        return entmax_kernel.newton_sums(s, m, eps, c[..., None])
+
+    c, passes = entmax_kernel.solve(sums, lo, hi, jnp.ones(lo.shape, bool), iterations)
+    return c, passes, entmax_kernel.probabilities(s, m, eps, c[..., None])[0].sum(-1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_solve_reaches_a_root_on_the_upper_bracket_in_few_steps(dtype):
+    """Tied rows (every allowed score equal: e.g. a zero query) put the root exactly on the
+    analytic upper bracket c_hi of SPEC.md 2.4, and rounding can put the computed root a few
+    ulps beyond it. Newton on log sum p overshoots from the left there and, unguarded,
+    bisection crept towards c_hi one bit per pass over the keys (49 passes in float64 at
+    alpha = 1.0001 with 1000 tied keys, 21 in float32 with 2)."""
+    rows = [(n, w, a) for n, w in ((2, 1.0), (3, 1.0), (1000, 1.0), (8, 0.5), (2, 1e-3))
+            for a in (1.0001, 1.05, 1.5, 1.9, 2.0)]
+    s = np.full((len(rows), 1000), -np.inf)
+    m = np.zeros((len(rows), 1000))
+    for r, (n, w, _) in enumerate(rows):
+        s[r, :n], m[r, :n] = 0.0, w
+    alpha = np.asarray([a for _, _, a in rows])
+    mass = np.asarray([n * w for n, w, _ in rows])
+    root = -np.expm1(-(alpha - 1) * np.log(mass)) / (alpha - 1)  # c_hi, the root of a tied row
+    with enable_x64(dtype == "float64"):
+        c, passes, total = _solve_rows(jnp.asarray(s, dtype), jnp.asarray(m, dtype), jnp.asarray(alpha, dtype),
+                                       kernel.ITERATIONS[dtype])
+        eps_dtype = float(jnp.finfo(dtype).eps)
+    assert int(passes) <= 14
+    error = np.abs(np.asarray(c, np.float64) - root) / (1 + np.abs(root))
+    assert error.max() <= 64 * eps_dtype, (error.max(), rows[int(error.argmax())])
+    np.testing.assert_allclose(np.asarray(total, np.float64), 1.0, rtol=0, atol=8 * eps_dtype * 1000)

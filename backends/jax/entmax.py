@@ -62,14 +62,23 @@ def newton_sums(s, m, eps, c):
 
 def newton_update(c, lo, hi, total_p, total_w):
     """One safeguarded Newton step on h(c) = log sum p (decreasing): shrink [lo, hi] with the
-    sign of h, take the Newton step if it stays inside, else bisect. Rows [..., T]."""
+    sign of h; take the Newton step on h if it stays inside, else the Newton step on
+    g(c) = sum p - 1 if that does, else bisect. Rows [..., T].
+
+    Why the second step: h is concave where a row's u are nearly equal (ties, e.g. a zero
+    query), so Newton on h overshoots from the left, past hi when the root sits on it, and
+    bisection then crept to the root one bit per pass over the keys. g is convex, so its Newton
+    step from the left (h > 0) lands between c and the root: never outside the bracket."""
     h = jnp.log(total_p)
     slope = -total_w / total_p
     lo = jnp.where(h >= 0, c, lo)
     hi = jnp.where(h <= 0, c, hi)
     newton = c - h / slope
     inside = jnp.isfinite(newton) & (newton >= lo) & (newton <= hi)
-    return jnp.where(h == 0, c, jnp.where(inside, newton, (lo + hi) / 2)), lo, hi
+    convex = c + (total_p - 1) / total_w
+    convex_inside = jnp.isfinite(convex) & (convex >= lo) & (convex <= hi)
+    step = jnp.where(inside, newton, jnp.where(convex_inside, convex, (lo + hi) / 2))
+    return jnp.where(h == 0, c, step), lo, hi
 
 
 def solve(sums, lo, hi, nonempty, iterations):
@@ -78,6 +87,10 @@ def solve(sums, lo, hi, nonempty, iterations):
     Returns (c, the number of passes)."""
     dtype = lo.dtype
     tolerance = 4 * jnp.finfo(dtype).eps
+    # The analytic c_hi is exact in real arithmetic, but the computed h may cross 0 a few ulps
+    # beyond the computed c_hi (it does for tied rows, whose root is c_hi itself): Newton
+    # steps landing there must count as inside, or bisection creeps to hi, never arriving.
+    hi = hi + 2 * tolerance * (1 + jnp.abs(hi))
 
     def keep_going(state):
         _, _, _, it, done = state
