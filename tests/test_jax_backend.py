@@ -282,3 +282,25 @@ def test_solve_reaches_a_root_on_the_upper_bracket_in_few_steps(dtype):
     error = np.abs(np.asarray(c, np.float64) - root) / (1 + np.abs(root))
     assert error.max() <= 64 * eps_dtype, (error.max(), rows[int(error.argmax())])
     np.testing.assert_allclose(np.asarray(total, np.float64), 1.0, rtol=0, atol=8 * eps_dtype * 1000)
+
+
+def test_scale_and_ramp_given_as_arrays_get_their_gradients():
+    """scale and ramp may be jax arrays (a learned temperature, a learned ramp); their
+    gradients were silently 0: dscale = sum_ij dS_ij (q_i . k_j), dR = sum_ij dm_ij (1 - m_ij)/R
+    where m is strictly inside (0, 1)."""
+    from jax.test_util import check_grads
+
+    q, k, v = inputs(Lq=3, Lk=6, D=4, Dv=2)
+    with enable_x64(True):
+        q, k, v = map(jnp.asarray, (q, k, v))
+        alpha, span = jnp.asarray([1.0, 1.3, 1.5, 2.0]), jnp.asarray(SPAN)
+
+        def fn(scale, ramp):
+            return kernel.attention(q, k, v, alpha=alpha, span=span, ramp=ramp, causal=True, scale=scale,
+                                    tile_q=2, tile_k=4)
+
+        check_grads(fn, (jnp.asarray(0.7), jnp.asarray(RAMP)), order=1, modes=["rev"], eps=1e-6, atol=1e-6,
+                    rtol=1e-6)
+        # softmax-only (alpha the number 1) and no span: the scale's gradient alone
+        check_grads(lambda scale: kernel.attention(q, k, v, causal=True, scale=scale), (jnp.asarray(0.7),),
+                    order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
