@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import numpy as np
 import pytest
@@ -236,3 +237,70 @@ def test_sharded_over_four_cpu_devices_equals_unsharded():
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "sharded ok" in result.stdout
+
+
+entmax_kernel = importlib.import_module("attnspec.backends.jax.entmax")
+
+
+@partial(jax.jit, static_argnums=3)
+def _solve_rows(s, m, alpha, iterations):
+    """The kernel's row solve on one block of rows s, m [rows, n] (-inf / 0 where not allowed),
+    alpha [rows]: (c, Newton passes over the keys, sum p)."""
+    eps = (alpha - 1)[:, None]
+    allowed = m > 0
+    lo = jnp.where(allowed, entmax_kernel.one_alone(s, jnp.where(allowed, m, 1.0), eps), -jnp.inf).max(-1)
+    hi = jnp.maximum(s.max(-1) + entmax_kernel.upper_bracket(m.sum(-1), eps[:, 0]), lo)
+
+    def sums(c):
+        return entmax_kernel.newton_sums(s, m, eps, c[..., None])
+
+    c, passes = entmax_kernel.solve(sums, lo, hi, jnp.ones(lo.shape, bool), iterations)
+    return c, passes, entmax_kernel.probabilities(s, m, eps, c[..., None])[0].sum(-1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_solve_reaches_a_root_on_the_upper_bracket_in_few_steps(dtype):
+    """Tied rows (every allowed score equal: e.g. a zero query) put the root exactly on the
+    analytic upper bracket c_hi of SPEC.md 2.4, and rounding can put the computed root a few
+    ulps beyond it. Newton on log sum p overshoots from the left there and, unguarded,
+    bisection crept towards c_hi one bit per pass over the keys (49 passes in float64 at
+    alpha = 1.0001 with 1000 tied keys, 21 in float32 with 2)."""
+    rows = [(n, w, a) for n, w in ((2, 1.0), (3, 1.0), (1000, 1.0), (8, 0.5), (2, 1e-3))
+            for a in (1.0001, 1.05, 1.5, 1.9, 2.0)]
+    s = np.full((len(rows), 1000), -np.inf)
+    m = np.zeros((len(rows), 1000))
+    for r, (n, w, _) in enumerate(rows):
+        s[r, :n], m[r, :n] = 0.0, w
+    alpha = np.asarray([a for _, _, a in rows])
+    mass = np.asarray([n * w for n, w, _ in rows])
+    root = -np.expm1(-(alpha - 1) * np.log(mass)) / (alpha - 1)  # c_hi, the root of a tied row
+    with enable_x64(dtype == "float64"):
+        c, passes, total = _solve_rows(jnp.asarray(s, dtype), jnp.asarray(m, dtype), jnp.asarray(alpha, dtype),
+                                       kernel.ITERATIONS[dtype])
+        eps_dtype = float(jnp.finfo(dtype).eps)
+    assert int(passes) <= 14
+    error = np.abs(np.asarray(c, np.float64) - root) / (1 + np.abs(root))
+    assert error.max() <= 64 * eps_dtype, (error.max(), rows[int(error.argmax())])
+    np.testing.assert_allclose(np.asarray(total, np.float64), 1.0, rtol=0, atol=8 * eps_dtype * 1000)
+
+
+def test_scale_and_ramp_given_as_arrays_get_their_gradients():
+    """scale and ramp may be jax arrays (a learned temperature, a learned ramp); their
+    gradients were silently 0: dscale = sum_ij dS_ij (q_i . k_j), dR = sum_ij dm_ij (1 - m_ij)/R
+    where m is strictly inside (0, 1)."""
+    from jax.test_util import check_grads
+
+    q, k, v = inputs(Lq=3, Lk=6, D=4, Dv=2)
+    with enable_x64(True):
+        q, k, v = map(jnp.asarray, (q, k, v))
+        alpha, span = jnp.asarray([1.0, 1.3, 1.5, 2.0]), jnp.asarray(SPAN)
+
+        def fn(scale, ramp):
+            return kernel.attention(q, k, v, alpha=alpha, span=span, ramp=ramp, causal=True, scale=scale,
+                                    tile_q=2, tile_k=4)
+
+        check_grads(fn, (jnp.asarray(0.7), jnp.asarray(RAMP)), order=1, modes=["rev"], eps=1e-6, atol=1e-6,
+                    rtol=1e-6)
+        # softmax-only (alpha the number 1) and no span: the scale's gradient alone
+        check_grads(lambda scale: kernel.attention(q, k, v, causal=True, scale=scale), (jnp.asarray(0.7),),
+                    order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)

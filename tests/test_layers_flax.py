@@ -1,8 +1,9 @@
 """attnspec.layers.flax: projection, span loss, RoPE (equal to the torch layer's), and the layer
 itself (shapes, gradients of span and alpha, GQA, cached decoding equal to recomputing the
-prefix). The layer runs on the registered JAX backend of attnspec.attention when there is one,
-else on a test-only stand-in: the NumPy reference through jax.pure_callback."""
+prefix, and the output against projections + RoPE + the NumPy reference attention). The layer
+runs on the built-in JAX backend."""
 
+import importlib
 import math
 
 import numpy as np
@@ -16,88 +17,17 @@ import attnspec  # noqa: E402
 from attnspec.layers.flax import KVCache, SpanAttention, apply_rope, project_spans, span_regularisation  # noqa: E402
 
 
-def _jax_backend():
-    for status in attnspec.list_backends():
-        if status.available and "jax" in status.array_types and "attention" in status.ops:
-            return status.name
-    return None
-
-
-def _reference_in_jax():
-    """A test-only JAX backend: the NumPy reference (float64) through jax.pure_callback, with
-    the reference's VJP as its custom_vjp. Slow and CPU-only, but exact: it lets the layer's own
-    logic (projections, RoPE, span/alpha parameters, cache) be tested where no real JAX backend
-    is registered yet."""
-    import functools
-
-    from attnspec import Backend, Capabilities, Kernel
-    from attnspec.dispatch.capabilities import all_features
-
-    ref = attnspec.reference
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-    def op(q, k, v, alpha, span, has_span, static):
-        return _forward(q, k, v, alpha, span, has_span, static)
-
-    def _kwargs(alpha, span, has_span, static):
-        ramp, causal, q_offset, scale = static
-        return dict(alpha=np.asarray(alpha), span=np.asarray(span) if has_span else None, ramp=ramp,
-                    causal=causal, q_offset=q_offset, scale=scale)
-
-    def _forward(q, k, v, alpha, span, has_span, static):
-        shape = jax.ShapeDtypeStruct(q.shape[:3] + v.shape[3:], q.dtype)
-
-        def host(*arrays):
-            q, k, v, alpha, span = (np.asarray(x) for x in arrays)  # callbacks may get jax arrays
-            return np.asarray(ref.attention(q, k, v, **_kwargs(alpha, span, has_span, static)), q.dtype)
-
-        return jax.pure_callback(host, shape, q, k, v, alpha, span)
-
-    def fwd(q, k, v, alpha, span, has_span, static):
-        return _forward(q, k, v, alpha, span, has_span, static), (q, k, v, alpha, span)
-
-    def bwd(has_span, static, saved, grad_out):
-        q, k, v, alpha, span = saved
-        shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in saved)
-
-        def host(*arrays):
-            q, k, v, alpha, span, grad_out = (np.asarray(x) for x in arrays)
-            g = ref.attention_vjp(q, k, v, grad_out, **_kwargs(alpha, span, has_span, static))
-            dspan = g.dspan if has_span else np.zeros_like(span)
-            return tuple(np.asarray(x, y.dtype) for x, y in zip((g.dq, g.dk, g.dv, g.dalpha, dspan), (q, k, v, alpha, span)))
-
-        return jax.pure_callback(host, shapes, q, k, v, alpha, span, grad_out)
-
-    op.defvjp(fwd, bwd)
-
-    def kernel(q, k, v, *, alpha, span, ramp, causal, key_lengths, q_offset, scale):
-        assert key_lengths is None
-        H = q.shape[1]
-        alpha_h = jnp.broadcast_to(jnp.asarray(alpha, q.dtype), (H,))
-        span_h = jnp.broadcast_to(jnp.asarray(0.0 if span is None else span, q.dtype), (H,))
-        static = (float(ramp), bool(causal), None if q_offset is None else int(q_offset),
-                  None if scale is None else float(scale))
-        return op(q, k, v, alpha_h, span_h, span is not None, static)
-
-    features = all_features("attention") - {"key_lengths"}
-    return Backend(name="test-jax-reference", version="test", priority=-100, kernels={
-        "attention": Kernel("attention", kernel, Capabilities(
-            array_type="jax", devices=("cpu",), dtypes=("float32", "float64"), features=features))})
+# The built-in JAX backend, named: if it ever fails to load, these tests fail with its reason
+# rather than run the layer on something else.
+BACKEND = "jax"
+# jax >= 0.6 has jax.enable_x64; older releases keep it in jax.experimental.
+enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else importlib.import_module("jax.experimental").enable_x64
 
 
 @pytest.fixture(scope="module")
 def backend():
-    """The registered JAX backend, or the reference stand-in for this module's tests."""
-    name = _jax_backend()
-    if name is not None:
-        yield name
-        return
-    stand_in = _reference_in_jax()
-    attnspec.register_backend(stand_in)
-    try:
-        yield stand_in.name
-    finally:
-        attnspec.unregister_backend(stand_in.name)
+    attnspec.dispatch.registry.load(BACKEND)  # raises BackendUnavailableError with the reason
+    return BACKEND
 
 
 def test_project_spans_clips_only_theta():
@@ -118,7 +48,7 @@ def test_rope_matches_the_torch_layer():
     from attnspec.layers.torch import apply_rope as torch_rope
 
     x = np.random.default_rng(0).standard_normal((1, 2, 5, 8)).astype(np.float32)
-    positions = np.arange(3, 8)
+    positions = np.arange(3, 8) + np.array([0, 0, 0, 100_000, 1_000_000])  # float32 angles were 4e-3 off at 1e5
     ours = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(positions)))
     theirs = torch_rope(torch.from_numpy(x), torch.from_numpy(positions)).numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
@@ -151,3 +81,26 @@ def test_cached_decoding_equals_recomputing_the_prefix(kwargs, backend):
         if "max_span" in kwargs:
             assert len(cache) == min(i + 1, math.ceil(12 * 0.5 + 3) - 1) and cache.seen == i + 1
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=2e-5, atol=2e-5)
+
+
+def test_layer_equals_projections_rope_and_the_reference_attention(backend):
+    """The layer's wiring (head layout, GQA, RoPE on q and k, span = max_span * theta, alpha =
+    1 + sigmoid(a), o_proj) against the same model written out with the NumPy reference, float64."""
+    H, Hkv, D, L = 4, 2, 4, 9
+    with enable_x64(True):
+        layer = SpanAttention(16, H, n_kv_heads=Hkv, max_span=10, ramp=1.5, span_init=[0.15, 0.32, 0.5, 0.81],
+                              alpha=[1.2, 1.5, 1.7, 1.05], learn_alpha=True, backend=backend,
+                              param_dtype=jnp.float64)
+        x = jax.random.normal(jax.random.PRNGKey(4), (2, L, 16), jnp.float64)
+        params = layer.init(jax.random.PRNGKey(5), x)
+        y = np.asarray(layer.apply(params, x))
+        p = jax.tree_util.tree_map(np.asarray, params)["params"]
+        xs = np.asarray(x)
+        q, k, v = (np.einsum("bld,dhe->bhle", xs, p[name]["kernel"]) for name in ("q_proj", "k_proj", "v_proj"))
+        positions = jnp.arange(L)
+        q, k = (np.asarray(apply_rope(jnp.asarray(a), positions)) for a in (q, k))
+        alpha = 1 + 1 / (1 + np.exp(-p["alpha_logit"]))
+        out = attnspec.reference.attention(q, k, v, alpha=alpha, span=10 * p["span_theta"], ramp=1.5, causal=True)
+        want = np.einsum("bhle,hed->bld", out, p["o_proj"]["kernel"])
+    np.testing.assert_allclose(alpha, [1.2, 1.5, 1.7, 1.05], rtol=1e-12)
+    np.testing.assert_allclose(y, want, rtol=1e-10, atol=1e-12)

@@ -33,14 +33,23 @@ __all__ = ["KVCache", "SpanAttention", "apply_rope", "project_spans", "span_regu
 
 def apply_rope(x, positions, base: float = 10000.0):
     """Rotary embedding of x [B, H, L, D] at integer positions [L]: pairs (i, i + D/2) rotate by
-    position * base^(-2i/D)."""
+    position * base^(-2i/D).
+
+    Concrete positions (the layer's always are) get their angles, cos and sin in float64 with
+    NumPy, rounded once, as the torch layer does: in float32 the angle of position 1e5 is off by
+    ~4e-3 rad. Traced positions fall back to float32 angles (jax has float64 only under x64)."""
     D = x.shape[-1]
     if D % 2:
         raise ValueError(f"rotary embeddings need an even head dimension; got D={D}")
     half = D // 2
-    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / D)
-    angles = jnp.asarray(positions, jnp.float32)[:, None] * inv_freq[None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    if isinstance(positions, jax.core.Tracer):
+        inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / D)
+        angles = jnp.asarray(positions, jnp.float32)[:, None] * inv_freq[None, :]
+        cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    else:
+        inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2.0 / D)
+        angles = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
+        cos, sin = jnp.asarray(np.cos(angles), x.dtype), jnp.asarray(np.sin(angles), x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=-1)
 
@@ -143,7 +152,7 @@ class SpanAttention(nn.Module):
         alpha = self._alpha(H)
         first = 0 if cache is None else int(cache.seen)
         if self.rope:
-            positions = jnp.arange(first, first + L)
+            positions = np.arange(first, first + L)
             q = apply_rope(q, positions, self.rope_base)
             k = apply_rope(k, positions, self.rope_base)
         q_offset = None

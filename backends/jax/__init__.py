@@ -5,7 +5,7 @@ accumulate in float32.
 Query tiles against the key tiles each can reach (causal, span and key_lengths bounds are
 traced integers, so tiles that cannot contribute are skipped without recompiling); one number
 per row (c, SPEC.md 2.2) is kept for the backward, which is analytic (jax.custom_vjp) and gives
-gradients for q, k, v, alpha and span. Works under jit, vmap, grad, jax.checkpoint and with
+gradients for q, k, v, alpha and span (and for scale and ramp given as arrays). Works under jit, vmap, grad, jax.checkpoint and with
 sharded inputs (XLA's partitioner splits batch and heads). Double differentiation is not
 supported (the backward's loops have traced bounds).
 """

@@ -26,8 +26,8 @@ backward rebuilds p exactly, without iterating.
 
 Backward, per query tile: pass 1 recomputes scores and g = dout V^T into strips and sums
 w = p/u and w g per row (gbar of SPEC.md 4); pass 2 forms ds = w (g - gbar) and accumulates
-dq, dk, dv (dk and dv summed over each kv group), and d alpha (psi) and d span (dm/dz) when
-they are wanted. Memory is O(strip), never [B, H, Lq, Lk] for long sequences.
+dq, dk, dv (dk and dv summed over each kv group), and d alpha (psi), d span (dm/dz), d ramp
+(dm/dR) and d scale when they are wanted (given as arrays). Memory is O(strip), never [B, H, Lq, Lk] for long sequences.
 """
 
 from __future__ import annotations
@@ -68,11 +68,13 @@ class Config(NamedTuple):
     need_dspan: bool  # backward only
     tile_q: int
     tile_k: int
+    need_dscale: bool = False  # backward only: scale given as an array
+    need_dramp: bool = False  # backward only: ramp given as an array (with a span)
 
     def forward_part(self):
         """What the forward depends on: calls differing only in the gradients they may want
         share one compiled forward."""
-        return self._replace(need_dalpha=False, need_dspan=False)
+        return self._replace(need_dalpha=False, need_dspan=False, need_dscale=False, need_dramp=False)
 
 
 def compute_dtype(dtype):
@@ -282,7 +284,6 @@ def _forward_entmax_tile(qt, kp, vp, i0, call, cfg):
     hi = top + _entmax.upper_bracket(jnp.where(nonempty, mass, 1.0), row_eps)
     lo = jnp.where(nonempty, lo, 0.0)
     hi = jnp.where(nonempty, jnp.maximum(hi, lo), 0.0)
-    tolerance = 4 * jnp.finfo(dtype).eps
 
     def sums(c):
         def add(kt, acc):
@@ -291,18 +292,7 @@ def _forward_entmax_tile(qt, kp, vp, i0, call, cfg):
             return acc[0] + total_p, acc[1] + total_w
         return _loop(k_lo, k_hi, add, (jnp.zeros(rows, dtype), jnp.zeros(rows, dtype)), nk)
 
-    def keep_going(state):
-        _, _, _, it, done = state
-        return (~done) & (it < ITERATIONS[jnp.dtype(dtype).name])
-
-    def newton(state):
-        c, lo, hi, it, _ = state
-        new, lo, hi = _entmax.newton_update(c, lo, hi, *sums(c))
-        new = jnp.where(nonempty, new, 0.0)
-        moved = jnp.abs(new - c) > tolerance * (1 + jnp.abs(new))  # NaN rows count as settled
-        return new, lo, hi, it + 1, ~jnp.any(moved)
-
-    c = lax.while_loop(keep_going, newton, (lo, lo, hi, jnp.zeros((), jnp.int32), jnp.zeros((), bool)))[0]
+    c, _ = _entmax.solve(sums, lo, hi, nonempty, ITERATIONS[jnp.dtype(dtype).name])
 
     def output(kt, acc):
         m = M[kt] if cfg.has_span else None
@@ -359,7 +349,7 @@ def _backward(cfg, residuals, dout):
     rows = (B, Hkv, G, Tq)
 
     def body(carry, qi):
-        dk, dv, dalpha, dspan = carry
+        dk, dv, dalpha, dspan, dscale, dramp = carry
         i0 = qi * Tq
         qt = lax.dynamic_slice_in_dim(qg, i0, Tq, axis=3)
         dot = lax.dynamic_slice_in_dim(dog, i0, Tq, axis=3)
@@ -390,14 +380,14 @@ def _backward(cfg, residuals, dout):
         q_clean = jnp.where(reads[..., None], qt, 0.0)
 
         def second(kt, state):
-            dq_t, dk, dv, dalpha, dspan = state
+            dq_t, dk, dv, dalpha, dspan, dramp = state
             m = M[kt] if cfg.has_span else None
             p, e, t = _probabilities(S[kt], m, call, ct)
             eps = 0.0 if call.eps is None else call.eps
             w = p if call.eps is None else _entmax.weights(p, t, eps)
             ds, dm, deps = _entmax.vjp_terms(p, e, t, w, eps, Gs[kt], gbar[..., None], cfg.need_dalpha)
             kb, _, _ = _kv_tile(kp, kt, call, cfg)
-            dq_t = dq_t + call.scale * _einsum("bkgqj,bkjd->bkgqd", ds, kb)
+            dq_t = dq_t + _einsum("bkgqj,bkjd->bkgqd", ds, kb)  # times scale below
             j0 = kt * Tk
             dk_tile = call.scale * _einsum("bkgqj,bkgqd->bkjd", ds, q_clean)
             dv_tile = _einsum("bkgqj,bkgqe->bkje", p, dot)
@@ -407,17 +397,21 @@ def _backward(cfg, residuals, dout):
                 dalpha = dalpha + deps.sum((0, 3, 4))
             if cfg.need_dspan:
                 dspan = dspan + (dm * _span.mask_slope(m, call.ramp)).sum((0, 3, 4))
-            return dq_t, dk, dv, dalpha, dspan
+            if cfg.need_dramp:
+                dramp = dramp + (dm * _span.ramp_slope(m, call.ramp)).sum()
+            return dq_t, dk, dv, dalpha, dspan, dramp
 
-        dq_t, dk, dv, dalpha, dspan = _loop(
-            k_lo, k_hi, second, (jnp.zeros(rows + (D,), dtype), dk, dv, dalpha, dspan), nk)
-        return (dk, dv, dalpha, dspan), dq_t
+        dq_t, dk, dv, dalpha, dspan, dramp = _loop(
+            k_lo, k_hi, second, (jnp.zeros(rows + (D,), dtype), dk, dv, dalpha, dspan, dramp), nk)
+        if cfg.need_dscale:  # s = scale (q . k): dL/dscale = sum dS (q . k) = sum q . (dS k)
+            dscale = dscale + (q_clean * dq_t).sum()
+        return (dk, dv, dalpha, dspan, dscale, dramp), call.scale * dq_t
 
     init = (jnp.zeros(kp.shape, dtype), jnp.zeros(vp.shape, dtype), jnp.zeros((Hkv, G), dtype),
-            jnp.zeros((Hkv, G), dtype))
-    (dk, dv, dalpha, dspan), dq = _query_tiles(body, init, nq)
+            jnp.zeros((Hkv, G), dtype), jnp.zeros((), dtype), jnp.zeros((), dtype))
+    (dk, dv, dalpha, dspan, dscale, dramp), dq = _query_tiles(body, init, nq)
     dq = jnp.moveaxis(dq, 0, 3).reshape(B, H, Lq, D)
-    return dq, dk, dv, dalpha.reshape(H), dspan.reshape(H)
+    return dq, dk, dv, dalpha.reshape(H), dspan.reshape(H), dscale, dramp
 
 
 def _integer_zeros(x):
@@ -444,9 +438,10 @@ def _core_fwd(cfg, q, k, v, alpha, span, causal, ramp, scale, lengths, positions
 
 def _core_bwd(cfg, residuals, dout):
     _, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows = residuals
-    dq, dk, dv, dalpha, dspan = _backward_jit(cfg, residuals, dout)
-    return (dq, dk, dv, dalpha, None if span is None else dspan, _integer_zeros(causal), jnp.zeros_like(ramp),
-            jnp.zeros_like(scale), _integer_zeros(lengths), _integer_zeros(positions), _integer_zeros(n_rows))
+    dq, dk, dv, dalpha, dspan, dscale, dramp = _backward_jit(cfg, residuals, dout)
+    # ramp and scale given as Python numbers are constants: their cotangents are dropped.
+    return (dq, dk, dv, dalpha, None if span is None else dspan, _integer_zeros(causal), dramp.astype(ramp.dtype),
+            dscale.astype(scale.dtype), _integer_zeros(lengths), _integer_zeros(positions), _integer_zeros(n_rows))
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -512,6 +507,8 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
         need_dspan=span is not None and not _is_number(span),
         tile_q=tq,
         tile_k=tk,
+        need_dscale=scale is not None and not _is_number(scale),
+        need_dramp=span is not None and not _is_number(ramp),
     )
     alpha_h = _per_head(alpha, H, dtype)
     span_h = None if span is None else _per_head(span, H, dtype)

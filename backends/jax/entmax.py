@@ -11,6 +11,7 @@ it accumulates over key tiles with `newton_sums`, then rebuilds p from c alone w
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 # psi(eps, t) switches to its series below |eps t| < threshold (SPEC.md 4.3): float64 with 12
 # terms (error ~1e-24 at the switch), float32 with 16 terms up to 0.3 (error ~1e-8).
@@ -61,14 +62,49 @@ def newton_sums(s, m, eps, c):
 
 def newton_update(c, lo, hi, total_p, total_w):
     """One safeguarded Newton step on h(c) = log sum p (decreasing): shrink [lo, hi] with the
-    sign of h, take the Newton step if it stays inside, else bisect. Rows [..., T]."""
+    sign of h; take the Newton step on h if it stays inside, else the Newton step on
+    g(c) = sum p - 1 if that does, else bisect. Rows [..., T].
+
+    Why the second step: h is concave where a row's u are nearly equal (ties, e.g. a zero
+    query), so Newton on h overshoots from the left, past hi when the root sits on it, and
+    bisection then crept to the root one bit per pass over the keys. g is convex, so its Newton
+    step from the left (h > 0) lands between c and the root: never outside the bracket."""
     h = jnp.log(total_p)
     slope = -total_w / total_p
     lo = jnp.where(h >= 0, c, lo)
     hi = jnp.where(h <= 0, c, hi)
     newton = c - h / slope
     inside = jnp.isfinite(newton) & (newton >= lo) & (newton <= hi)
-    return jnp.where(h == 0, c, jnp.where(inside, newton, (lo + hi) / 2)), lo, hi
+    convex = c + (total_p - 1) / total_w
+    convex_inside = jnp.isfinite(convex) & (convex >= lo) & (convex <= hi)
+    step = jnp.where(inside, newton, jnp.where(convex_inside, convex, (lo + hi) / 2))
+    return jnp.where(h == 0, c, step), lo, hi
+
+
+def solve(sums, lo, hi, nonempty, iterations):
+    """c per row [...] from c = lo: safeguarded Newton steps until no row moves by more than 4
+    ulps (or `iterations`). sums(c) gives (sum p, sum p/u) per row, each a pass over the keys.
+    Returns (c, the number of passes)."""
+    dtype = lo.dtype
+    tolerance = 4 * jnp.finfo(dtype).eps
+    # The analytic c_hi is exact in real arithmetic, but the computed h may cross 0 a few ulps
+    # beyond the computed c_hi (it does for tied rows, whose root is c_hi itself): Newton
+    # steps landing there must count as inside, or bisection creeps to hi, never arriving.
+    hi = hi + 2 * tolerance * (1 + jnp.abs(hi))
+
+    def keep_going(state):
+        _, _, _, it, done = state
+        return (~done) & (it < iterations)
+
+    def step(state):
+        c, lo, hi, it, _ = state
+        new, lo, hi = newton_update(c, lo, hi, *sums(c))
+        new = jnp.where(nonempty, new, 0.0)
+        moved = jnp.abs(new - c) > tolerance * (1 + jnp.abs(new))  # NaN rows count as settled
+        return new, lo, hi, it + 1, ~jnp.any(moved)
+
+    c, _, _, it, _ = lax.while_loop(keep_going, step, (lo, lo, hi, jnp.zeros((), jnp.int32), jnp.zeros((), bool)))
+    return c, it
 
 
 def psi(t, eps):

@@ -26,6 +26,11 @@ def mask_slope(m, ramp):
     return jnp.where((m > 0) & (m < 1), 1.0 / ramp, 0.0).astype(m.dtype)
 
 
+def ramp_slope(m, ramp):
+    """dm/dR = (1 - m)/R strictly inside (0, 1), else 0: m = (R + z - |d|)/R = 1 + (z - |d|)/R."""
+    return jnp.where((m > 0) & (m < 1), (1 - m) / ramp, 0.0).astype(m.dtype)
+
+
 def reach(span, ramp, dtype):
     """The largest fl(R + z) over heads, as computed by soft_mask: keys at |d| >= it have
     fl(fl(R + z) - |d|) <= 0 (rounding is monotone), so m = 0 there exactly."""
