@@ -39,6 +39,13 @@ def _per_head(value, H, dtype, device):
 def normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     """The public arguments as the custom op takes them. Under torch.autocast, q/k/v are cast
     to the autocast dtype first (the op then computes in float32 and returns that dtype)."""
+    for name, value in (("scale", scale), ("ramp", ramp)):
+        if isinstance(value, Tensor) and value.requires_grad:
+            # read as a number below: a gradient would be silently lost
+            raise NotImplementedError(
+                f"{name} is a tensor that requires grad, but the torch backends give no gradient "
+                f"for {name}; pass a number or a tensor that does not require grad"
+            )
     device_type = q.device.type
     autocast_device = device_type in ("cpu", "cuda", "xpu", "mps", "hpu")  # meta has no autocast
     if autocast_device and torch.is_autocast_enabled(device_type) and q.dtype != torch.float64:

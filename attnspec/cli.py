@@ -139,14 +139,24 @@ def cmd_check(args) -> int:
         names, unavailable = [args.backend], []
     reports = []
     progress = None if args.quiet else _ProgressBar()
+    skipped = []
     for name in names:
-        report = conformance.check(name, profile=args.profile, dtypes=args.dtype, device=args.device,
-                                   seed=args.seed, artifacts_dir=args.artifacts, progress=progress,
-                                   examples=args.examples)
+        try:
+            report = conformance.check(name, profile=args.profile, dtypes=args.dtype, device=args.device,
+                                       seed=args.seed, artifacts_dir=args.artifacts, progress=progress,
+                                       examples=args.examples)
+        except ValueError as exc:  # e.g. --device that this backend does not declare
+            if args.backend != "all":
+                print(f"attnspec check: error: {exc}", file=sys.stderr)
+                return 2
+            skipped.append(f"{name}: not checked ({exc})")
+            continue
         reports.append(report)
     print(conformance.format_table(reports))
     for s in unavailable:
         print(f"{s.name}: not checked, unavailable ({s.error})")
+    for line in skipped:
+        print(line)
     for report in reports:
         for failure in report.failures:
             print(f"\nFAIL {failure.backend} / {failure.cell} / {failure.dtype}: {failure.message}")

@@ -82,8 +82,10 @@ def run(quick=False, repeats=3):
                      ratio_to_sdpa=1.0))
     rows.append(dict(config=f"alpha=1 span=256 L={L2}", backend="attnspec torch", seconds=span.median,
                      ratio_to_sdpa=span.median / sdpa.median))
+    import os
+
     return dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-                processor=platform.processor(), rows=rows)
+                processor=platform.processor(), load_average=os.getloadavg(), rows=rows)
 
 
 _MEMORY_PROGRAM = """
@@ -137,13 +139,17 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak memory at L=8192 (fresh subprocess per configuration)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = run(quick=args.quick, repeats=args.repeats)
     if args.memory:
         result["memory"] = peak_memory(2048 if args.quick else 8192)
-    print(f"torch {result['torch']}, {result['threads']} threads, {result['machine']}")
+    print(f"torch {result['torch']}, {result['threads']} threads, {result['machine']}, "
+          f"load average {result['load_average'][0]:.1f} at the end")
     print(f"{'config':<26} {'backend':<22} {'median s':>9} {'x SDPA':>7}")
     for row in result["rows"]:
         print(f"{row['config']:<26} {row['backend']:<22} {row['seconds']:>9.3f} {row['ratio_to_sdpa']:>7.2f}")

@@ -166,12 +166,19 @@ def check(backend: str = "numpy", *, profile: str = "ci", dtypes=None, device=No
                                                why or f"{fw.name} cannot make {dtype} arrays here"))
             else:
                 work.append((cell, kernel, fw, dtype))
+    if device is not None:  # asked for by name: checking nothing there would be a silent pass
+        for cell, kernel, fw, dtype in work:
+            if device not in kernel.capabilities.devices:
+                raise ValueError(f"device={device!r}: backend {backend} does not declare it for {cell.op} "
+                                 f"(devices: {', '.join(kernel.capabilities.devices)})")
     directory = artifacts_dir or tempfile.mkdtemp(prefix="attnspec-failures-")
     for done, (cell, kernel, fw, dtype) in enumerate(work):
         dev = device or fw.default_device(kernel.capabilities.devices)
         if dev not in kernel.capabilities.devices:  # e.g. a GPU-only backend on a CPU machine
             reason = f"device {dev} not declared (devices: {', '.join(kernel.capabilities.devices)})"
             report.cells.append(CellResult(cell.name, cell.op, dtype, "unsupported", reason))
+            if progress is not None:
+                progress(done + 1, len(work), f"{backend} {cell.name} {dtype}: unsupported")
             continue
         result = _run_cell(backend, cell, kernel, fw, dtype, dev, profile, seed, shrink, directory, examples)
         report.cells.append(result)

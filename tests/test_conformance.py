@@ -143,6 +143,13 @@ def test_cli_check_exit_status_and_json(registered_mutants, tmp_path, capsys):
     assert code == 1 and "FAIL [forward]" in out and "attnspec.conformance.replay(" in out
 
 
+def test_a_device_asked_for_by_name_but_not_declared_is_an_error_not_a_silent_pass(capsys):
+    with pytest.raises(ValueError, match="device='cuda'"):
+        conformance.check("numpy", device="cuda")
+    assert cli.main(["check", "--backend", "numpy", "--device", "cuda", "--quiet"]) == 2
+    assert "does not declare it" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name, cell, predicate", [
     ("alpha - 1 down to 1e-6", "entmax",
      lambda c: np.any((np.asarray(c.alpha) > 1) & (np.asarray(c.alpha) - 1 <= 1e-6))),

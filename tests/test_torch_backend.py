@@ -240,3 +240,10 @@ def test_standalone_span_mask_values_and_kink_gradients():
     # as in the reference (autodiff through clamp would count them)
     want = attnspec.reference.span_mask_vjp(4, 6, span.detach().numpy(), 2.0, grad.numpy(), q_offset=offsets.numpy())
     np.testing.assert_allclose(span.grad.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_scale_or_ramp_requiring_grad_is_refused_not_silently_dropped():
+    q, k, v = inputs(torch.float64)
+    for name, value in (("scale", 0.5), ("ramp", 2.0)):
+        with pytest.raises(NotImplementedError, match=name):
+            attnspec.attention(q, k, v, span=3.0, **{name: torch.tensor(value, dtype=torch.float64, requires_grad=True)})
