@@ -141,8 +141,16 @@ def _sum_groups(x):
     return x[:, :, 0] if x.shape[2] == 1 else x.sum(2)
 
 
-def _tile_rows(B, H, Lk):
-    return max(MIN_TILE, BLOCK_ELEMENTS // max(1, B * H * Lk))
+def _tile_rows(B, H, Lk, span=None, ramp=0.0):
+    """Query rows per tile, so that a [B, H, tile, window] block holds about BLOCK_ELEMENTS.
+    With a span the window is at most tile + 2 reach keys (reach = z + R), not Lk: tiles
+    sized for Lk were ~5x too many at z = 256, L = 4096, and each costs fixed Python work."""
+    elements = BLOCK_ELEMENTS // max(1, B * H)
+    tile = elements // max(1, Lk)
+    if span is not None and not torch.compiler.is_compiling():
+        reach = float(span.max()) + ramp + 1
+        tile = max(tile, int(math.sqrt(reach * reach + elements) - reach))  # tile (tile + 2 reach) <= elements
+    return max(MIN_TILE, tile)
 
 
 def _prepare(q, k, v, key_lengths, scale, dtype, transpose_v):  # noqa: ARG001 (q, scale: symmetry)
@@ -204,7 +212,7 @@ def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, sca
     _, kT, vc, _ = _prepare(q, k, v, key_lengths, scale, dtype, transpose_v=False)
     out = torch.zeros((B, H, Lq, Dv), dtype=dtype, device=q.device)
     c = torch.zeros((B, H, Lq, 1), dtype=dtype, device=q.device)
-    tile = _tile_rows(B, H, Lk)
+    tile = _tile_rows(B, H, Lk, span, ramp)
     for i0 in range(0, Lq, tile):
         i1 = min(Lq, i0 + tile)
         j0, j1 = _window(i0, i1, Lk, span, ramp, causal, key_lengths, q_offset)
@@ -231,7 +239,7 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
     dout = grad_out.to(dtype)
     # alpha = 1 in every head: the plain softmax backward (as solve_masked_rows' forward)
     softmax = not torch.compiler.is_compiling() and not bool((eps > 0).any())
-    tile = _tile_rows(B, H, Lk)
+    tile = _tile_rows(B, H, Lk, span, ramp)
     for i0 in range(0, Lq, tile):
         i1 = min(Lq, i0 + tile)
         j0, j1 = _window(i0, i1, Lk, span, ramp, causal, key_lengths, q_offset)
