@@ -153,11 +153,11 @@ def _tile_rows(B, H, Lk, span=None, ramp=0.0):
     return max(MIN_TILE, tile)
 
 
-def _prepare(q, k, v, key_lengths, scale, dtype, transpose_v):  # noqa: ARG001 (q, scale: symmetry)
+def _prepare(k, v, key_lengths, dtype, transpose_v):
     """Once per call: k and v in the compute dtype with padding keys zeroed (they may hold NaN,
     SPEC.md 5.3), and k (and v, for the backward) transposed to [B, Hkv, D, Lk] contiguous: a
     row tile times a transposed *view* of k was 2x slower on CPU. q is scaled tile by tile."""
-    zero = torch.zeros((), dtype=dtype, device=q.device)
+    zero = torch.zeros((), dtype=dtype, device=k.device)
     kc, vc = k.to(dtype), v.to(dtype)
     if key_lengths is not None:
         key_valid = (torch.arange(k.shape[2], device=k.device)[None, :] < key_lengths.to(k.device)[:, None])
@@ -209,7 +209,7 @@ def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, sca
     B, H, Lq, _ = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     eps = (alpha.to(dtype) - 1)[None, :, None, None]
-    _, kT, vc, _ = _prepare(q, k, v, key_lengths, scale, dtype, transpose_v=False)
+    _, kT, vc, _ = _prepare(k, v, key_lengths, dtype, transpose_v=False)
     out = torch.zeros((B, H, Lq, Dv), dtype=dtype, device=q.device)
     c = torch.zeros((B, H, Lq, 1), dtype=dtype, device=q.device)
     tile = _tile_rows(B, H, Lk, span, ramp)
@@ -230,7 +230,7 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     eps = (alpha.to(dtype) - 1)[None, :, None, None]
-    kc, kT, _, vT = _prepare(q, k, v, key_lengths, scale, dtype, transpose_v=True)
+    kc, kT, _, vT = _prepare(k, v, key_lengths, dtype, transpose_v=True)
     dq = torch.zeros((B, H, Lq, D), dtype=dtype, device=q.device)
     dk = torch.zeros((B, Hkv, Lk, D), dtype=dtype, device=q.device)
     dv = torch.zeros((B, Hkv, Lk, Dv), dtype=dtype, device=q.device)

@@ -207,9 +207,8 @@ def solve_rows(s, m, eps, allowed, return_c=False):
     Entries not allowed get p = 0; a row with no allowed entry gives zeros. t = s - c is the
     shift-free score (meaningful on allowed entries). return_c=True adds c [..., 1] (the
     per-row statistic from which `probabilities` rebuilds p in a backward pass).
-    Outside torch.compile the Newton loop stops as soon as no row moves any more, and callers
-    that need no t (need_t=False, return_c=True: a forward pass that keeps c) may get the
-    sparse path; t is then None.
+    Outside torch.compile the Newton loop stops as soon as no row moves any more. (The
+    attention forward, which keeps only c, uses solve_masked_rows and its sparse path.)
     """
     neg_inf = -torch.inf
     top = torch.where(allowed, s, neg_inf).amax(-1, keepdim=True)
