@@ -247,3 +247,87 @@ def test_scale_or_ramp_requiring_grad_is_refused_not_silently_dropped():
     for name, value in (("scale", 0.5), ("ramp", 2.0)):
         with pytest.raises(NotImplementedError, match=name):
             attnspec.attention(q, k, v, span=3.0, **{name: torch.tensor(value, dtype=torch.float64, requires_grad=True)})
+
+
+# --- the tiled forward's pieces: tiles, the closed-form lower bound, Newton from below --------
+
+
+@pytest.mark.parametrize("kw", [
+    dict(causal=True),
+    dict(causal=False, span=torch.tensor([40.0, 3.0]), ramp=8.0),
+    dict(causal=True, span=torch.tensor([40.0]), ramp=8.0, key_lengths=torch.tensor([300, 90]),
+         q_offset=torch.tensor([0, 7])),
+])
+def test_tiles_cover_every_row_once_within_the_block_budget(monkeypatch, kw):
+    import importlib
+
+    tiled = importlib.import_module("attnspec.backends.torch.attention")
+    monkeypatch.setattr(tiled, "BLOCK_ELEMENTS", 2 * 4 * 3000)  # 3000 elements per (batch, head)
+    args = dict(span=None, ramp=0.0, causal=False, key_lengths=None, q_offset=torch.tensor([0, 0]))
+    args.update(kw)
+    Lq, Lk = 333, 350
+    tiles = list(tiled._tiles(2, 4, Lq, Lk, **args))
+    heights = set()
+    covered = []
+    for i0, i1, j0, j1 in tiles:
+        assert (j0, j1) == tiled._window(i0, i1, Lk, **args)
+        assert (i1 - i0) * (j1 - j0) <= 3000 or i1 - i0 <= tiled.MIN_TILE
+        covered.extend(range(i0, i1))
+        heights.add(i1 - i0)
+    skipped = sorted(set(range(Lq)) - set(covered))
+    assert covered == sorted(covered) and len(covered) == len(set(covered))
+    for i in skipped:  # only rows that may read no key at all are left out
+        assert tiled._window(i, i + 1, Lk, **args)[1] <= tiled._window(i, i + 1, Lk, **args)[0]
+    if args["causal"] and args["span"] is None:
+        assert len(heights) > 2  # early causal rows read few keys: their tiles are taller
+
+
+def _exact_c(s, m, eps):
+    """c of weighted entmax rows in float64 by the reference (p = m (1 + eps (s - c))^(1/eps))."""
+    ref = attnspec.reference.entmax(s.numpy(), 1 + eps, axis=-1, weights=m.numpy())
+    # any key with p > 0 gives c back: c = s - ((p / m)^eps - 1) / eps
+    j = ref.argmax(-1)[..., None]
+    p = np.take_along_axis(ref, j, -1)
+    return np.take_along_axis(s.numpy(), j, -1) - ((p / np.take_along_axis(m.numpy(), j, -1)) ** eps - 1) / eps
+
+
+@pytest.mark.parametrize("alpha", [1.05, 1.5, 2.0])
+@pytest.mark.parametrize("weights", [None, "span", "random"])
+def test_lower_bound_is_below_c_and_newton_from_below_reaches_it(alpha, weights):
+    import importlib
+
+    E = importlib.import_module("attnspec.backends.torch.entmax")
+    g = torch.Generator().manual_seed(7)
+    s = 2.0 * torch.randn(64, 700, generator=g, dtype=torch.float64)
+    s[:, 650:] = -torch.inf  # keys not allowed (some chunks entirely)
+    s[3] = -torch.inf  # a row with no key
+    s[4, 10] = 40.0  # a peaked row: one key takes everything
+    if weights == "span":  # soft span weights: 1 inside, a ramp of 32 keys, 0 beyond
+        z = torch.rand(64, 1, generator=g, dtype=torch.float64) * 600
+        m = ((32 + z - (649 - torch.arange(700, dtype=torch.float64))) / 32).clamp(0, 1)
+    elif weights == "random":  # adversarial: any weight in (0, 1] anywhere
+        m = torch.rand(64, 700, generator=g, dtype=torch.float64) * 0.99 + 0.01
+    else:
+        m = torch.ones(64, 700, dtype=torch.float64)
+    s = torch.where(m > 0, s, -torch.inf)
+    m = torch.where(torch.isfinite(s), m, 0.0)
+    m_arg = None if weights is None else m
+    eps = torch.full((64, 1), alpha - 1, dtype=torch.float64)
+    top = s.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    bound = top + E._lower_bound(s, top, m_arg, eps)
+    rows = torch.isfinite(s).any(-1)
+    exact = torch.from_numpy(_exact_c(s[rows], m[rows], alpha - 1))
+    assert (bound[rows] <= exact + 1e-12).all()
+    p, _ = E.solve_masked_rows(s, m_arg, eps)
+    if weights != "random":  # useful: few keys besides the support survive the test s > c0 - 1/eps
+        candidates = (s > bound - 1 / eps).sum(-1)[rows]
+        assert (candidates <= 4 * (p > 0).sum(-1)[rows]).all()
+    shifted = torch.where(torch.isfinite(s), s - top, -torch.inf)
+    c, converged = E._newton_from_below(shifted, m_arg, eps, bound - top, 80)
+    assert converged
+    c = top + c
+    torch.testing.assert_close(c[rows], exact, rtol=0, atol=1e-12)
+    # the unnormalised sum, not p / sum p, shows whether c is right
+    torch.testing.assert_close(p.sum(-1)[rows], torch.ones(int(rows.sum()), dtype=torch.float64), rtol=0, atol=1e-12)
+    assert (p[~rows] == 0).all()

@@ -114,26 +114,38 @@ BLOCK_ELEMENTS = 1 << 19
 MIN_TILE = 16
 
 
+def _limits(span, ramp, key_lengths, q_offset):
+    """The numbers _window needs, read from the tensors once per call: (smallest offset,
+    largest offset, longest key_lengths or None, span reach z + R or None)."""
+    offsets = q_offset.tolist()
+    max_length = None if key_lengths is None else int(key_lengths.max())
+    reach = None if span is None else float(span.max()) + ramp
+    return min(offsets), max(offsets), max_length, reach
+
+
+def _window_within(i0, i1, Lk, causal, limits):
+    first_offset, last_offset, max_length, reach = limits
+    first, last = i0 + first_offset, i1 - 1 + last_offset  # positions of the tile's rows
+    j0, j1 = 0, Lk
+    if max_length is not None:
+        j1 = min(j1, max_length)
+    if causal:
+        j1 = min(j1, last + 1)
+    if reach is not None:
+        # m = 0 once |d| >= z + R; one key of slack on each side absorbs the rounding of
+        # R + z in the compute dtype (the block's own mask decides exactly).
+        j0 = max(j0, int(math.floor(first - reach)))
+        if not causal:
+            j1 = min(j1, int(math.ceil(last + reach)) + 1)
+    return max(0, j0), max(0, min(Lk, j1))
+
+
 def _window(i0, i1, Lk, span, ramp, causal, key_lengths, q_offset):
     """[j0, j1): the keys rows i0..i1-1 may read, over every batch and head. Under
     torch.compile (no data-dependent shapes) it is the whole key range."""
     if torch.compiler.is_compiling():
         return 0, Lk
-    offsets = q_offset.tolist()
-    first, last = i0 + min(offsets), i1 - 1 + max(offsets)  # positions of the tile's rows
-    j0, j1 = 0, Lk
-    if key_lengths is not None:
-        j1 = min(j1, int(key_lengths.max()))
-    if causal:
-        j1 = min(j1, last + 1)
-    if span is not None:
-        # m = 0 once |d| >= z + R; one key of slack on each side absorbs the rounding of
-        # R + z in the compute dtype (the block's own mask decides exactly).
-        reach = float(span.max()) + ramp
-        j0 = max(j0, int(math.floor(first - reach)))
-        if not causal:
-            j1 = min(j1, int(math.ceil(last + reach)) + 1)
-    return max(0, j0), max(0, min(Lk, j1))
+    return _window_within(i0, i1, Lk, causal, _limits(span, ramp, key_lengths, q_offset))
 
 
 def _sum_groups(x):
@@ -141,31 +153,52 @@ def _sum_groups(x):
     return x[:, :, 0] if x.shape[2] == 1 else x.sum(2)
 
 
-def _tile_rows(B, H, Lk, span=None, ramp=0.0):
-    """Query rows per tile, so that a [B, H, tile, window] block holds about BLOCK_ELEMENTS.
-    With a span the window is at most tile + 2 reach keys (reach = z + R), not Lk: tiles
-    sized for Lk were ~5x too many at z = 256, L = 4096, and each costs fixed Python work."""
-    elements = BLOCK_ELEMENTS // max(1, B * H)
-    tile = elements // max(1, Lk)
-    if span is not None and not torch.compiler.is_compiling():
-        reach = float(span.max()) + ramp + 1
-        tile = max(tile, int(math.sqrt(reach * reach + elements) - reach))  # tile (tile + 2 reach) <= elements
-    return max(MIN_TILE, tile)
+def _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset):
+    """(i0, i1, j0, j1) for each query tile: rows i0..i1-1 and the keys j0..j1-1 they may
+    read; tiles with no key in reach are left out.
+
+    Each tile is as tall as keeps its [B, H, T, W] block within BLOCK_ELEMENTS (and at least
+    MIN_TILE rows): causal rows near the start and span heads read few keys, so their tiles
+    are taller. Every tile costs fixed Python and dispatch work, so fewer, fuller tiles are
+    faster (about half as many as tiles sized for Lk on a causal call). Under torch.compile
+    (no data-dependent shapes) the tiles are fixed and read every key."""
+    elements = max(1, BLOCK_ELEMENTS // max(1, B * H))
+    if torch.compiler.is_compiling():
+        tile = max(MIN_TILE, elements // max(1, Lk))
+        for i0 in range(0, Lq, tile):
+            yield i0, min(Lq, i0 + tile), 0, Lk
+        return
+    limits = _limits(span, ramp, key_lengths, q_offset)
+    i0 = 0
+    while i0 < Lq:
+        # the tallest tile in [MIN_TILE, Lq - i0] whose block fits (its window only grows with T)
+        low, high = min(MIN_TILE, Lq - i0), Lq - i0
+        T = low
+        while low <= high:
+            middle = (low + high) // 2
+            j0, j1 = _window_within(i0, i0 + middle, Lk, causal, limits)
+            if middle * (j1 - j0) <= elements:
+                T, low = middle, middle + 1
+            else:
+                high = middle - 1
+        j0, j1 = _window_within(i0, i0 + T, Lk, causal, limits)
+        if j1 > j0:
+            yield i0, i0 + T, j0, j1
+        i0 += T
 
 
 def _prepare(k, v, key_lengths, dtype, transpose_v):
     """Once per call: k and v in the compute dtype with padding keys zeroed (they may hold NaN,
-    SPEC.md 5.3), and k (and v, for the backward) transposed to [B, Hkv, D, Lk] contiguous: a
-    row tile times a transposed *view* of k was 2x slower on CPU. q is scaled tile by tile."""
+    SPEC.md 5.3), and transposed views kT (and vT, for the backward) [B, Hkv, D, Lk]. Views,
+    not copies: a tile times a transposed view runs as fast in the batched GEMM, and a
+    contiguous copy of each cost 8 MiB at L = 8192 (a third of the peak-memory overshoot)."""
     zero = torch.zeros((), dtype=dtype, device=k.device)
     kc, vc = k.to(dtype), v.to(dtype)
     if key_lengths is not None:
         key_valid = (torch.arange(k.shape[2], device=k.device)[None, :] < key_lengths.to(k.device)[:, None])
         kc = torch.where(key_valid[:, None, :, None], kc, zero)
         vc = torch.where(key_valid[:, None, :, None], vc, zero)
-    kT = kc.transpose(-1, -2).contiguous()
-    vT = vc.transpose(-1, -2).contiguous() if transpose_v else None
-    return kc, kT, vc, vT
+    return kc, kc.transpose(-1, -2), vc, vc.transpose(-1, -2) if transpose_v else None
 
 
 def _block(q, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, scale, dtype):
@@ -212,12 +245,7 @@ def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, sca
     _, kT, vc, _ = _prepare(k, v, key_lengths, dtype, transpose_v=False)
     out = torch.zeros((B, H, Lq, Dv), dtype=dtype, device=q.device)
     c = torch.zeros((B, H, Lq, 1), dtype=dtype, device=q.device)
-    tile = _tile_rows(B, H, Lk, span, ramp)
-    for i0 in range(0, Lq, tile):
-        i1 = min(Lq, i0 + tile)
-        j0, j1 = _window(i0, i1, Lk, span, ramp, causal, key_lengths, q_offset)
-        if j1 <= j0:
-            continue  # no key in reach: these rows are empty (zeros)
+    for i0, i1, j0, j1 in _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset):
         scores, m, _ = _block(q, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, scale, dtype)
         p, c_tile = _entmax.solve_masked_rows(scores, m, eps)
         out[:, :, i0:i1] = torch.matmul(_grouped(p, Hkv), vc[:, :, None, j0:j1]).reshape(B, H, i1 - i0, Dv)
@@ -239,12 +267,7 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
     dout = grad_out.to(dtype)
     # alpha = 1 in every head: the plain softmax backward (as solve_masked_rows' forward)
     softmax = not torch.compiler.is_compiling() and not bool((eps > 0).any())
-    tile = _tile_rows(B, H, Lk, span, ramp)
-    for i0 in range(0, Lq, tile):
-        i1 = min(Lq, i0 + tile)
-        j0, j1 = _window(i0, i1, Lk, span, ramp, causal, key_lengths, q_offset)
-        if j1 <= j0:
-            continue
+    for i0, i1, j0, j1 in _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset):
         T, W = i1 - i0, j1 - j0
         scores, m, qt = _block(q, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, scale, dtype)
         c_tile = c[:, :, i0:i1]
