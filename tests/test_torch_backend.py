@@ -257,6 +257,7 @@ def test_scale_or_ramp_requiring_grad_is_refused_not_silently_dropped():
     dict(causal=False, span=torch.tensor([40.0, 3.0]), ramp=8.0),
     dict(causal=True, span=torch.tensor([40.0]), ramp=8.0, key_lengths=torch.tensor([300, 90]),
          q_offset=torch.tensor([0, 7])),
+    dict(causal=True, key_lengths=torch.tensor([300, 90]), q_offset=torch.tensor([5, -20])),
 ])
 def test_tiles_cover_every_row_once_within_the_block_budget(monkeypatch, kw):
     import importlib
@@ -269,8 +270,16 @@ def test_tiles_cover_every_row_once_within_the_block_budget(monkeypatch, kw):
     tiles = list(tiled._tiles(2, 4, Lq, Lk, **args))
     heights = set()
     covered = []
-    for i0, i1, j0, j1 in tiles:
+    for i0, i1, j0, j1, masked_from in tiles:
         assert (j0, j1) == tiled._window(i0, i1, Lk, **args)
+        assert j0 <= masked_from <= j1
+        if args["span"] is None:  # keys before masked_from are allowed for every row of the tile
+            for b, offset in enumerate(args["q_offset"].tolist()):
+                for i in range(i0, i1):
+                    limit = j1 if not args["causal"] else i + offset + 1
+                    if args["key_lengths"] is not None:
+                        limit = min(limit, int(args["key_lengths"][b]))
+                    assert masked_from <= max(j0, limit)
         assert (i1 - i0) * (j1 - j0) <= 3000 or i1 - i0 <= tiled.MIN_TILE
         covered.extend(range(i0, i1))
         heights.add(i1 - i0)
@@ -313,9 +322,11 @@ def test_lower_bound_is_below_c_and_newton_from_below_reaches_it(alpha, weights)
     m = torch.where(torch.isfinite(s), m, 0.0)
     m_arg = None if weights is None else m
     eps = torch.full((64, 1), alpha - 1, dtype=torch.float64)
-    top = s.amax(-1, keepdim=True)
+    chunk_top, chunk_weight = E._chunk_maxima(s, m_arg)
+    top = chunk_top.amax(-1, keepdim=True)
+    assert torch.equal(top, s.amax(-1, keepdim=True))
     top = torch.where(torch.isfinite(top), top, 0.0)
-    bound = top + E._lower_bound(s, top, m_arg, eps)
+    bound = top + E._lower_bound(chunk_top - top, chunk_weight, eps)
     rows = torch.isfinite(s).any(-1)
     exact = torch.from_numpy(_exact_c(s[rows], m[rows], alpha - 1))
     assert (bound[rows] <= exact + 1e-12).all()

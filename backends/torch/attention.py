@@ -115,16 +115,18 @@ MIN_TILE = 16
 
 
 def _limits(span, ramp, key_lengths, q_offset):
-    """The numbers _window needs, read from the tensors once per call: (smallest offset,
-    largest offset, longest key_lengths or None, span reach z + R or None)."""
+    """The numbers _window and _block need, read from the tensors once per call: (smallest
+    offset, largest offset, longest key_lengths or None, span reach z + R or None, shortest
+    key_lengths or None)."""
     offsets = q_offset.tolist()
     max_length = None if key_lengths is None else int(key_lengths.max())
+    min_length = None if key_lengths is None else int(key_lengths.min())
     reach = None if span is None else float(span.max()) + ramp
-    return min(offsets), max(offsets), max_length, reach
+    return min(offsets), max(offsets), max_length, reach, min_length
 
 
 def _window_within(i0, i1, Lk, causal, limits):
-    first_offset, last_offset, max_length, reach = limits
+    first_offset, last_offset, max_length, reach, _ = limits
     first, last = i0 + first_offset, i1 - 1 + last_offset  # positions of the tile's rows
     j0, j1 = 0, Lk
     if max_length is not None:
@@ -154,8 +156,8 @@ def _sum_groups(x):
 
 
 def _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset):
-    """(i0, i1, j0, j1) for each query tile: rows i0..i1-1 and the keys j0..j1-1 they may
-    read; tiles with no key in reach are left out.
+    """(i0, i1, j0, j1, masked_from) for each query tile: rows i0..i1-1 and the keys j0..j1-1
+    they may read (masked_from: see _masked_from); tiles with no key in reach are left out.
 
     Each tile is as tall as keeps its [B, H, T, W] block within BLOCK_ELEMENTS (and at least
     MIN_TILE rows): causal rows near the start and span heads read few keys, so their tiles
@@ -166,7 +168,7 @@ def _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset):
     if torch.compiler.is_compiling():
         tile = max(MIN_TILE, elements // max(1, Lk))
         for i0 in range(0, Lq, tile):
-            yield i0, min(Lq, i0 + tile), 0, Lk
+            yield i0, min(Lq, i0 + tile), 0, Lk, 0
         return
     limits = _limits(span, ramp, key_lengths, q_offset)
     i0 = 0
@@ -183,8 +185,24 @@ def _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset):
                 high = middle - 1
         j0, j1 = _window_within(i0, i0 + T, Lk, causal, limits)
         if j1 > j0:
-            yield i0, i0 + T, j0, j1
+            yield i0, i0 + T, j0, j1, _masked_from(i0, j0, j1, span, causal, limits)
         i0 += T
+
+
+def _masked_from(i0, j0, j1, span, causal, limits):
+    """The first key of the window that some row of the tile may not read: keys before it are
+    allowed for every row (causal: up to the tile's first position; key_lengths: below the
+    shortest), so _block masks only the rest, on a causal call the tile's diagonal square.
+    With span every key needs its weight: the whole window."""
+    if span is not None:
+        return j0
+    first_offset, _, _, _, min_length = limits
+    bound = j1
+    if causal:
+        bound = min(bound, i0 + first_offset + 1)
+    if min_length is not None:
+        bound = min(bound, min_length)
+    return max(j0, bound)
 
 
 def _prepare(k, v, key_lengths, dtype, transpose_v):
@@ -201,18 +219,20 @@ def _prepare(k, v, key_lengths, dtype, transpose_v):
     return kc, kc.transpose(-1, -2), vc, vc.transpose(-1, -2) if transpose_v else None
 
 
-def _block(q, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, scale, dtype):
+def _block(q, kT, i0, i1, j0, j1, masked_from, span, ramp, causal, key_lengths, q_offset, scale, dtype):
     """Rows i0..i1-1 against keys j0..j1-1: (scores [B, H, T, W] holding -inf wherever a key
     is not allowed, m [B, H, T, W] or None without span, the query tile qt).
 
     m is the span weight alone; where causal or key_lengths exclude a key its score is -inf,
-    which gives p = 0 whatever m says. Rows that may read no key have their query zeroed (it
-    may hold NaN there, SPEC.md 5.3)."""
+    which gives p = 0 whatever m says. Keys before masked_from are allowed for every row (no
+    mask is built for them). Rows that may read no key have their query zeroed (it may hold
+    NaN there, SPEC.md 5.3)."""
     B, H, _, _ = q.shape
     Hkv = kT.shape[1]
     device = q.device
     T, W = i1 - i0, j1 - j0
-    keys = torch.arange(j0, j1, device=device)
+    a = masked_from if span is None else j0
+    keys = torch.arange(a, j1, device=device)
     allowed = None  # [B, 1, T, W] from causal and key_lengths
     if key_lengths is not None:
         allowed = (keys[None, :] < key_lengths.to(device)[:, None])[:, None, None, :]
@@ -227,12 +247,13 @@ def _block(q, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, sca
         allowed = (m > 0) if allowed is None else allowed & (m > 0)
     qt = scale * q[:, :, i0:i1].to(dtype)
     bias = None
-    if allowed is not None:
-        qt = torch.where(allowed.any(-1, keepdim=True), qt, 0.0)
+    if allowed is not None and a < j1:
+        if a == j0:  # else every row may read keys j0..a-1
+            qt = torch.where(allowed.any(-1, keepdim=True), qt, 0.0)
         bias = torch.where(allowed, 0.0, -torch.inf).to(dtype)
     scores = torch.matmul(_grouped(qt, Hkv), kT[:, :, None, :, j0:j1]).reshape(B, H, T, W)
     if bias is not None:
-        scores.add_(bias)  # -inf where not allowed; cheaper than masked_fill on CPU
+        scores[..., a - j0:].add_(bias)  # -inf where not allowed; cheaper than masked_fill on CPU
     return scores, m, qt
 
 
@@ -289,8 +310,8 @@ def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, sca
     _, kT, vc, _ = _prepare(k, v, key_lengths, dtype, transpose_v=False)
     out = torch.zeros((B, H, Lq, Dv), dtype=dtype, device=q.device)
     c = torch.zeros((B, H, Lq, 1), dtype=dtype, device=q.device)
-    for i0, i1, j0, j1 in _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset):
-        scores, m, _ = _block(q, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, scale, dtype)
+    for i0, i1, j0, j1, masked_from in _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset):
+        scores, m, _ = _block(q, kT, i0, i1, j0, j1, masked_from, span, ramp, causal, key_lengths, q_offset, scale, dtype)
         p, c_tile = _entmax.solve_masked_rows(scores, m, eps)
         out[:, :, i0:i1] = torch.matmul(_grouped(p, Hkv), vc[:, :, None, j0:j1]).reshape(B, H, i1 - i0, Dv)
         c[:, :, i0:i1] = c_tile
@@ -309,9 +330,9 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
     dalpha = torch.zeros((H,), dtype=dtype, device=q.device)
     dspan = torch.zeros((H,), dtype=dtype, device=q.device)
     dout = grad_out.to(dtype)
-    for i0, i1, j0, j1 in _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset):
+    for i0, i1, j0, j1, masked_from in _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset):
         T, W = i1 - i0, j1 - j0
-        scores, m, qt = _block(q, kT, i0, i1, j0, j1, span, ramp, causal, key_lengths, q_offset, scale, dtype)
+        scores, m, qt = _block(q, kT, i0, i1, j0, j1, masked_from, span, ramp, causal, key_lengths, q_offset, scale, dtype)
         dout_t = dout[:, :, i0:i1]
         g = torch.matmul(_grouped(dout_t, Hkv), vT[:, :, None, :, j0:j1]).reshape(B, H, T, W)
         p, ds, deps, dspan_rows = _rows_vjp(scores, m, eps, c[:, :, i0:i1], g, alpha_grad, ramp)

@@ -87,33 +87,38 @@ def _chunked(x, fill):
     return x.reshape(x.shape[:-1] + (x.shape[-1] // CHUNK, CHUNK))
 
 
-def _lower_bound(s, top, m, safe):
-    """A lower bound of c - top for every row, in closed form (no iteration).
+def _chunk_maxima(s, m):
+    """(chunk_top [..., n / CHUNK], chunk_weight or None): the largest score of each CHUNK
+    consecutive keys and that key's weight (m None: all ones). The row's top is their max, so
+    one pass over the row gives both."""
+    chunks = _chunked(s, -torch.inf)
+    if m is None:
+        return chunks.amax(-1), None
+    chunk_top, where = chunks.max(-1)
+    return chunk_top, _chunked(m.expand(s.shape), 0.0).gather(-1, where[..., None])[..., 0]
+
+
+def _lower_bound(chunk_top, chunk_weight, safe):
+    """A lower bound of c - top for every row, in closed form (no iteration), from the chunk
+    maxima less the row's top (see _chunk_maxima).
 
     If k keys each have a score >= a and a weight >= w, then at c' = a + (1 - (k w)^-eps)/eps
     each of them has p = m (1 + eps (s - c'))^(1/eps) >= w (k w)^-1 = 1/k: the row sums to
-    >= 1 there, so c' <= c. The keys are the top key of each CHUNK keys (distinct keys),
-    sorted by score: a is the k-th largest score and w the smallest weight among those k
-    keys; the best of k = 1..BOUND_KEYS is taken. One pass over the row and a top-k over
-    n / CHUNK maxima: an iterated bound (Newton on the chunk maxima) was 2x tighter but cost
-    twice the whole solve that follows it."""
-    chunks = _chunked(s, -torch.inf)
-    if m is None:
-        chunk_top = chunks.amax(-1)
-    else:
-        chunk_top, where = chunks.max(-1)
-        chunk_weight = _chunked(m.expand(s.shape), 0.0).gather(-1, where[..., None])[..., 0]
-    chunk_top = chunk_top - top
+    >= 1 there, so c' <= c. The keys are the chunks' top keys (distinct keys), sorted by
+    score: a is the k-th largest score and w the smallest weight among those k keys; the best
+    of k = 1..BOUND_KEYS is taken, and, with weights, each top key alone (k = 1 with its own
+    weight: a small weight among the highest scores weakens the k-key bounds, not this one).
+    A top-k over n / CHUNK maxima: an iterated bound (Newton on the chunk maxima) was 2x
+    tighter but cost twice the whole solve that follows it."""
     k = min(BOUND_KEYS, chunk_top.shape[-1])
     a, order = torch.topk(chunk_top, k, dim=-1)  # descending
-    log_kw = torch.log(torch.arange(1, k + 1, dtype=s.dtype, device=s.device))
-    if m is not None:  # a -inf score (no allowed key in the chunk) may have weight 0
+    log_kw = torch.log(torch.arange(1, k + 1, dtype=chunk_top.dtype, device=chunk_top.device))
+    if chunk_weight is not None:  # a -inf score (no allowed key in the chunk) may have weight 0
         weight = torch.where(torch.isfinite(a), chunk_weight.gather(-1, order), 1.0).cummin(-1).values
         log_kw = log_kw + torch.log(weight)
     bound = torch.where(torch.isfinite(a), a - torch.expm1(-safe * log_kw) / safe, -torch.inf)
     bound = bound.amax(-1, keepdim=True)
-    if m is not None:  # k = 1 for every chunk's top key with its own weight: a small weight
-        # among the highest scores weakens the k-key bounds above, not this one
+    if chunk_weight is not None:
         alone = chunk_top - torch.expm1(-safe * torch.log(chunk_weight)) / safe
         bound = torch.maximum(bound, torch.where(torch.isfinite(chunk_top), alone, -torch.inf).amax(-1, keepdim=True))
     return torch.where(torch.isfinite(bound), bound, 0.0)
@@ -172,11 +177,12 @@ def solve_masked_rows(s, m, eps):
         # span tiles whose candidates were half the window (Newton on [..., K] from c0 needs
         # few steps; the log-space solve with bisection on [..., n] many more, each dearer).
         n = s.shape[-1]
-        top = s.amax(-1, keepdim=True)
+        chunk_top, chunk_weight = _chunk_maxima(s, m)
+        top = chunk_top.amax(-1, keepdim=True)
         nonempty = torch.isfinite(top)
         top = torch.where(nonempty, top, 0.0)
         safe = _safe_eps(eps)
-        c0 = top + _lower_bound(s, top, m, safe)
+        c0 = top + _lower_bound(chunk_top - top, chunk_weight, safe)
         index, valid = compact(s > c0 - 1 / safe - _margin(c0, safe))  # empty rows have none
         shifted = torch.where(valid, s.gather(-1, index) - top, -torch.inf)
         m_k = None if m is None else torch.where(valid, m.expand(s.shape).gather(-1, index), 0.0)
