@@ -342,3 +342,28 @@ def test_lower_bound_is_below_c_and_newton_from_below_reaches_it(alpha, weights)
     # the unnormalised sum, not p / sum p, shows whether c is right
     torch.testing.assert_close(p.sum(-1)[rows], torch.ones(int(rows.sum()), dtype=torch.float64), rtol=0, atol=1e-12)
     assert (p[~rows] == 0).all()
+
+
+def test_the_bracketed_fallback_takes_over_when_newton_from_below_runs_out_of_steps(monkeypatch):
+    import importlib
+
+    E = importlib.import_module("attnspec.backends.torch.entmax")
+    g = torch.Generator().manual_seed(8)
+    s = 3.0 * torch.randn(32, 500, generator=g, dtype=torch.float64)
+    s[5] = -torch.inf  # a row with no key
+    eps = torch.full((32, 1), 0.5, dtype=torch.float64)
+    expected, c_expected = E.solve_masked_rows(s, None, eps)
+    original, calls = E._bracketed, []
+
+    def bracketed(*args):
+        calls.append(1)
+        return original(*args)
+
+    # one Newton step per stage: too few to converge, so the fallback must finish the solve
+    monkeypatch.setattr(E, "PRUNE_AFTER", 1)
+    monkeypatch.setattr(E, "ITERATIONS", {torch.float64: 1, torch.float32: 1})
+    monkeypatch.setattr(E, "_bracketed", bracketed)
+    p, c = E.solve_masked_rows(s, None, eps)
+    assert calls
+    torch.testing.assert_close(c, c_expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(p, expected, rtol=0, atol=1e-12)
