@@ -8,7 +8,9 @@ B=1, H=4, D=64, causal, forward + backward, median of repeated runs, on this mac
 2. alpha = 1 with span z = 256, R = 32 at L = 4096 against SDPA's full causal attention
    (target <= 1x);
 3. with --memory: peak memory of one forward+backward at L = 8192 (target: within 2x of SDPA),
-   as the growth of peak RSS in a fresh subprocess per configuration.
+   as the growth of peak RSS in a fresh subprocess per configuration;
+4. with --eager-crossover: torch-eager against the tiled torch from tiny calls up, which sets
+   torch-eager's size cap (automatic selection gives it only calls where it is not slower).
 """
 
 from __future__ import annotations
@@ -134,6 +136,43 @@ def peak_memory(L=8192):
     return rows
 
 
+#: (B, H, Lq, Lk) of the crossover table, with a soft span of Lk / 4 and R = 16, causal.
+CROSSOVER_SHAPES = [(1, 4, 8, 8), (1, 4, 32, 32), (4, 4, 32, 32), (1, 8, 1, 256), (4, 4, 64, 64),
+                    (2, 4, 128, 128), (8, 8, 1, 1024), (1, 4, 512, 512), (8, 4, 256, 256)]
+
+
+def eager_crossover(repeats=5):
+    """Rows of torch-eager's and the tiled torch's forward+backward CPU time (process time,
+    median) at alpha = 1 and 1.5, with gradients for q, k, v, alpha and span."""
+    import time
+
+    rows = []
+    for B, H, Lq, Lk in CROSSOVER_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(B, H, Lq, 64, generator=g).requires_grad_(True)
+        k, v = (torch.randn(B, H, Lk, 64, generator=g).requires_grad_(True) for _ in range(2))
+        for alpha in (1.0, 1.5):
+            seconds = {}
+            for backend in ("torch-eager", "torch"):
+                a = torch.full((H,), alpha, requires_grad=True)
+                span = torch.full((H,), Lk / 4, requires_grad=True)
+
+                def call():
+                    out = attnspec.attention(q, k, v, alpha=a, span=span, ramp=16.0, causal=True, backend=backend)
+                    out.sum().backward()
+
+                call()
+                times = []
+                for _ in range(repeats):
+                    start = time.process_time()
+                    call()
+                    times.append(time.process_time() - start)
+                seconds[backend] = sorted(times)[len(times) // 2]
+            rows.append(dict(B=B, H=H, Lq=Lq, Lk=Lk, scores=B * H * Lq * Lk, alpha=alpha, eager_s=seconds["torch-eager"],
+                             tiled_s=seconds["torch"], eager_over_tiled=seconds["torch-eager"] / seconds["torch"]))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
@@ -142,9 +181,21 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak memory at L=8192 (fresh subprocess per configuration)")
+    parser.add_argument("--eager-crossover", action="store_true",
+                        help="only time torch-eager against the tiled torch from tiny calls up, and print that")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.eager_crossover:
+        print(f"{'B':>2} {'H':>2} {'Lq':>4} {'Lk':>5} {'scores':>8} {'alpha':>5} {'eager ms':>9} {'tiled ms':>9} {'eager/tiled':>11}")
+        rows = eager_crossover(args.repeats if args.repeats != 3 else 5)
+        for r in rows:
+            print(f"{r['B']:>2} {r['H']:>2} {r['Lq']:>4} {r['Lk']:>5} {r['scores']:>8} {r['alpha']:>5} "
+                  f"{1e3 * r['eager_s']:>9.2f} {1e3 * r['tiled_s']:>9.2f} {r['eager_over_tiled']:>11.2f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), f, indent=2)
+        return
     result = run(quick=args.quick, repeats=args.repeats)
     if args.memory:
         result["memory"] = peak_memory(2048 if args.quick else 8192)

@@ -101,8 +101,17 @@ def test_eager_path_declares_a_size_cap():
     assert decision.selected == "torch"  # the tiled path takes what the eager one refuses
     reasons = dict(decision.considered)["torch-eager"]
     assert reasons == ["B*H*Lq*Lk=67108864 score entries (supported: <= 16777216)"]
-    small = torch.empty(1, 4, 64, 8, device="meta")
+    assert attnspec.explain(q, k, k, backend="torch-eager").selected is None  # the cap holds by name too
+    # automatic selection gives it tiny calls only (the tiled path is faster above); by name
+    # it runs up to its cap
+    small = torch.empty(1, 4, 32, 8, device="meta")
     assert attnspec.explain(small, small, small).selected == "torch-eager"
+    larger = torch.empty(1, 4, 33, 8, device="meta")
+    decision = attnspec.explain(larger, larger, larger)
+    assert decision.selected == "torch"
+    assert dict(decision.considered)["torch-eager"] == [
+        "B*H*Lq*Lk=4356 score entries: automatic selection gives it <= 4096 (runs larger calls when named)"]
+    assert attnspec.explain(larger, larger, larger, backend="torch-eager").selected == "torch-eager"
 
 
 def test_empty_rows_and_nan_padding_give_zero_not_nan():

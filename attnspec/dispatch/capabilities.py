@@ -23,6 +23,9 @@ class Capabilities:
     features: the optional parts of SPEC.md it implements (names from validation.FEATURES).
     max_head_dim: largest D and Dv (None: no limit).
     max_scores: largest B*H*Lq*Lk, for paths that materialise the scores (None: no limit).
+    automatic_max_scores: largest B*H*Lq*Lk that automatic selection gives this kernel (None:
+        no limit); named explicitly it runs up to max_scores. For a path that is slower than
+        another above some size but useful by name (e.g. an obviously-correct oracle).
     """
 
     array_type: str
@@ -31,6 +34,15 @@ class Capabilities:
     features: frozenset = frozenset()
     max_head_dim: int | None = None
     max_scores: int | None = None
+    automatic_max_scores: int | None = None
+
+    def automatic_reasons(self, call: CallInfo) -> list[str]:
+        """Why automatic selection passes over a call this kernel could run (empty: it does not)."""
+        scores = call.sizes.get("scores", 0)
+        if self.automatic_max_scores is not None and scores > self.automatic_max_scores:
+            return [f"B*H*Lq*Lk={scores} score entries: automatic selection gives it <= "
+                    f"{self.automatic_max_scores} (runs larger calls when named)"]
+        return []
 
     def reasons(self, call: CallInfo) -> list[str]:
         reasons = []

@@ -108,6 +108,8 @@ def _reasons(entry, call: CallInfo, automatic: bool):
     reasons = kernel.not_supported_reasons(call)
     if automatic and not entry.backend.automatic and not reasons:
         reasons = ["runs only when named (backend=, use_backend or ATTNSPEC_BACKEND)"]
+    if automatic and not reasons:
+        reasons = kernel.capabilities.automatic_reasons(call)
     return kernel, reasons
 
 
@@ -186,6 +188,8 @@ def _size_limits(op: str, backends) -> tuple | None:
             limits.update((("D", caps.max_head_dim), ("Dv", caps.max_head_dim)))
         if caps.max_scores is not None:
             limits.add(("scores", caps.max_scores))
+        if caps.automatic_max_scores is not None:
+            limits.add(("scores", caps.automatic_max_scores))
     return tuple(sorted(limits))
 
 

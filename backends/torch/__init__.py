@@ -26,6 +26,10 @@ from . import span as _span
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 #: torch-eager materialises B*H*Lq*Lk scores (several buffers of them): it declares a cap.
 EAGER_MAX_SCORES = 1 << 24
+#: Automatic selection gives it only tiny calls: on CPU the tiled path measured faster at every
+#: size down to 1x4x8x8 (by 1.04-1.36x up to 4096 scores, 3-5x at 2^21-2^22 scores; python -m
+#: attnspec.bench.torch_targets --eager-crossover). Named, it runs up to EAGER_MAX_SCORES.
+EAGER_AUTOMATIC_MAX_SCORES = 1 << 12
 
 
 def _fake_saved(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
@@ -82,7 +86,7 @@ EAGER = Backend(
     kernels={
         "attention": Kernel("attention", eager_attention, Capabilities(
             array_type="torch", devices=_devices(), dtypes=DTYPES, features=all_features("attention"),
-            max_scores=EAGER_MAX_SCORES)),
+            max_scores=EAGER_MAX_SCORES, automatic_max_scores=EAGER_AUTOMATIC_MAX_SCORES)),
         **_standalone_kernels(),
     },
     priority=20,
