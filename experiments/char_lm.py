@@ -17,7 +17,8 @@ per head, and the attention cost implied by the spans, as JSON, a Markdown table
     python -m experiments.char_lm --set arms=span --set span_init=1 --set seeds=0   # one variant
 
 Attention runs on attnspec's tiled `torch` backend by name (Config.backend): for these calls
-the dispatcher's choice, `torch-eager`, was 3-7x slower at alpha = 1 (it has no softmax path).
+the dispatcher's choice, `torch-eager`, is slower (3.3x at alpha = 1, 2x with learned alpha, at
+the full preset's [8, 2, 256, 32]; it has no softmax path).
 
 Runs execute in `--workers` processes with one torch thread each (on a shared 2-core machine
 two single-threaded processes are much faster than one process with two threads).
