@@ -14,6 +14,11 @@ per head, and the attention cost implied by the spans, as JSON, a Markdown table
 
     python -m experiments.char_lm --preset full     # the committed results (9 runs)
     python -m experiments.char_lm --preset smoke    # a few seconds: the pipeline end to end
+    python -m experiments.char_lm --set arms=span --set span_init=1 --set seeds=0   # one variant
+
+Attention runs on attnspec's tiled `torch` backend by name (Config.backend): for these calls
+the dispatcher's choice, `torch-eager`, is slower (3.3x at alpha = 1, 2x with learned alpha, at
+the full preset's [8, 2, 256, 32]; it has no softmax path).
 
 Runs execute in `--workers` processes with one torch thread each (on a shared 2-core machine
 two single-threaded processes are much faster than one process with two threads).
@@ -71,19 +76,26 @@ class Config:
     warmup: int
     alpha_init: float
     eval_every: int
-    eval_chars: int  # held-out bytes for the curve; the final number uses all of it
+    eval_chars: int  # held-out bytes for the curve (windows spread over the held-out text)
     final_eval_chars: int
     seeds: tuple = (0, 1, 2)
     span_init: float = 0.0
     clip: float = 1.0
     arms: tuple = field(default=ARMS)
+    # The attnspec backend every arm's attention runs on (None: the dispatcher chooses).
+    backend: str | None = "torch"
 
 
 PRESETS = {
-    # 9 runs; sized so that the whole experiment fits in about 10 minutes on 2 CPU cores.
-    "full": Config(steps=200, batch=8, context=256, d_model=64, n_heads=4, n_layers=2, ramp=32.0,
-                   span_coef=2e-6, lr=3e-3, warmup=20, alpha_init=1.5, eval_every=50,
-                   eval_chars=8192, final_eval_chars=32768),
+    # 9 runs in at most 10 minutes on 2 shared CPU cores (README: the measured wall time and load).
+    # 2 heads of 32 at batch 8: the learned-alpha solve of the `torch` backend costs ~3.5x more at
+    # batch x heads = 32 than at 16 for twice the work, so 8 x 2 learns from twice the tokens of
+    # 4 x 4 per step at about the same cost. Span settings as the adaptive-span paper (Sukhbaatar
+    # et al. 2019, and its enwik8 scripts): theta starts at 0, ramp R = 32, span-loss coefficient
+    # 2e-6 per token of mean span per layer.
+    "full": Config(steps=400, batch=8, context=256, d_model=64, n_heads=2, n_layers=2, ramp=32.0,
+                   span_coef=2e-6, lr=1e-2, warmup=50, alpha_init=1.5, eval_every=100,
+                   eval_chars=8192, final_eval_chars=1 << 20),
     # The pipeline end to end in a few seconds (numbers meaningless).
     "smoke": Config(steps=4, batch=2, context=32, d_model=16, n_heads=2, n_layers=1, ramp=8.0,
                     span_coef=2e-6, lr=3e-3, warmup=1, alpha_init=1.5, eval_every=2, eval_chars=512,
@@ -160,12 +172,12 @@ def build_model(cfg: Config, arm: str):
     from attnspec.layers.torch import SpanAttention
 
     if arm == "full":
-        attn = dict()
+        attn = dict(backend=cfg.backend)
     elif arm == "span":
-        attn = dict(max_span=cfg.context, ramp=cfg.ramp, span_init=cfg.span_init)
+        attn = dict(max_span=cfg.context, ramp=cfg.ramp, span_init=cfg.span_init, backend=cfg.backend)
     elif arm == "span+alpha":
         attn = dict(max_span=cfg.context, ramp=cfg.ramp, span_init=cfg.span_init, alpha=cfg.alpha_init,
-                    learn_alpha=True)
+                    learn_alpha=True, backend=cfg.backend)
     else:
         raise ValueError(f"arm={arm!r} is not one of {ARMS}")
 
@@ -206,21 +218,39 @@ def batch_starts(seed: int, cfg: Config, n_train: int) -> np.ndarray:
 
 
 def evaluate(model, data, cfg: Config, limit: int) -> float:
-    """Bits per byte on the first `limit` bytes of `data`, in windows of cfg.context + 1."""
+    """Bits per byte on `limit` bytes of `data` in windows of cfg.context + 1 bytes, the windows
+    evenly spaced over all of `data` (all of them when limit covers it). Spread out, not the
+    first `limit` bytes: the held-out files open with long prose (heapq.py's essay), so a prefix
+    would measure docstrings rather than the held-out text."""
     import torch
 
-    n = min(limit, len(data)) // (cfg.context + 1) * (cfg.context + 1)
-    tokens = torch.from_numpy(data[:n].astype(np.int64)).view(-1, cfg.context + 1)
+    width = cfg.context + 1
+    available = len(data) // width
+    count_windows = max(1, min(available, limit // width))
+    tokens = torch.from_numpy(data[:available * width].astype(np.int64)).view(available, width)
+    if count_windows < available:
+        tokens = tokens[np.linspace(0, available - 1, count_windows).round().astype(np.int64)]
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for chunk in tokens.split(32):
+        for chunk in tokens.split(cfg.batch):  # the training shapes (see PRESETS on speed)
             logits = model(chunk[:, :-1])
             total += torch.nn.functional.cross_entropy(
                 logits.reshape(-1, 256), chunk[:, 1:].reshape(-1), reduction="sum").item()
             count += chunk[:, 1:].numel()
     model.train()
     return total / count / LN2
+
+
+def bigram_bpc(train: bytes, heldout: bytes, smoothing: float = 0.01) -> float:
+    """Bits per byte on `heldout` of a bigram model counted on `train` (add-`smoothing`): the
+    yardstick a model must beat to use more than the previous byte."""
+    counts = np.full((256, 256), smoothing)
+    a = np.frombuffer(train, dtype=np.uint8)
+    np.add.at(counts, (a[:-1], a[1:]), 1.0)
+    log_p = np.log2(counts / counts.sum(1, keepdims=True))
+    b = np.frombuffer(heldout, dtype=np.uint8)
+    return float(-log_p[b[:-1], b[1:]].mean())
 
 
 def attention_cost(spans, ramp: float, context: int):
@@ -346,8 +376,10 @@ def markdown(result: dict) -> str:
         f"stdlib source, held-out {result['corpus']['heldout_eval_bytes']:,} bytes "
         f"({', '.join(HELDOUT_FILES)}); {cfg['n_layers']} layers, d_model {cfg['d_model']}, "
         f"{cfg['n_heads']} heads, context {cfg['context']} (= max span), R = {cfg['ramp']:g}, "
-        f"{cfg['steps']} steps of {cfg['batch']}x{cfg['context']} bytes, seeds {list(cfg['seeds'])}; "
-        f"every arm of a seed has the same initial weights and batches.",
+        f"{cfg['steps']} steps of {cfg['batch']}x{cfg['context']} bytes, Adam lr {cfg['lr']:g} ({cfg['warmup']} "
+        f"warm-up steps, cosine to a tenth), seeds {list(cfg['seeds'])}; span: θ starts at {cfg['span_init']:g}, "
+        f"span-loss coefficient {cfg['span_coef']:g}; learned α starts at {cfg['alpha_init']:g}. "
+        f"Every arm of a seed has the same initial weights and batches.",
         "",
         "| arm | held-out bpc (mean ± sd) | Δ vs full, paired (mean ± sd) | mean span (of "
         f"{cfg['context']}) | α per head (mean over seeds) | keys per query vs full: at context {cfg['context']} / "
@@ -360,6 +392,10 @@ def markdown(result: dict) -> str:
         alphas = " / ".join(", ".join(f"{a:.2f}" for a in layer) for layer in e["alpha_per_head_mean"])
         cost = f"{100 * e['cost_at_context_mean']:.0f} % / {100 * e['cost_in_window_mean']:.0f} %"
         lines.append(f"| {arm} | {e['bpc_mean']:.4f} ± {e['bpc_sd']:.4f} | {delta} | {span} | {alphas} | {cost} |")
+    bigram = result["corpus"].get("bigram_heldout_bpc")
+    if bigram is not None:
+        lines += ["", f"Yardstick: a bigram model counted on the training bytes (add-0.01) scores {bigram:.4f} bpc "
+                      f"on the held-out text."]
     lines += ["", "Spans per head (mean over seeds; layers separated by /):", ""]
     for arm, e in summary.items():
         if "spans_per_head_mean" in e:
@@ -376,8 +412,13 @@ def markdown(result: dict) -> str:
                        else "NOT met: higher bpc than full, by more than the spread")
             lines.append(f"- {arm}: mean span {100 * e['span_fraction_of_max']:.1f} % of the maximum; "
                          f"Δ bpc {delta:+.4f} vs spread {summary['full']['bpc_sd']:.4f}: {verdict}")
-    lines += ["", f"Wall time {result['wall_seconds']:.0f} s with {result['workers']} worker process(es) of "
-                  f"one torch thread on {result['machine']} (a shared machine: other jobs were running)."]
+    load = result.get("load_average_1min")
+    load_text = (f"; 1-minute load average {load['before']:.1f} before the runs started, {load['after']:.1f} "
+                 f"when they ended" if load else "")
+    lines += ["", f"Attention through attnspec backend `{result.get('backend', 'automatic selection')}`. "
+                  f"Wall time {result['wall_seconds']:.0f} s with {result['workers']} worker process(es) of "
+                  f"one torch thread on {result['machine']} (a shared machine: other jobs were running"
+                  f"{load_text})."]
     return "\n".join(lines) + "\n"
 
 
@@ -396,7 +437,7 @@ def plot(result: dict, path_prefix: Path) -> list[str]:
                 ax_curve.plot([c["step"] for c in r["curve"]], [c["heldout_bpc"] for c in r["curve"]],
                               color=colours[arm], alpha=0.6, label=arm if r["seed"] == summary[arm]["seeds"][0] else None)
     ax_curve.set_xlabel("step")
-    ax_curve.set_ylabel(f"held-out bpc (first {cfg['eval_chars']} bytes)")
+    ax_curve.set_ylabel(f"held-out bpc ({cfg['eval_chars']} bytes, spread)")
     ax_curve.set_title("training curves, every seed")
     ax_curve.legend()
     for x, arm in enumerate(summary):
@@ -454,6 +495,7 @@ def run(preset: str = "full", *, out_dir: Path | None = RESULTS_DIR, workers: in
     manifest = Path(manifest or default_manifest())
     train_bytes, heldout_bytes, manifest_data = load_corpus(manifest)  # fail early, before forking
     jobs = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
+    load_before = os.getloadavg()[0]  # other jobs on the machine, before ours start
     t0 = time.perf_counter()
     if workers <= 1:
         runs = [train_run(arm, seed, cfg, str(manifest)) for arm, seed in jobs]
@@ -464,6 +506,7 @@ def run(preset: str = "full", *, out_dir: Path | None = RESULTS_DIR, workers: in
             futures = {job: pool.submit(train_run, job[0], job[1], cfg, str(manifest)) for job in order}
             runs = [futures[job].result() for job in jobs]
     wall = time.perf_counter() - t0
+    load_after = os.getloadavg()[0]
     import torch
 
     result = {
@@ -473,10 +516,13 @@ def run(preset: str = "full", *, out_dir: Path | None = RESULTS_DIR, workers: in
         "corpus": {"python": manifest_data["python"], "manifest": manifest.name,
                    "train_bytes": len(train_bytes), "heldout_bytes": len(heldout_bytes),
                    "heldout_eval_bytes": runs[0]["heldout_bytes"],
-                   "manifest_sha256": _sha256(manifest.read_bytes())},
+                   "manifest_sha256": _sha256(manifest.read_bytes()),
+                   "bigram_heldout_bpc": bigram_bpc(train_bytes, heldout_bytes)},
         "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}, Python {platform.python_version()}",
         "workers": workers,
+        "backend": cfg.backend or "automatic selection",
         "wall_seconds": wall,
+        "load_average_1min": {"before": load_before, "after": load_after},
         "runs": runs,
     }
     result["summary"] = summarise(runs, cfg)
@@ -492,6 +538,29 @@ def run(preset: str = "full", *, out_dir: Path | None = RESULTS_DIR, workers: in
     return result
 
 
+def parse_overrides(items) -> dict:
+    """`FIELD=VALUE` strings -> Config overrides, each VALUE read as the field's type."""
+    fields = {f.name: f for f in Config.__dataclass_fields__.values()}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        current = getattr(PRESETS["full"], name)
+        if name == "backend":
+            out[name] = None if value.lower() in ("none", "auto", "") else value
+        elif name == "arms":
+            arms = tuple(value.split(","))
+            if not arms or any(a not in ARMS for a in arms):
+                raise ValueError(f"--set arms={value!r}: arms must be a comma-separated subset of {ARMS}")
+            out[name] = arms
+        elif name == "seeds":
+            out[name] = tuple(int(x) for x in value.split(","))
+        else:
+            out[name] = type(current)(value)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
@@ -503,6 +572,9 @@ def main(argv=None):
     parser.add_argument("--write-manifest", action="store_true",
                         help="record this interpreter's corpus files and hashes in --manifest, then stop")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's step count")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override any Config field of the preset (repeatable), e.g. --set lr=0.01 "
+                             "--set arms=full,span --set backend=none")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="only rewrite the Markdown table and plots of an existing results JSON")
     args = parser.parse_args(argv)
@@ -523,7 +595,12 @@ def main(argv=None):
         data = write_manifest(manifest)
         print(f"wrote {manifest}: {len(data['files'])} files")
         return 0
-    overrides = {} if args.steps is None else {"steps": args.steps}
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.steps is not None:
+        overrides["steps"] = args.steps
     try:
         result = run(args.preset, out_dir=args.out, workers=args.workers, plots=not args.no_plots,
                      manifest=manifest, overrides=overrides)

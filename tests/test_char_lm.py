@@ -88,3 +88,19 @@ def test_smoke_preset_runs_end_to_end(char_lm, manifest, tmp_path):
     assert (tmp_path / "char_lm_smoke.json").is_file() and "| span+alpha |" in (tmp_path / "char_lm_smoke.md").read_text()
     if plots:
         assert all(Path(p).stat().st_size > 0 for p in result["plots"])
+
+
+def test_set_overrides_parse_by_field_type(char_lm):
+    out = char_lm.parse_overrides(["lr=0.02", "steps=7", "arms=full,span", "backend=none", "seeds=1,2"])
+    assert out == {"lr": 0.02, "steps": 7, "arms": ("full", "span"), "backend": None, "seeds": (1, 2)}
+    with pytest.raises(ValueError, match="FIELD one of"):
+        char_lm.parse_overrides(["learning_rate=1"])
+    with pytest.raises(ValueError, match="arms must be"):
+        char_lm.parse_overrides(["arms=full,nope"])
+
+
+def test_bigram_yardstick(char_lm):
+    # A strictly alternating text is predictable from the previous byte: close to 0 bits.
+    assert char_lm.bigram_bpc(b"ab" * 500, b"ab" * 50) < 0.01
+    # Bytes never seen after their predecessor cost many bits (smoothing keeps them finite).
+    assert 10 < char_lm.bigram_bpc(b"ab" * 500, b"a" * 100) < 20
