@@ -14,12 +14,15 @@ Steps and what they measure (issue: Triton backend, "On a GPU"):
 - conformance: `thorough` profile on CUDA, backends triton and torch, every dtype, cell by
   cell (conformance_<backend>_<dtype>_<gpu>.json; cells not reached within the budget are
   listed as not run, never as passed).
-- targets: bench/triton_targets.py (AdaSplash, SDPA flash, FlexAttention window, peak memory)
-  and bench/adasplash_accuracy.py on CUDA.
+- targets: bench/triton_targets.py at L = 8k, 16k (AdaSplash, SDPA flash, peak memory) with
+  its accuracy item, and bench/adasplash_accuracy.py on CUDA.
 - autotune: bench/triton_autotune.py for head dim 64 (bfloat16), merged with any other runs
   in the step's results into table entries, then the dispatcher bench (`attnspec bench
   --preset gpu`) of the torch and triton backends against SDPA, FlexAttention and AdaSplash.
-- autotune-d128: the same sweep for head dim 128 (if device time is left).
+- targets-long: bench/triton_targets.py at L = 32k, 64k and the FlexAttention window target.
+- autotune-d128: the same sweep for head dim 128.
+In order of priority: conformance, targets, autotune (about 28 minutes of device time with the
+machine's start), then targets-long and autotune-d128 if time is left (or in another session).
 
 Wheels: if the checkout has a .whl/ folder (carried; see README's Triton section) with adasplash
 and entmax, a step first installs them with pip --no-index --no-deps into a folder of its own
@@ -64,10 +67,13 @@ STEPS = {
         *(_check("triton", d, 100, 140) for d in ("bfloat16", "float16", "float32")),
         *(_check("torch", d, 22, 35) for d in ("bfloat16", "float16", "float32")),
     ],
+    # AdaSplash autotunes (30 configurations per kernel) at each new L; the first L also compiles
+    # them all, hence the lengths split over two steps.
     "targets": [
-        SubStep("triton targets", ("attnspec.bench.triton_targets", "--out", "{results}"), 420),
-        SubStep("adasplash accuracy", ("attnspec.bench.adasplash_accuracy", "--budget-s", "60", "--out", "{results}"),
-                100),
+        SubStep("triton targets 8k 16k", ("attnspec.bench.triton_targets", "--lengths", "8192,16384", "--parts",
+                                          "ratios,accuracy", "--tag", "part1", "--out", "{results}"), 400),
+        SubStep("adasplash accuracy", ("attnspec.bench.adasplash_accuracy", "--budget-s", "70", "--out", "{results}"),
+                110),
     ],
     "autotune": [
         SubStep("autotune d64 bfloat16", ("attnspec.bench.triton_autotune", "--head-dim", "64", "--dtype", "bfloat16",
@@ -77,6 +83,11 @@ STEPS = {
                                          "triton", "--target", "sdpa", "--target", "flex", "--target", "adasplash",
                                          "--L", "1024,4096,16384", "--no-memory", "--out", "{results}/bench_gpu_{gpu}"),
                 240),
+    ],
+    "targets-long": [
+        SubStep("triton targets 32k 64k span", ("attnspec.bench.triton_targets", "--lengths", "32768,65536",
+                                                "--parts", "ratios,span", "--tag", "part2", "--out", "{results}"),
+                500),
     ],
     "autotune-d128": [
         SubStep("autotune d128 bfloat16", ("attnspec.bench.triton_autotune", "--head-dim", "128", "--dtype",

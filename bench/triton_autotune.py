@@ -19,7 +19,7 @@ also compiles), under the ATTNSPEC_TRITON_CONFIG override of backends/triton/tun
 A candidate that fails (too much shared memory, a compile error) is recorded with its error.
 The run stops starting new timings after --budget-s seconds and records that it was cut.
 Each run writes bench/results/triton_autotune_<gpu>_d<D>_<dtype>.json; `--merge DIR` gathers
-every such file of one GPU into triton_autotune_<gpu>.json and .png, with `table_entries`:
+every such file, per GPU, into triton_autotune_<gpu>.json and .png, with `table_entries`:
 the entries to paste into backends/triton/tuning.py's CONFIGS[<family>], ahead of its untuned
 ones (also printed). It also records alpha = 1 times and the winner's largest output
 difference against the untuned default (a tile order changes only the rounding).
@@ -206,27 +206,35 @@ def table_entries(results: list[dict], results_file: str) -> list[dict]:
     return entries
 
 
-def merge(directory: str) -> dict:
-    files = sorted(glob.glob(os.path.join(directory, "triton_autotune_*_d*_*.json")))
+RUN_FILE = re.compile(r"^triton_autotune_(.+)_d(\d+)_(bfloat16|float16|float32)\.json$")
+
+
+def merge(directory: str) -> list[dict]:
+    """Per GPU among the runs under `directory`: triton_autotune_<gpu>.json and .png, and the
+    table entries printed for pasting."""
+    files = sorted(f for f in glob.glob(os.path.join(directory, "triton_autotune_*.json"))
+                   if RUN_FILE.match(os.path.basename(f)))
     if not files:
         sys.exit(f"triton_autotune: no triton_autotune_<gpu>_d<D>_<dtype>.json under {directory}")
-    runs = [json.load(open(f)) for f in files]
-    devices = {r["device"] for r in runs}
-    if len(devices) != 1:
-        sys.exit(f"triton_autotune: --merge needs the runs of one GPU; found {sorted(devices)}")
-    device = devices.pop()
-    stem = os.path.join(directory, f"triton_autotune_{slug(device)}")
-    results_file = f"bench/results/{os.path.basename(stem)}.json"
-    merged = dict(device=device, capability=runs[0]["capability"], family=runs[0]["family"],
-                  runs=runs, table_entries=table_entries(runs, results_file))
-    with open(stem + ".json", "w") as f:
-        json.dump(merged, f, indent=2)
-    _plot(merged, stem + ".png")
-    print(f"wrote {stem}.json and {stem}.png")
-    print(f"paste into backends/triton/tuning.py, CONFIGS[{merged['family']!r}], ahead of its untuned entries:")
-    for entry in merged["table_entries"]:
-        print(f"    {json.dumps(entry)},")
-    return merged
+    by_device = {}
+    for f in files:
+        run = json.load(open(f))
+        by_device.setdefault(run["device"], []).append(run)
+    merged_all = []
+    for device, runs in sorted(by_device.items()):
+        stem = os.path.join(directory, f"triton_autotune_{slug(device)}")
+        results_file = f"bench/results/{os.path.basename(stem)}.json"
+        merged = dict(device=device, capability=runs[0]["capability"], family=runs[0]["family"],
+                      runs=runs, table_entries=table_entries(runs, results_file))
+        with open(stem + ".json", "w") as f:
+            json.dump(merged, f, indent=2)
+        _plot(merged, stem + ".png")
+        print(f"wrote {stem}.json and {stem}.png")
+        print(f"paste into backends/triton/tuning.py, CONFIGS[{merged['family']!r}], ahead of its untuned entries:")
+        for entry in merged["table_entries"]:
+            print(f"    {json.dumps(entry)},")
+        merged_all.append(merged)
+    return merged_all
 
 
 def _plot(merged, path):

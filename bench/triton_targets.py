@@ -81,8 +81,17 @@ def _peak(torch, fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def run(quick=False, repeats=5, checkpoint=None):
-    """The targets' results; checkpoint(result) is called after each target with what is done."""
+PARTS = ("ratios", "span", "accuracy")
+
+
+def run(quick=False, repeats=5, checkpoint=None, lengths=None, parts=PARTS):
+    """The targets' results; checkpoint(result) is called after each target with what is done.
+    lengths: those of targets 1, 2 and 4 (default 8k-64k); parts: which of PARTS to run
+    (ratios = targets 1, 2 and 4; span = 3; accuracy = 5), so that a run can be split into
+    calls of limited time."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"parts {sorted(unknown)} are not among {PARTS}")
     torch = _require_gpu()
     import triton
     from adasplash import adasplash
@@ -91,13 +100,15 @@ def run(quick=False, repeats=5, checkpoint=None):
 
     from . import adasplash_accuracy
 
-    lengths = [8192, 16384] if quick else [8192, 16384, 32768, 65536]
+    lengths = lengths or ([8192, 16384] if quick else [8192, 16384, 32768, 65536])
+    if "ratios" not in parts:
+        lengths = []
     tokens = 1 << (18 if quick else 20)
     rows, memory = [], []
     result = dict(device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
                   torch=torch.__version__, triton=triton.__version__, machine=platform.machine(),
                   adasplash=adasplash_accuracy._versions(torch).get("adasplash"), dtype="bfloat16", rows=rows,
-                  memory=memory, accuracy=None)
+                  memory=memory, accuracy=None, parts=list(parts))
     save = checkpoint or (lambda result: None)
 
     def ours(alpha, span=None):
@@ -128,6 +139,19 @@ def run(quick=False, repeats=5, checkpoint=None):
         del q, k, v
         save(result)
 
+    if "span" in parts:
+        _span_target(torch, quick, tokens, repeats, ours, rows)
+        save(result)
+
+    # 5. accuracy against the float64 reference, the same code as adasplash_accuracy.py.
+    if "accuracy" in parts:
+        result["accuracy"] = adasplash_accuracy.run(torch, "cuda", [4096], ["bfloat16"], causals=(True,),
+                                                    kinds=("randn",))
+        save(result)
+    return result
+
+
+def _span_target(torch, quick, tokens, repeats, ours, rows):
     # 3. span z = 512 at L = 32k against FlexAttention's sliding window of the same width.
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -149,14 +173,6 @@ def run(quick=False, repeats=5, checkpoint=None):
                      peer_s=t_flex.median, ours_s=t_span.median, time_ratio=t_span.median / t_flex.median,
                      goal="time <= 1.5x"))
     del q, k, v
-
-    save(result)
-
-    # 5. accuracy against the float64 reference, the same code as adasplash_accuracy.py.
-    result["accuracy"] = adasplash_accuracy.run(torch, "cuda", [4096], ["bfloat16"], causals=(True,),
-                                                kinds=("randn",))
-    save(result)
-    return result
 
 
 def _plot(result, path):
@@ -187,6 +203,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two lengths, fewer tokens (a smoke run)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lengths", help="comma-separated L for targets 1, 2 and 4 (default 8k,16k,32k,64k)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--tag", default="", help="suffix of the output files (for a run split into parts)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -194,11 +213,13 @@ def main(argv=None):
 
     def save(result):
         name = re.sub(r"[^A-Za-z0-9]+", "_", result["device"]).strip("_").lower()
-        stem["path"] = os.path.join(args.out, f"triton_targets_{name}")
+        stem["path"] = os.path.join(args.out, f"triton_targets_{name}{'_' + args.tag if args.tag else ''}")
         with open(stem["path"] + ".json", "w") as f:
             json.dump(result, f, indent=2)
 
-    result = run(quick=args.quick, repeats=args.repeats, checkpoint=save)
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+    result = run(quick=args.quick, repeats=args.repeats, checkpoint=save, lengths=lengths,
+                 parts=tuple(args.parts.split(",")))
     stem = stem["path"]
     _plot(result, stem + ".png")
     print(f"{result['device']} (torch {result['torch']}, triton {result['triton']})")
@@ -208,7 +229,7 @@ def main(argv=None):
               f"{r['peer_s'] * 1e3:8.2f} ms  ratio {ratio:.2f} (goal {r['goal']})")
     for m in result["memory"]:
         print(f"peak memory L={m['L']:<6} ours {m['ours_mib']:8.1f} MiB  sdpa {m['sdpa_mib']:8.1f} MiB")
-    for row in result["accuracy"]:
+    for row in result["accuracy"] or []:
         print("accuracy:", json.dumps(row))
     print(f"wrote {stem}.json and {stem}.png")
 

@@ -85,7 +85,7 @@ def test_merged_autotune_runs_give_entries_the_table_accepts(tmp_path, capsys):
 
     for D, dtype in [(128, "bfloat16"), (64, "bfloat16"), (64, "float32")]:
         (tmp_path / f"triton_autotune_nvidia_h100_80gb_hbm3_d{D}_{dtype}.json").write_text(json.dumps(_run(D, dtype)))
-    merged = triton_autotune.merge(str(tmp_path))
+    (merged,) = triton_autotune.merge(str(tmp_path))
     assert (tmp_path / "triton_autotune_nvidia_h100_80gb_hbm3.png").stat().st_size > 0
     entries = merged["table_entries"]
     assert [(e["max_head_dim"], e["dtypes"]) for e in entries] == [
@@ -102,11 +102,15 @@ def test_merged_autotune_runs_give_entries_the_table_accepts(tmp_path, capsys):
     assert tuning.select((9, 0), 256, "bfloat16", table=table, env={}).source.startswith("untuned default")
 
 
-def test_merge_refuses_runs_of_different_gpus(tmp_path):
+def test_merge_writes_one_file_per_gpu_and_ignores_merged_files(tmp_path, capsys):
     (tmp_path / "triton_autotune_a_d64_bfloat16.json").write_text(json.dumps(_run(64, "bfloat16", device="A")))
     (tmp_path / "triton_autotune_b_d64_bfloat16.json").write_text(json.dumps(_run(64, "bfloat16", device="B")))
-    with pytest.raises(SystemExit, match="runs of one GPU"):
-        triton_autotune.merge(str(tmp_path))
+    first = triton_autotune.merge(str(tmp_path))
+    assert [m["device"] for m in first] == ["A", "B"]
+    assert (tmp_path / "triton_autotune_a.json").exists() and (tmp_path / "triton_autotune_b.json").exists()
+    assert [m["device"] for m in triton_autotune.merge(str(tmp_path))] == ["A", "B"]  # merged files not re-read
+    with pytest.raises(SystemExit, match="no triton_autotune"):
+        triton_autotune.merge(str(tmp_path / "missing"))
 
 
 def test_the_autotune_plan_lists_every_tile_pair_at_the_default_launch():
@@ -119,10 +123,18 @@ def test_every_gpu_session_step_fits_a_device_call():
     gpu_session.check_plan()
     with pytest.raises(ValueError, match="add up to 600 s"):
         gpu_session.check_plan({"x": [gpu_session.SubStep("a", ("m",), 300), gpu_session.SubStep("b", ("m",), 300)]})
-    lines = []
-    assert gpu_session.run_step("targets", "unused", dry_run=True, log=lines.append) == []
-    assert len(lines) == 2 and all(line.split("timeout --kill-after=10 ")[1].split()[0] in ("420", "100")
-                                   for line in lines)
+    for step, subs in gpu_session.STEPS.items():
+        lines = []
+        assert gpu_session.run_step(step, "unused", dry_run=True, log=lines.append) == []
+        limits = [int(line.split("timeout --kill-after=10 ")[1].split()[0]) for line in lines]
+        assert limits == [s.timeout_s for s in subs] and "{" not in "".join(lines)  # every placeholder filled
+
+
+def test_triton_targets_refuses_unknown_parts_before_looking_for_a_gpu():
+    from attnspec.bench import triton_targets
+
+    with pytest.raises(ValueError, match="spam"):
+        triton_targets.run(parts=("ratios", "spam"))
 
 
 def test_the_gpu_session_conformance_runs_cell_by_cell_and_lists_cells_past_the_budget(tmp_path, monkeypatch):
