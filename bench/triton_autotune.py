@@ -120,12 +120,14 @@ class _Timer:
             os.environ.pop("ATTNSPEC_TRITON_CONFIG", None)
 
 
-def tune(head_dim, dtype, repeats=10, finalists=2, budget_s=240.0, log=print):
+def tune(head_dim, dtype, repeats=10, finalists=2, budget_s=240.0, log=print, timer=None):
+    """The sweep's result (see the module doc). `timer` (tests): an object with .shape and
+    .time(config, alpha=None) -> (forward s, backward s, out), instead of the GPU's."""
     torch = _require_gpu()
     import triton
 
     start = time.perf_counter()
-    timer = _Timer(torch, head_dim, dtype, repeats)
+    timer = timer or _Timer(torch, head_dim, dtype, repeats)
     rows, cut = [], False
 
     def over():
@@ -136,7 +138,6 @@ def tune(head_dim, dtype, repeats=10, finalists=2, budget_s=240.0, log=print):
             fwd, bwd, _ = timer.time(config)
             row = dict(stage=stage, tuning=what, config=config, forward_s=fwd, backward_s=bwd, total_s=fwd + bwd)
         except Exception as exc:  # out of shared memory / registers for this GPU: recorded
-            torch.cuda.synchronize()
             row = dict(stage=stage, tuning=what, config=config, error=f"{type(exc).__name__}: {exc}"[:300])
         rows.append(row)
         log(json.dumps(row))
@@ -154,8 +155,9 @@ def tune(head_dim, dtype, repeats=10, finalists=2, budget_s=240.0, log=print):
     for finalist in ok[:finalists]:
         current = dict(finalist)
         for kernel in KERNELS:
+            timed = list(current["config"][kernel])  # already timed: the starting value
             for warps, stages in WARPS_STAGES:
-                if [warps, stages] == current["config"][kernel]:
+                if [warps, stages] == timed:
                     continue
                 if over():
                     cut = True

@@ -113,6 +113,49 @@ def test_merge_writes_one_file_per_gpu_and_ignores_merged_files(tmp_path, capsys
         triton_autotune.merge(str(tmp_path / "missing"))
 
 
+class _FakeTimer:
+    """Synthetic timings with one best configuration: tiles 128 x 64, forward (8, 3),
+    backward_dq (4, 1), backward_dkdv (8, 2); 128 x 128 runs out of shared memory."""
+    shape = dict(B=2, H=16, L=8192, D=64, dtype="bfloat16", causal=True)
+
+    def __init__(self):
+        self.calls = 0
+
+    def time(self, config, alpha=None):
+        self.calls += 1
+        tiles = (config["BLOCK_M"], config["BLOCK_N"])
+        if tiles == (128, 128):
+            raise RuntimeError("OutOfResources: shared memory, Required: 264192")
+        tile_cost = 1.0 if tiles == (128, 64) else 1.3 if tiles == (64, 64) else 2.0
+
+        def launch(kernel, best):
+            return 1.0 if config[kernel] == list(best) else 1.1
+
+        fwd = tile_cost * launch("forward", (8, 3))
+        bwd = tile_cost * (launch("backward_dq", (4, 1)) + launch("backward_dkdv", (8, 2)))
+        return fwd * 1e-3, bwd * 1e-3, torch.full((2, 2), float(tiles[0] + tiles[1]))
+
+
+def test_the_sweep_finds_the_best_tiles_and_launch_options_per_kernel(monkeypatch):
+    monkeypatch.setattr(triton_autotune, "_require_gpu", lambda: torch)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    timer = _FakeTimer()
+    result = triton_autotune.tune(64, "bfloat16", log=lambda line: None, timer=timer)
+    best = result["best"]["config"]
+    assert (best["BLOCK_M"], best["BLOCK_N"]) == (128, 64)
+    assert (best["forward"], best["backward_dq"], best["backward_dkdv"]) == ([8, 3], [4, 1], [8, 2])
+    assert result["family"] == "sm90" and result["cut_by_budget"] is False
+    errors = [r for r in result["rows"] if "error" in r]
+    assert [(r["config"]["BLOCK_M"], r["config"]["BLOCK_N"]) for r in errors] == [(128, 128)]
+    assert result["best"]["speedup"] > 1.3 and result["best"]["max_abs_out_diff_vs_untuned"] == 64.0
+    # finalists 128x64 and 64x64, each kernel's other 6 launch options: 8 + 2 * 3 * 6 timings
+    assert sum(r["stage"] == 2 for r in result["rows"]) == 36
+    # a budget already spent: nothing timed, and the result says it was cut
+    cut = triton_autotune.tune(64, "bfloat16", log=lambda line: None, timer=_FakeTimer(), budget_s=0.0)
+    assert cut["cut_by_budget"] is True and cut["rows"] == [] and "best" not in cut
+
+
 def test_the_autotune_plan_lists_every_tile_pair_at_the_default_launch():
     stage1, stage2 = triton_autotune.plan((64,), ("bfloat16",), finalists=2)
     assert [(c["BLOCK_M"], c["BLOCK_N"]) for c in stage1["candidates"]] == triton_autotune.TILES
