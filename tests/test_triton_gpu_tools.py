@@ -195,3 +195,23 @@ def test_the_gpu_session_conformance_runs_cell_by_cell_and_lists_cells_past_the_
     assert [c["cell"] for c in two["cells"]] == [c.name for c in strategies.CELLS]
     assert all(c["status"] == "pass" and c["dtype"] == "float64" for c in two["cells"])
     assert json.loads(path.read_text())["cells"] == two["cells"] and np.isfinite(two["seconds"])
+
+
+def test_a_gpu_session_step_packs_what_finished_and_reports_a_time_limit(tmp_path, monkeypatch):
+    import tarfile
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setitem(gpu_session.STEPS, "smoke", [
+        gpu_session.SubStep("list steps", ("attnspec.bench.gpu_session", "--list"), 120),
+        gpu_session.SubStep("too slow", ("timeit", "-n1", "-r1", "import time; time.sleep(30)"), 1),
+    ])
+    out = tmp_path / "out"
+    outcomes = gpu_session.run_step("smoke", str(out), log=lambda line: None)
+    assert [o["rc"] for o in outcomes] == [0, 124]
+    summary = (out / "smoke_summary.txt").read_text().splitlines()
+    assert summary[0].startswith("list steps: ok") and summary[1].startswith("too slow: TIMED OUT")
+    with tarfile.open(out / "smoke.tar.gz") as tar:
+        names = set(tar.getnames())
+        log = tar.extractfile("logs/list_steps.log").read().decode()
+    assert {"results", "logs/list_steps.log", "logs/too_slow.log"} <= names
+    assert "conformance (sub-step limits" in log
