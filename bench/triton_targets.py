@@ -13,26 +13,25 @@ that B * H * L = 2^20 (fills a GPU at every length), median of repeated runs:
    sliding-window block mask of width z + R (target: <= 1.5x its time);
 4. peak memory (torch.cuda.max_memory_allocated) of one forward + backward per length: it
    must grow linearly in L (O(L), no L x L buffer);
-5. accuracy at L = 4096 (B = H = 1), alpha = 1.5, against the float64 NumPy reference on the
-   same bfloat16-rounded inputs: max |out - out_ref| of AdaSplash at its default iteration
-   count and of attnspec (whose solve runs to float32 accuracy).
-Tile sizes: --sweep times ATTNSPEC_TRITON_BLOCKS settings per GPU for target 1 and records
-the fastest (the per-GPU-family table of backends/triton/attention.config is filled from it).
+5. accuracy at L = 4096 (B = H = 1), alpha = 1.5, causal, against the float64 NumPy reference
+   on the same bfloat16-rounded inputs: max |out - out_ref|, max |p - p_ref| and the row sums
+   of AdaSplash's entry points at their default iteration counts and of attnspec (whose solve
+   runs to float32 accuracy), measured by bench/adasplash_accuracy.py's code (also run on its
+   own, and under the interpreter on CPU).
+Launch configurations per GPU family: bench/triton_autotune.py.
 
-Writes bench/results/triton_targets_<gpu>.json and .png (the GPU's name in both).
+Writes bench/results/triton_targets_<gpu>.json (after each target, so a run cut short keeps
+what it measured) and .png (the GPU's name in both).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
 import re
 import sys
-
-import numpy as np
 
 
 def _require_gpu():
@@ -82,30 +81,35 @@ def _peak(torch, fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _adasplash_default_niter():
-    """The `niter` default of adasplash.adasplash as the installed version declares it. From
-    adasplash 0.2 on it is None: the function dispatches (causal alpha = 1.5 goes to
-    AdaSplash-2 with niter=1, other calls to v1 with 10), so the JSON also records the version."""
-    from adasplash import adasplash
-
-    parameter = inspect.signature(adasplash).parameters.get("niter")
-    return None if parameter is None else parameter.default
+PARTS = ("ratios", "span", "accuracy")
 
 
-def _adasplash_version():
-    import adasplash
-
-    return getattr(adasplash, "__version__", None)
-
-
-def run(quick=False, repeats=5, sweep=False):
+def run(quick=False, repeats=5, checkpoint=None, lengths=None, parts=PARTS):
+    """The targets' results; checkpoint(result) is called after each target with what is done.
+    lengths: those of targets 1, 2 and 4 (default 8k-64k); parts: which of PARTS to run
+    (ratios = targets 1, 2 and 4; span = 3; accuracy = 5), so that a run can be split into
+    calls of limited time."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"parts {sorted(unknown)} are not among {PARTS}")
     torch = _require_gpu()
-    import attnspec
+    import triton
     from adasplash import adasplash
 
-    lengths = [8192, 16384] if quick else [8192, 16384, 32768, 65536]
+    import attnspec
+
+    from . import adasplash_accuracy
+
+    lengths = lengths or ([8192, 16384] if quick else [8192, 16384, 32768, 65536])
+    if "ratios" not in parts:
+        lengths = []
     tokens = 1 << (18 if quick else 20)
     rows, memory = [], []
+    result = dict(device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
+                  torch=torch.__version__, triton=triton.__version__, machine=platform.machine(),
+                  adasplash=adasplash_accuracy._versions(torch).get("adasplash"), dtype="bfloat16", rows=rows,
+                  memory=memory, accuracy=None, parts=list(parts))
+    save = checkpoint or (lambda result: None)
 
     def ours(alpha, span=None):
         return lambda q, k, v: attnspec.attention(q, k, v, alpha=alpha, span=span, ramp=32.0, causal=True,
@@ -133,7 +137,21 @@ def run(quick=False, repeats=5, sweep=False):
         memory.append(dict(L=L, B=B, H=H, ours_mib=_peak(torch, _step(ours(1.5), q, k, v)),
                            sdpa_mib=_peak(torch, _step(flash, q, k, v))))
         del q, k, v
+        save(result)
 
+    if "span" in parts:
+        _span_target(torch, quick, tokens, repeats, ours, rows)
+        save(result)
+
+    # 5. accuracy against the float64 reference, the same code as adasplash_accuracy.py.
+    if "accuracy" in parts:
+        result["accuracy"] = adasplash_accuracy.run(torch, "cuda", [4096], ["bfloat16"], causals=(True,),
+                                                    kinds=("randn",))
+        save(result)
+    return result
+
+
+def _span_target(torch, quick, tokens, repeats, ours, rows):
     # 3. span z = 512 at L = 32k against FlexAttention's sliding window of the same width.
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -155,42 +173,6 @@ def run(quick=False, repeats=5, sweep=False):
                      peer_s=t_flex.median, ours_s=t_span.median, time_ratio=t_span.median / t_flex.median,
                      goal="time <= 1.5x"))
     del q, k, v
-
-    # 5. accuracy against the float64 reference at AdaSplash's default iteration count.
-    from attnspec import reference
-
-    q, k, v = (x.detach() for x in _inputs(torch, 1, 1, 4096, seed=1))
-    ref = reference.attention(*(x.double().cpu().numpy() for x in (q, k, v)), alpha=1.5, causal=True)
-    with torch.no_grad():
-        out_ada = adasplash(q, k, v, alpha=1.5, is_causal=True)
-        out_ours = attnspec.attention(q, k, v, alpha=1.5, causal=True, backend="triton")
-        stats = sys.modules["attnspec.backends.triton"].solve_statistics(q, k, v, alpha=1.5, causal=True)
-    accuracy = dict(L=4096, alpha=1.5, adasplash_version=_adasplash_version(),
-                    adasplash_default_niter=_adasplash_default_niter(),
-                    adasplash_max_abs_err=float(np.abs(out_ada.double().cpu().numpy() - ref).max()),
-                    attnspec_max_abs_err=float(np.abs(out_ours.double().cpu().numpy() - ref).max()),
-                    attnspec_max_abs_sum_p_minus_1=float((stats["psum"].double() - 1).abs().max()),
-                    attnspec_max_passes=int(stats["passes"].max()))
-
-    sweep_rows = []
-    if sweep:
-        L = lengths[0]
-        q, k, v = _inputs(torch, max(1, tokens // (L * 16)), 16, L)
-        for blocks in ("64,64", "128,64", "64,32", "128,128", "32,32"):
-            os.environ["ATTNSPEC_TRITON_BLOCKS"] = blocks
-            try:
-                t = _time(torch, _step(ours(1.5), q, k, v), repeats)
-                sweep_rows.append(dict(blocks=blocks, L=L, seconds=t.median))
-            except Exception as exc:  # a tile too large for this GPU's shared memory
-                sweep_rows.append(dict(blocks=blocks, L=L, error=f"{type(exc).__name__}: {exc}"[:200]))
-            finally:
-                os.environ.pop("ATTNSPEC_TRITON_BLOCKS", None)
-
-    import triton
-
-    return dict(device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
-                torch=torch.__version__, triton=triton.__version__, machine=platform.machine(),
-                dtype="bfloat16", rows=rows, memory=memory, accuracy=accuracy, sweep=sweep_rows)
 
 
 def _plot(result, path):
@@ -221,15 +203,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two lengths, fewer tokens (a smoke run)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sweep", action="store_true", help="also time tile-size settings")
+    parser.add_argument("--lengths", help="comma-separated L for targets 1, 2 and 4 (default 8k,16k,32k,64k)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--tag", default="", help="suffix of the output files (for a run split into parts)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
-    result = run(quick=args.quick, repeats=args.repeats, sweep=args.sweep)
-    name = re.sub(r"[^A-Za-z0-9]+", "_", result["device"]).strip("_").lower()
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"triton_targets_{name}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=2)
+    stem = {}
+
+    def save(result):
+        name = re.sub(r"[^A-Za-z0-9]+", "_", result["device"]).strip("_").lower()
+        stem["path"] = os.path.join(args.out, f"triton_targets_{name}{'_' + args.tag if args.tag else ''}")
+        with open(stem["path"] + ".json", "w") as f:
+            json.dump(result, f, indent=2)
+
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+    result = run(quick=args.quick, repeats=args.repeats, checkpoint=save, lengths=lengths,
+                 parts=tuple(args.parts.split(",")))
+    stem = stem["path"]
     _plot(result, stem + ".png")
     print(f"{result['device']} (torch {result['torch']}, triton {result['triton']})")
     for r in result["rows"]:
@@ -238,7 +229,8 @@ def main(argv=None):
               f"{r['peer_s'] * 1e3:8.2f} ms  ratio {ratio:.2f} (goal {r['goal']})")
     for m in result["memory"]:
         print(f"peak memory L={m['L']:<6} ours {m['ours_mib']:8.1f} MiB  sdpa {m['sdpa_mib']:8.1f} MiB")
-    print("accuracy:", json.dumps(result["accuracy"]))
+    for row in result["accuracy"] or []:
+        print("accuracy:", json.dumps(row))
     print(f"wrote {stem}.json and {stem}.png")
 
 

@@ -31,7 +31,7 @@ tile map (one byte per pair of tiles); never anything of size Lq x Lk.
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
@@ -39,6 +39,7 @@ import triton.language as tl
 
 from . import entmax as _entmax
 from . import span as _span
+from . import tuning as _tuning
 from ._jit import any_true, any_true_2d, device_function, row_max, row_sum
 
 #: Safety cap on the passes of the alpha > 1 solve. Convergence takes far fewer (the tests
@@ -395,25 +396,26 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
-def config(device_type: str, D: int, Dv: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and launch options. The tile sizes also fix the tile map saved for the
-    backward, so the fake (meta) implementation calls this too. Under the interpreter small
-    tiles keep the NumPy work per program small. ATTNSPEC_TRITON_BLOCKS="M,N" overrides the
-    GPU tiles (for bench/triton_targets.py's tuning sweep)."""
-    if INTERPRETED:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    override = os.environ.get("ATTNSPEC_TRITON_BLOCKS")
-    if override:
-        block_m, block_n = (int(x) for x in override.split(","))
-    else:
-        block_m = block_n = 64 if max(D, Dv) <= 128 else 32
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def config(device: torch.device, D: int, Dv: int, dtype: torch.dtype) -> _tuning.LaunchConfig:
+    """Tile sizes and launch options (tuning.py: per GPU family, a fixed small config under the
+    interpreter). The tile sizes also fix the tile map saved for the backward, so the fake
+    (meta) implementation calls this too; meta tensors, and fake CUDA tensors without a GPU,
+    take the 'default' family (only the saved tensors' shapes depend on it there)."""
+    capability = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        capability = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return _tuning.select(capability, max(D, Dv), str(dtype).removeprefix("torch."), interpreted=INTERPRETED)
 
 
 def _common(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config(q.device.type, D, Dv, q.dtype)
+    cfg = config(q.device, D, Dv, q.dtype)
     device = q.device
     limit = _span.POSITION_LIMIT
     offsets = q_offset.to(device).clamp(-limit, limit).to(torch.int32).contiguous()
@@ -423,11 +425,10 @@ def _common(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     span32 = (span.to(device=device, dtype=torch.float32).contiguous() if span is not None
               else torch.zeros(1, dtype=torch.float32, device=device))
     args = dict(scale=float(scale), ramp=float(ramp), H=H, G=H // Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv,
-                n_qt=triton.cdiv(Lq, cfg["BLOCK_M"]), n_kt=triton.cdiv(Lk, cfg["BLOCK_N"]))
+                n_qt=triton.cdiv(Lq, cfg.block_m), n_kt=triton.cdiv(Lk, cfg.block_n))
     flags = dict(HAS_SPAN=span is not None, CAUSAL=bool(causal), HAS_LENGTHS=key_lengths is not None,
                  F32=q.dtype == torch.float32, UPCAST=INTERPRETED, LIBDEVICE=not INTERPRETED,
-                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
-                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv))
     return cfg, offsets, lengths, alpha32, span32, args, flags
 
 
@@ -454,7 +455,8 @@ def run_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale
     if B * H * Lq > 0:
         grid = (args["n_qt"], B * H)
         _forward_kernel[grid](q, k, v, out, c, bits, alpha32, span32, lengths, offsets, psum, passes,
-                              STATS=stats, MAX_ITERS=MAX_PASSES, HTOL=H_TOL, CTOL=C_TOL, **args, **flags)
+                              STATS=stats, MAX_ITERS=MAX_PASSES, HTOL=H_TOL, CTOL=C_TOL, **args, **flags,
+                              **cfg.options("forward"))
     if stats:
         return out, c, bits, psum, passes
     return out, c, bits
@@ -476,6 +478,10 @@ def backward(grad_out, c, bits, q, k, v, alpha, span, ramp, causal, key_lengths,
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dout = grad_out.to(q.dtype).contiguous()
     c = c.contiguous()
+    if tuple(bits.shape) != (B, H, args["n_qt"], args["n_kt"]):
+        raise RuntimeError(f"the forward saved a tile map of shape {tuple(bits.shape)} but this backward's tiles "
+                           f"({cfg.block_m} x {cfg.block_n}) need {(B, H, args['n_qt'], args['n_kt'])}: was "
+                           f"{_tuning.ENV} changed between the forward and the backward?")
     dq = torch.zeros_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
@@ -485,9 +491,11 @@ def backward(grad_out, c, bits, q, k, v, alpha, span, ramp, causal, key_lengths,
     if B * H * Lq > 0 and Lk > 0:
         _backward_dq_kernel[(args["n_qt"], B * H)](
             q, k, v, c, bits, dout, dq, gbar, dalpha_rows, dspan_rows, alpha32, span32, lengths, offsets,
-            ALPHA_GRAD=bool(alpha_grad), SPAN_GRAD=span is not None, **args, **flags)
+            ALPHA_GRAD=bool(alpha_grad), SPAN_GRAD=span is not None, **args, **flags,
+            **cfg.options("backward_dq"))
         _backward_dkdv_kernel[(args["n_kt"], B * Hkv)](
-            q, k, v, c, gbar, bits, dout, dk, dv, alpha32, span32, lengths, offsets, **args, **flags)
+            q, k, v, c, gbar, bits, dout, dk, dv, alpha32, span32, lengths, offsets, **args, **flags,
+            **cfg.options("backward_dkdv"))
     dalpha = dalpha_rows.sum((0, 2)).to(alpha.dtype)
     dspan = torch.zeros_like(alpha) if span is None else dspan_rows.sum((0, 2)).to(span.dtype)
     return dq, dk, dv, dalpha, dspan
@@ -496,9 +504,9 @@ def backward(grad_out, c, bits, q, k, v, alpha, span, ramp, causal, key_lengths,
 def fake_saved(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     B, H, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
-    cfg = config(q.device.type, D, Dv, q.dtype)
+    cfg = config(q.device, D, Dv, q.dtype)
     return [q.new_empty((B, H, Lq, 2), dtype=torch.float32),
-            q.new_empty((B, H, triton.cdiv(Lq, cfg["BLOCK_M"]), triton.cdiv(Lk, cfg["BLOCK_N"])), dtype=torch.int8)]
+            q.new_empty((B, H, triton.cdiv(Lq, cfg.block_m), triton.cdiv(Lk, cfg.block_n)), dtype=torch.int8)]
 
 
 INTERPRETED = interpreted()

@@ -1,0 +1,249 @@
+"""What is left of the Triton issue on a GPU, as a few commands, one per device call.
+
+    python -m attnspec.bench.gpu_session --list                    # the plan (no GPU needed)
+    PYTHONPATH=. python3 -m attnspec.bench.gpu_session STEP --out "$OUT"   # on the GPU machine
+    python -m attnspec.bench.gpu_session STEP --dry-run             # the commands, run nothing
+
+Each STEP runs its sub-steps one after another as subprocesses, each under its own time limit
+(`timeout`), so that a step ends well inside a 10-minute call. After every sub-step the step's
+files are packed again into OUT/<step>.tar.gz (results/ and logs/ inside; a call cut short
+still returns what finished) and a line is added to OUT/<step>_summary.txt. Unpack the results
+into the checkout with `tar xzf <step>.tar.gz -C bench/results --strip-components=1 results`.
+
+Steps and what they measure (issue: Triton backend, "On a GPU"):
+- conformance: `thorough` profile on CUDA, backends triton and torch, every dtype each
+  declares (torch also float64), cell by cell (conformance_<backend>_<dtype>_<gpu>.json; cells not reached within the budget are
+  listed as not run, never as passed).
+- targets: bench/triton_targets.py at L = 8k, 16k (AdaSplash, SDPA flash, peak memory) with
+  its accuracy item, and bench/adasplash_accuracy.py on CUDA.
+- autotune: bench/triton_autotune.py for head dim 64 (bfloat16), merged with any other runs
+  in the step's results into table entries, then the dispatcher bench (`attnspec bench
+  --preset gpu`) of the torch and triton backends against SDPA, FlexAttention and AdaSplash.
+- targets-long: bench/triton_targets.py at L = 32k, 64k and the FlexAttention window target.
+- autotune-d128: the same sweep for head dim 128.
+In order of priority: conformance, targets, autotune (about 28 minutes of device time with the
+machine's start), then targets-long and autotune-d128 if time is left (or in another session).
+
+Wheels: if the checkout has a .whl/ folder (carried; see README's Triton section) with adasplash
+and entmax, a step first installs them with pip --no-index --no-deps into a folder of its own
+and puts it on the subprocesses' PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+
+#: What a device call allows; every step's sub-step limits add up to less, leaving room for the
+#: wheels, packing and the call's own start.
+CALL_LIMIT_S = 600
+STEP_LIMIT_S = 540
+
+
+@dataclass(frozen=True)
+class SubStep:
+    name: str
+    argv: tuple  # after "python -m"; {results} and {gpu} are filled in
+    timeout_s: int
+
+
+def _check(backend, dtype, budget, timeout):
+    report = "{results}/conformance_" + f"{backend}_{dtype}" + "_{gpu}.json"
+    return SubStep(f"conformance {backend} {dtype}",
+                   ("attnspec.bench.gpu_session", "check", "--backend", backend, "--dtype", dtype,
+                    "--budget-s", str(budget), "--json", report), timeout)
+
+
+STEPS = {
+    "conformance": [
+        *(_check("triton", d, 100, 135) for d in ("bfloat16", "float16", "float32")),
+        *(_check("torch", d, 20, 30) for d in ("bfloat16", "float16", "float32", "float64")),
+    ],
+    # AdaSplash autotunes (30 configurations per kernel) at each new L; the first L also compiles
+    # them all, hence the lengths split over two steps.
+    "targets": [
+        SubStep("triton targets 8k 16k", ("attnspec.bench.triton_targets", "--lengths", "8192,16384", "--parts",
+                                          "ratios,accuracy", "--tag", "part1", "--out", "{results}"), 400),
+        SubStep("adasplash accuracy", ("attnspec.bench.adasplash_accuracy", "--budget-s", "70", "--out", "{results}"),
+                110),
+    ],
+    "autotune": [
+        SubStep("autotune d64 bfloat16", ("attnspec.bench.triton_autotune", "--head-dim", "64", "--dtype", "bfloat16",
+                                          "--budget-s", "200", "--out", "{results}"), 260),
+        SubStep("autotune merge", ("attnspec.bench.triton_autotune", "--merge", "{results}"), 30),
+        SubStep("dispatcher bench gpu", ("attnspec", "bench", "--preset", "gpu", "--target", "torch", "--target",
+                                         "triton", "--target", "sdpa", "--target", "flex", "--target", "adasplash",
+                                         "--L", "1024,4096,16384", "--no-memory", "--out", "{results}/bench_gpu_{gpu}"),
+                240),
+    ],
+    "targets-long": [
+        SubStep("triton targets 32k 64k span", ("attnspec.bench.triton_targets", "--lengths", "32768,65536",
+                                                "--parts", "ratios,span", "--tag", "part2", "--out", "{results}"),
+                500),
+    ],
+    "autotune-d128": [
+        SubStep("autotune d128 bfloat16", ("attnspec.bench.triton_autotune", "--head-dim", "128", "--dtype",
+                                           "bfloat16", "--budget-s", "300", "--out", "{results}"), 380),
+        SubStep("autotune merge", ("attnspec.bench.triton_autotune", "--merge", "{results}"), 30),
+    ],
+}
+
+
+def check_plan(steps=None) -> None:
+    """Every step fits a device call: its sub-steps' limits add up to at most STEP_LIMIT_S."""
+    for name, subs in (steps or STEPS).items():
+        total = sum(s.timeout_s for s in subs)
+        if total > STEP_LIMIT_S:
+            raise ValueError(f"step {name}: sub-step limits add up to {total} s > {STEP_LIMIT_S} s")
+
+
+def _slug(name):
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
+
+
+def _gpu_name():
+    try:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    except ImportError:
+        return None
+
+
+def _environment(work):
+    """Subprocess environment: the checkout (and carried wheels, installed once) on PYTHONPATH."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [root]
+    wheels = sorted(glob.glob(os.path.join(root, ".whl", "*.whl")))
+    if wheels:
+        site = os.path.join(work, "site")
+        if not os.path.isdir(site):
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                            "--no-cache-dir", "--upgrade", "--target", site, *wheels], check=True)
+        paths.append(site)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def _pack(step, work, out):
+    path = os.path.join(out, f"{step}.tar.gz")
+    with tarfile.open(path + ".part", "w:gz") as tar:
+        for sub in ("results", "logs"):
+            if os.path.isdir(os.path.join(work, sub)):
+                tar.add(os.path.join(work, sub), arcname=sub)
+    os.replace(path + ".part", path)
+
+
+def run_step(step, out, dry_run=False, log=print):
+    check_plan()
+    subs = STEPS[step]
+    gpu = _slug(_gpu_name() or "no_gpu")
+    work = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"attnspec_gpu_session_{step}")
+    results, logs = os.path.join(work, "results"), os.path.join(work, "logs")
+    commands = []
+    for sub in subs:
+        argv = [a.format(results=results, gpu=gpu) for a in sub.argv]
+        commands.append((sub, ["timeout", "--kill-after=10", str(sub.timeout_s), sys.executable, "-m", *argv]))
+    if dry_run:
+        for sub, cmd in commands:
+            log(f"[{sub.name}] limit {sub.timeout_s} s: {shlex.join(cmd)}")
+        return []
+    os.makedirs(results, exist_ok=True)
+    os.makedirs(logs, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
+    env = _environment(work)
+    summary_path = os.path.join(out, f"{step}_summary.txt")
+    outcomes = []
+    for sub, cmd in commands:
+        start = time.perf_counter()
+        with open(os.path.join(logs, _slug(sub.name) + ".log"), "w") as f:
+            f.write(f"$ {shlex.join(cmd)}\n")
+            f.flush()
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        seconds = time.perf_counter() - start
+        status = "ok" if rc == 0 else ("TIMED OUT" if rc in (124, 137) else f"FAILED rc={rc}")
+        line = f"{sub.name}: {status} in {seconds:.0f} s (limit {sub.timeout_s} s)"
+        outcomes.append(dict(name=sub.name, rc=rc, seconds=round(seconds, 1)))
+        with open(summary_path, "a") as f:
+            f.write(line + "\n")
+        log(line)
+        _pack(step, work, out)
+    return outcomes
+
+
+# --- the conformance sub-step: cell by cell, so that a time limit still leaves a report --------
+
+def conformance_by_cell(backend, dtype, budget_s, json_path, profile="thorough", device="cuda", examples=None,
+                        log=print):
+    """Run the suite one cell at a time, writing the JSON after each; cells not started within
+    budget_s are listed under not_run (not passed)."""
+    import attnspec.conformance as conformance
+
+    start = time.perf_counter()
+    reports, not_run = [], []
+    payload = dict(backend=backend, dtype=dtype, device=device, profile=profile, gpu=_gpu_name())
+    for cell in conformance.strategies.CELLS:
+        if time.perf_counter() - start > budget_s:
+            not_run.append(cell.name)
+        else:
+            report = conformance.check(backend, profile=profile, dtypes=[dtype], device=device, cells=[cell.name],
+                                       examples=examples, artifacts_dir=os.path.join(os.path.dirname(json_path),
+                                                                                     "failures"))
+            reports.append(report.to_dict())
+            for c in report.cells:
+                log(f"{backend} {c.cell} {c.dtype}: {c.status} {c.reason or ''}".rstrip())
+        cells = [c for r in reports for c in r["cells"]]
+        payload.update(seconds=round(time.perf_counter() - start, 1), not_run=not_run,
+                       passed=all(r["passed"] for r in reports) and not not_run, cells=cells,
+                       failures=[f for r in reports for f in r.get("failures", [])])
+        os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(payload, f, indent=2, default=str)
+    return payload
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check"]:
+        parser = argparse.ArgumentParser(prog="gpu_session check", description="the conformance suite cell by cell")
+        parser.add_argument("--backend", required=True)
+        parser.add_argument("--dtype", required=True)
+        parser.add_argument("--budget-s", type=float, required=True)
+        parser.add_argument("--json", required=True)
+        parser.add_argument("--profile", default="thorough", choices=["ci", "thorough"])
+        parser.add_argument("--device", default="cuda")
+        parser.add_argument("--examples", type=int)
+        a = parser.parse_args(argv[1:])
+        payload = conformance_by_cell(a.backend, a.dtype, a.budget_s, a.json, a.profile, a.device, a.examples)
+        return 0 if payload["passed"] else 1
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("step", nargs="?", choices=list(STEPS))
+    parser.add_argument("--list", action="store_true", help="list the steps and their limits")
+    parser.add_argument("--dry-run", action="store_true", help="print the step's commands, run nothing")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_session_out")
+    a = parser.parse_args(argv)
+    check_plan()
+    if a.list or a.step is None:
+        for name, subs in STEPS.items():
+            print(f"{name} (sub-step limits {sum(s.timeout_s for s in subs)} s of a {CALL_LIMIT_S} s call):")
+            for s in subs:
+                print(f"    {s.name:<28} {s.timeout_s:>4} s  python -m {' '.join(s.argv)}")
+        return 0
+    outcomes = run_step(a.step, a.out, dry_run=a.dry_run)
+    return 0 if all(o["rc"] == 0 for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
