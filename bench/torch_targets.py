@@ -8,7 +8,8 @@ B=1, H=4, D=64, causal, forward + backward, median of repeated runs, on this mac
 2. alpha = 1 with span z = 256, R = 32 at L = 4096 against SDPA's full causal attention
    (target <= 1x);
 3. with --memory: peak memory of one forward+backward at L = 8192 (target: within 2x of SDPA),
-   as the growth of peak RSS in a fresh subprocess per configuration;
+   as the growth of peak RSS in a fresh subprocess per configuration, with glibc's default
+   allocator settings and with a fixed mmap threshold (live memory only, reproducible);
 4. with --eager-crossover: torch-eager against the tiled torch from tiny calls up, which sets
    torch-eager's size cap (automatic selection gives it only calls where it is not slower).
 """
@@ -118,21 +119,37 @@ print(kib('VmHWM'), base)
 """
 
 
+#: glibc's allocator with a fixed mmap threshold: every large tensor is mapped on its own and
+#: unmapped when freed, so the peak RSS is the peak of live memory. With glibc's default
+#: (a threshold that rises to the largest block freed so far) the same call measured 76-97 MiB
+#: on different runs of this machine, from heap fragmentation; with this setting the same to
+#: 0.1 MiB every run.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def peak_memory(L=8192):
     """Peak RSS (MiB, Linux VmHWM) of one forward+backward in a fresh subprocess per
-    configuration, minus the peak before the call (interpreter, torch and the inputs)."""
+    configuration, minus the peak before the call (interpreter, torch and the inputs): with
+    glibc's default allocator settings (allocator="default": what a user sees, including heap
+    fragmentation, which varies from run to run) and with a fixed mmap threshold
+    (allocator="fixed mmap threshold": the peak of live memory, reproducible)."""
+    import os
     import subprocess
     import sys
 
     rows = []
-    for which in ("sdpa", "entmax", "span"):
-        out = subprocess.run([sys.executable, "-c", _MEMORY_PROGRAM, str(L), which], capture_output=True,
-                             text=True, check=True).stdout.split()
-        peak, base = int(out[0]), int(out[1])
-        rows.append(dict(config=f"L={L}", backend=which, peak_mib=peak / 1024, call_mib=(peak - base) / 1024))
-    sdpa = rows[0]["call_mib"]
-    for row in rows:
-        row["ratio_to_sdpa"] = row["call_mib"] / sdpa if sdpa > 0 else float("nan")
+    for allocator, extra_env in (("default", {}), ("fixed mmap threshold", FIXED_MMAP_THRESHOLD)):
+        group = []
+        for which in ("sdpa", "entmax", "span"):
+            out = subprocess.run([sys.executable, "-c", _MEMORY_PROGRAM, str(L), which], capture_output=True,
+                                 text=True, check=True, env={**os.environ, **extra_env}).stdout.split()
+            peak, base = int(out[0]), int(out[1])
+            group.append(dict(config=f"L={L}", backend=which, allocator=allocator, peak_mib=peak / 1024,
+                              call_mib=(peak - base) / 1024))
+        sdpa = group[0]["call_mib"]
+        for row in group:
+            row["ratio_to_sdpa"] = row["call_mib"] / sdpa if sdpa > 0 else float("nan")
+        rows.extend(group)
     return rows
 
 
@@ -206,7 +223,8 @@ def main(argv=None):
         print(f"{row['config']:<26} {row['backend']:<22} {row['seconds']:>9.3f} {row['ratio_to_sdpa']:>7.2f}")
     for row in result.get("memory", []):
         print(f"peak memory {row['config']:<8} {row['backend']:<8} {row['call_mib']:>8.1f} MiB during the call "
-              f"({row['ratio_to_sdpa']:.2f}x SDPA; process peak {row['peak_mib']:.0f} MiB)")
+              f"({row['ratio_to_sdpa']:.2f}x SDPA; process peak {row['peak_mib']:.0f} MiB; "
+              f"{row['allocator']} allocator)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -147,6 +147,7 @@ def tiny_tiles(monkeypatch):
 
     tiled = importlib.import_module("attnspec.backends.torch.attention")
     monkeypatch.setattr(tiled, "BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(tiled, "SOFTMAX_BLOCK_ELEMENTS", 1)
     monkeypatch.setattr(tiled, "MIN_TILE", 3)
 
 
