@@ -76,15 +76,6 @@ CHUNK = 16
 BOUND_KEYS = 8
 
 
-def _unexpanded(x):
-    """x without the broadcast (stride-0) dimensions an expand() gave it: same values,
-    broadcasting back against the full shape, and no copy of the repeated data."""
-    for dim in range(x.dim()):
-        if x.stride(dim) == 0 and x.shape[dim] > 1:
-            x = x.narrow(dim, 0, 1)
-    return x
-
-
 def _chunked(x, fill):
     """x [..., n] as [..., n / CHUNK, CHUNK], padded with fill."""
     pad = (-x.shape[-1]) % CHUNK
