@@ -193,7 +193,7 @@ def eager_crossover(repeats=5):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, help="timed calls per row (default: 3; --eager-crossover: 5)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--memory", action="store_true",
@@ -205,7 +205,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.eager_crossover:
         print(f"{'B':>2} {'H':>2} {'Lq':>4} {'Lk':>5} {'scores':>8} {'alpha':>5} {'eager ms':>9} {'tiled ms':>9} {'eager/tiled':>11}")
-        rows = eager_crossover(args.repeats if args.repeats != 3 else 5)
+        rows = eager_crossover(args.repeats or 5)
         for r in rows:
             print(f"{r['B']:>2} {r['H']:>2} {r['Lq']:>4} {r['Lk']:>5} {r['scores']:>8} {r['alpha']:>5} "
                   f"{1e3 * r['eager_s']:>9.2f} {1e3 * r['tiled_s']:>9.2f} {r['eager_over_tiled']:>11.2f}")
@@ -213,7 +213,7 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), f, indent=2)
         return
-    result = run(quick=args.quick, repeats=args.repeats)
+    result = run(quick=args.quick, repeats=args.repeats or 3)
     if args.memory:
         result["memory"] = peak_memory(2048 if args.quick else 8192)
     print(f"torch {result['torch']}, {result['threads']} threads, {result['machine']}, "

@@ -39,13 +39,8 @@ def fake_backend(name="fast", priority=10, dtypes=("float32",), features=frozens
                    automatic=automatic), fn
 
 
-@pytest.fixture(autouse=True)
-def clean_registry(monkeypatch):
-    monkeypatch.delenv("ATTNSPEC_BACKEND", raising=False)
-    before = set(registry.names())
-    yield
-    for name in set(registry.names()) - before:
-        registry.unregister_backend(name)
+# clean_registry (tests/conftest.py): no ATTNSPEC_BACKEND, backends a test registers removed after it
+pytestmark = pytest.mark.usefixtures("clean_registry")
 
 
 def test_automatic_takes_the_highest_priority_backend_that_accepts():

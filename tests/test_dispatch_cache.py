@@ -11,13 +11,8 @@ from attnspec import Backend, Capabilities, Kernel, validation
 from attnspec.dispatch import registry, selection
 
 
-@pytest.fixture(autouse=True)
-def clean_registry(monkeypatch):
-    monkeypatch.delenv("ATTNSPEC_BACKEND", raising=False)
-    before = set(registry.names())
-    yield
-    for name in set(registry.names()) - before:
-        registry.unregister_backend(name)
+# clean_registry (tests/conftest.py): no ATTNSPEC_BACKEND, backends a test registers removed after it
+pytestmark = pytest.mark.usefixtures("clean_registry")
 
 
 def qkv(B=1, H=2, Hkv=2, Lq=3, Lk=5, D=4, dtype=np.float32, module=np):
