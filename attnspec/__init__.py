@@ -8,17 +8,9 @@ dispatcher picks a backend per call (`backend=`, `use_backend`, ATTNSPEC_BACKEND
 automatically) and `explain` says why.
 """
 
-import os as _os
+from . import _checkout
 
-# Running from a source checkout without installing (PYTHONPATH=<checkout>): the folders
-# backends/, conformance/ and bench/ beside this package are its subpackages, as setuptools'
-# package-dir maps them in an installed copy.
-_here = _os.path.dirname(_os.path.abspath(__file__))
-_checkout = _os.path.dirname(_here)
-if not _os.path.isdir(_os.path.join(_here, "backends")) and _os.path.isfile(
-    _os.path.join(_checkout, "backends", "__init__.py")
-):
-    __path__.append(_checkout)  # noqa: F821 (package __path__)
+_checkout.install(__path__[0])  # noqa: F821 (package __path__): backends/, conformance/, bench/
 
 from . import reference  # noqa: E402
 from ._version import SPEC_VERSION, __version__  # noqa: E402

@@ -9,12 +9,12 @@ from .dispatch import selection
 
 def _dispatch(op, args, kwargs, backend):
     """Validate, choose a kernel, run it. Under torch.compile the choice is made once, when
-    the function is traced (attnspec._torch.compiled_call), as jax.jit does with its own."""
+    the function is traced (attnspec._torch_compile.compiled_call), as jax.jit does with its own."""
     if _arrays.torch_compiling():
-        from . import _torch
+        from . import _torch_compile
 
-        return _torch.compiled_call(op, args, kwargs, backend)
-    call = _VALIDATORS[op](*args, **kwargs)
+        return _torch_compile.compiled_call(op, args, kwargs, backend)
+    call = validation.VALIDATORS[op](*args, **kwargs)
     return selection.select(call, backend).fn(*args, **kwargs)
 
 
@@ -68,13 +68,6 @@ def span_mask(Lq, Lk, span, ramp, q_offset=None, *, backend=None):
     return _dispatch("span_mask", (Lq, Lk, span, ramp), dict(q_offset=q_offset), backend)
 
 
-_VALIDATORS = {
-    "attention": validation.validate_attention,
-    "entmax": validation.validate_entmax,
-    "span_mask": validation.validate_span_mask,
-}
-
-
 def explain(*args, op="attention", backend=None, **kwargs) -> selection.Decision:
     """Which backend would run this call, and why each other one would not.
 
@@ -82,7 +75,7 @@ def explain(*args, op="attention", backend=None, **kwargs) -> selection.Decision
     explain(x, 1.5, op="entmax"). Malformed arguments raise as the op would; a call that no
     backend can run returns a Decision with selected=None (print it to read the reasons).
     """
-    if op not in _VALIDATORS:
-        raise ValueError(f"op='{op}' is not an attnspec op (ops: {', '.join(_VALIDATORS)})")
-    call = _VALIDATORS[op](*args, **kwargs)
+    if op not in validation.VALIDATORS:
+        raise ValueError(f"op='{op}' is not an attnspec op (ops: {', '.join(validation.VALIDATORS)})")
+    call = validation.VALIDATORS[op](*args, **kwargs)
     return selection.decide(call, backend, explain=True)

@@ -533,3 +533,11 @@ def validate_span_mask(Lq, Lk, span, ramp, *, q_offset=None) -> CallInfo:
         features=frozenset(features),
         sizes=dict(Lq=int(Lq), Lk=int(Lk)),
     )
+
+
+#: The validator of each public op, by op name (the dispatcher's `op` strings).
+VALIDATORS = {
+    "attention": validate_attention,
+    "entmax": validate_entmax,
+    "span_mask": validate_span_mask,
+}

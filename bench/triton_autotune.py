@@ -83,7 +83,7 @@ def _require_gpu():
 
 class _Timer:
     def __init__(self, torch, head_dim, dtype, repeats, seed=0):
-        from attnspec import _torch
+        from attnspec.backends import _torch_op
         from attnspec.backends.triton import attention
 
         self.torch, self.attention, self.repeats = torch, attention, repeats
@@ -94,7 +94,7 @@ class _Timer:
                    for _ in range(3))
         self.shape = dict(B=B, H=H, L=L, D=head_dim, dtype=dtype, causal=SHAPE["causal"])
         self.dout = torch.randn(B, H, L, head_dim, device="cuda", dtype=q.dtype, generator=g)
-        self.args = {a: _torch.normalise(q, k, v, a, None, 32.0, SHAPE["causal"], None, None, None)
+        self.args = {a: _torch_op.normalise(q, k, v, a, None, 32.0, SHAPE["causal"], None, None, None)
                      for a in (SHAPE["alpha"], 1.0)}
 
     def time(self, config, alpha=None):

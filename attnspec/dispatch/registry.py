@@ -113,7 +113,7 @@ def _discover() -> None:
 
         if "numpy" not in _entries:
             _entries["numpy"] = _Entry(
-                "numpy", "reference", _module_loader("attnspec.reference.backend", "BACKEND"), ("numpy",)
+                "numpy", "reference", _module_loader("attnspec.backends.numpy", "BACKEND"), ("numpy",)
             )
 
         for name, (module, attr, array_types) in BUILTIN_BACKENDS.items():

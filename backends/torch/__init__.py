@@ -6,7 +6,7 @@ float64 (half types accumulate in float32):
   for the backward; never a [B, H, Lq, Lk] buffer, and span/causal/key_lengths skip keys.
 
 Gradients for q, k, v, alpha and span come from the analytic backward of SPEC.md section 4,
-through a torch.library custom op pair (attnspec._torch), so the op also runs on meta tensors,
+through a torch.library custom op pair (attnspec.backends._torch_op), so the op also runs on meta tensors,
 under torch.compile(fullgraph=True) and under autocast. Double backward raises.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from attnspec import _torch
+from attnspec.backends import _torch_op
 from attnspec._version import __version__
 from attnspec.dispatch.capabilities import Capabilities, Kernel, all_features
 from attnspec.dispatch.registry import Backend
@@ -36,29 +36,29 @@ EAGER_AUTOMATIC_MAX_SCORES = 1 << 12
 def _fake_saved(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     B, H, Lq, _ = q.shape
     shape = (B, H, Lq, k.shape[2])
-    dtype = _torch.compute_dtype(q.dtype)
+    dtype = _torch_op.compute_dtype(q.dtype)
     return [q.new_empty(shape, dtype=dtype) for _ in range(3)]  # p, t, m
 
 
-_eager_op = _torch.define_attention_op("eager_attention", _attention.forward, _attention.backward, _fake_saved)
+_eager_op = _torch_op.define_attention_op("eager_attention", _attention.forward, _attention.backward, _fake_saved)
 
 
 def eager_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
                     q_offset=None, scale=None):
-    return _eager_op(*_torch.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
+    return _eager_op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
 
 
 def _fake_c(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
-    return [q.new_empty(q.shape[:3] + (1,), dtype=_torch.compute_dtype(q.dtype))]
+    return [q.new_empty(q.shape[:3] + (1,), dtype=_torch_op.compute_dtype(q.dtype))]
 
 
-_tiled_op = _torch.define_attention_op("tiled_attention", _attention.tiled_forward, _attention.tiled_backward,
+_tiled_op = _torch_op.define_attention_op("tiled_attention", _attention.tiled_forward, _attention.tiled_backward,
                                        _fake_c)
 
 
 def tiled_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
                     q_offset=None, scale=None):
-    return _tiled_op(*_torch.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
+    return _tiled_op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
 
 
 def _devices():

@@ -1,7 +1,7 @@
 """Eager adaptive-span alpha-entmax attention in torch: the reference's algorithm on the full
 [B, H, Lq, Lk] score matrix (SPEC.md section 5), forward and analytic backward.
 
-Inputs here are already normalised by attnspec._torch.normalise: alpha and span are [H]
+Inputs here are already normalised by attnspec.backends._torch_op.normalise: alpha and span are [H]
 tensors of the compute dtype, q_offset an int64 [B] tensor, key_lengths an int64 [B] tensor or
 None. Grouped-query heads are handled by viewing q as [B, Hkv, G, Lq, D] against k
 [B, Hkv, 1, Lk, D]: K and V are never repeated.

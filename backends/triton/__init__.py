@@ -5,7 +5,7 @@ Triton interpreter (TRITON_INTERPRET=1), which is how CI checks the kernels with
 It runs only when asked for by name (`backend="triton"`, `use_backend("triton")` or
 ATTNSPEC_BACKEND), never by automatic selection. Gradients for q, k, v, alpha and span come
 from the kernels' analytic backward through the same torch.library custom-op glue as the
-PyTorch backends (attnspec._torch), so it also works on meta tensors and under torch.compile.
+PyTorch backends (attnspec.backends._torch_op), so it also works on meta tensors and under torch.compile.
 
 Triton reads TRITON_INTERPRET when the kernels are defined, i.e. when this backend is first
 loaded: set it before the first call that loads the backend.
@@ -24,7 +24,7 @@ except ImportError as exc:  # the registry reports this as the backend's load er
         "`pip install attnspec[triton]`"
     ) from exc
 
-from attnspec import _torch
+from attnspec.backends import _torch_op
 from attnspec._version import __version__
 from attnspec.dispatch.capabilities import Capabilities, Kernel
 from attnspec.dispatch.registry import Backend
@@ -53,13 +53,13 @@ class _TritonCapabilities(Capabilities):
         return reasons
 
 
-_op = _torch.define_attention_op("triton_attention", _attention.forward, _attention.backward,
+_op = _torch_op.define_attention_op("triton_attention", _attention.forward, _attention.backward,
                                  _attention.fake_saved)
 
 
 def triton_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
                      q_offset=None, scale=None):
-    return _op(*_torch.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
+    return _op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
 
 
 def solve_statistics(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
@@ -69,7 +69,7 @@ def solve_statistics(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, 
     psum [B, H, Lq] = sum_j p_ij as the kernel computed it (unnormalised: 1 up to the solve's
     accuracy, 0 for rows with no allowed key) and passes [B, H, query tiles] (passes over the
     key tiles each query tile took: 1 for alpha = 1; bounds + Halley steps + output otherwise)."""
-    args = _torch.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
+    args = _torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
     with torch.no_grad():
         out, c, bits, psum, passes = _attention.run_forward(*args, stats=True)
     return dict(out=out, c=c[..., 0] + c[..., 1], top=c[..., 0], psum=psum, passes=passes, tiles=bits)

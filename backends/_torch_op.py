@@ -1,6 +1,7 @@
-"""torch glue shared by the torch-based backends (torch, torch-eager, and later triton).
+"""The torch custom-op glue shared by the torch-based backends (torch, torch-eager, triton).
 
-Imported only by those backends, never by `import attnspec`. It turns a backend's plain
+Not a backend: a helper module of the backends package, imported only by torch-based backends,
+never by `import attnspec`. It turns a backend's plain
 forward/backward functions into a `torch.library` custom op pair with autograd and fake (meta)
 implementations, so that the op works on meta tensors, under torch.compile(fullgraph=True),
 and with autocast; and it normalises the public arguments into tensors.
@@ -21,7 +22,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .dispatch import registry, selection
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -140,24 +140,3 @@ def define_attention_op(name: str, forward, backward, fake_saved):
         return forward_op(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)[0]
 
     return attention
-
-
-@torch.compiler.assume_constant_result
-def _chosen_backend(op, backend, n_args, names, *values) -> str:
-    """Validation and selection, run once when torch.compile traces the call (Dynamo cannot
-    trace the dispatcher's context variable and locks, and need not: the choice is constant
-    for a traced graph). Errors are raised at trace time, as in eager mode."""
-    from .api import _VALIDATORS
-
-    args, kwargs = values[:n_args], dict(zip(names, values[n_args:]))
-    call = _VALIDATORS[op](*args, **kwargs)
-    return selection.decide_or_raise(call, backend).selected
-
-
-def compiled_call(op, args, kwargs, backend):
-    """attnspec's ops inside torch.compile: the backend is chosen when the function is traced;
-    changing use_backend / ATTNSPEC_BACKEND afterwards takes effect at the next trace
-    (torch._dynamo.reset() or a new torch.compile), as with jax.jit."""
-    # Dynamo hands tensors to an assume_constant_result function only as direct arguments.
-    name = _chosen_backend(op, backend, len(args), tuple(kwargs), *args, *kwargs.values())
-    return registry.loaded_kernel(name, op).fn(*args, **kwargs)

@@ -1,14 +1,17 @@
-"""The NumPy reference as a registered backend named 'numpy': every feature, CPU only, with its
-analytic VJPs. Automatic selection takes it for NumPy arrays."""
+"""The NumPy backend 'numpy': the reference (attnspec.reference) registered as a backend, with
+every feature, CPU only, and its analytic VJPs. Automatic selection takes it for NumPy arrays.
+
+It lives here, beside the framework backends, so that the reference (the spec) knows nothing of
+the dispatcher."""
 
 import importlib.util
 
 import numpy as np
 
-from .._version import __version__
-from ..dispatch.capabilities import Capabilities, Kernel, all_features
-from ..dispatch.registry import Backend
-from . import attention, attention_vjp, entmax, entmax_vjp, span_mask, span_mask_vjp
+from attnspec._version import __version__
+from attnspec.dispatch.capabilities import Capabilities, Kernel, all_features
+from attnspec.dispatch.registry import Backend
+from attnspec.reference import attention, attention_vjp, entmax, entmax_vjp, span_mask, span_mask_vjp
 
 # NumPy has bfloat16 arrays only through the ml_dtypes package (which JAX installs).
 DTYPES = ("float16",) + (("bfloat16",) if importlib.util.find_spec("ml_dtypes") else ()) + ("float32", "float64")
