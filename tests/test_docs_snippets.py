@@ -17,6 +17,7 @@ are not met here is skipped with the reason; everything else must pass.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
@@ -33,7 +34,6 @@ SHOW = {"sh", "toml", "text", "json"}
 OPTIONAL_MODULES = ("torch", "jax", "flax", "triton", "entmax", "matplotlib")
 _FENCE = re.compile(r"^(\s*)```\s*([^`\s]*)\s*$")
 _REQUIRES = re.compile(r"^\s*#\s*requires:\s*(.+)$")
-_IMPORT = re.compile(r"^\s*(?:import|from)\s+([A-Za-z_][\w.]*(?:\s*,\s*[A-Za-z_][\w.]*)*)")
 
 
 def documents() -> list[Path]:
@@ -78,18 +78,25 @@ def blocks(path: Path) -> list[Block]:
 
 
 def requirements(code: str) -> set[str]:
-    """What a block needs: the optional packages it imports and its `# requires:` names."""
+    """What a block needs: the optional packages it imports (any part of a dotted module name,
+    so `attnspec.layers.torch` needs torch) and the names in its `# requires:` comments."""
     needs = set()
     for line in code.splitlines():
         m = _REQUIRES.match(line)
         if m:
             needs.update(name.strip() for name in m.group(1).split(",") if name.strip())
-        m = _IMPORT.match(line)
-        if m:
-            for module in m.group(1).split(","):
-                top = module.strip().split(".")[0]
-                if top in OPTIONAL_MODULES:
-                    needs.add(top)
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return needs  # running it reports the error at the document's line
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules = [node.module]
+        else:
+            continue
+        needs.update(part for module in modules for part in module.split(".") if part in OPTIONAL_MODULES)
     return needs
 
 
@@ -114,6 +121,13 @@ def missing_requirements(needs: set[str]) -> list[str]:
     return missing
 
 
+def run_block(block: Block) -> None:
+    """Execute a block in a fresh namespace. Padding with blank lines makes tracebacks name the
+    Markdown file's own line numbers."""
+    code = compile("\n" * (block.line - 1) + block.code, str(block.path), "exec")
+    exec(code, {"__name__": "__docs__"})
+
+
 ALL_BLOCKS = [b for path in documents() for b in blocks(path)]
 PYTHON_BLOCKS = [b for b in ALL_BLOCKS if b.language in RUN]
 
@@ -130,11 +144,22 @@ def test_the_documents_have_python_blocks():
 
 
 def test_requirements_are_read_from_imports_and_comments():
-    code = "import numpy as np\nimport torch, attnspec\nfrom jax import numpy\n# requires: cuda\n"
+    code = "import numpy as np\nimport attnspec, torch as t\nfrom jax import numpy\n# requires: cuda\n"
     assert requirements(code) == {"torch", "jax", "cuda"}
-    assert requirements("from attnspec.layers.flax import SpanAttention\nimport flax.linen as nn\n") == {"flax"}
+    assert requirements("def f():\n    from attnspec.layers.flax import SpanAttention\n") == {"flax"}
+    assert requirements("import attnspec.conformance\nimport numpy\n") == set()
     with pytest.raises(ValueError, match="unknown requirement 'gpu'"):
         missing_requirements({"gpu"})
+
+
+def test_a_failing_block_names_its_document_line(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Title\n\n```python\nx = 1\nassert x == 2, 'wrong'\n```\n\n```sh\nexit 1\n```\n")
+    first, shell = blocks(doc)
+    assert (first.line, first.language, shell.language) == (4, "python", "sh")
+    with pytest.raises(AssertionError, match="wrong") as info:
+        run_block(first)
+    assert (info.traceback[-1].path, info.traceback[-1].lineno + 1) == (doc, 5)
 
 
 @pytest.fixture
@@ -152,6 +177,4 @@ def test_python_block_runs(block, isolated):
     missing = missing_requirements(requirements(block.code))
     if missing:
         pytest.skip(f"{block.id} needs " + ", ".join(missing))
-    # Padding with blank lines makes tracebacks name the Markdown file's own line numbers.
-    code = compile("\n" * (block.line - 1) + block.code, str(block.path), "exec")
-    exec(code, {"__name__": "__docs__"})
+    run_block(block)
