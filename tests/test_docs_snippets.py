@@ -1,9 +1,9 @@
 """Every ```python block of README.md, docs/*.md and experiments/README.md runs.
 
 Each block runs on its own, in a fresh namespace: a reader copies one block at a time, so each
-one is a complete example (imports included). Blocks run with a temporary working directory,
-the ATTNSPEC_* environment restored afterwards and every backend they register removed, so no
-block changes what the next one sees. Code is compiled with the Markdown file's name and line
+one is a complete example (imports included). Blocks run with a temporary working directory and
+without ATTNSPEC_BACKEND; the environment is restored afterwards and every backend they
+register removed, so no block changes what the next one sees. Code is compiled with the Markdown file's name and line
 numbers, so a traceback points at the line of the document.
 
 What runs: blocks fenced as ```python. Blocks fenced as ```sh, ```toml or ```text are shown,
@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN = {"python"}
 SHOW = {"sh", "toml", "text", "json"}
 
-# Optional packages a block may need, by the top-level module a block imports.
+# Optional packages a block may need: a block needs one when a part of a module name it imports
+# names it.
 OPTIONAL_MODULES = ("torch", "jax", "flax", "triton", "entmax", "matplotlib")
 _FENCE = re.compile(r"^(\s*)```\s*([^`\s]*)\s*$")
 _REQUIRES = re.compile(r"^\s*#\s*requires:\s*(.+)$")
