@@ -1,10 +1,10 @@
 """Every ```python block of README.md, docs/*.md and experiments/README.md runs.
 
 Each block runs on its own, in a fresh namespace: a reader copies one block at a time, so each
-one is a complete example (imports included). Blocks run with a temporary working directory and
-without ATTNSPEC_BACKEND; the environment is restored afterwards and every backend they
-register removed, so no block changes what the next one sees. Code is compiled with the Markdown file's name and line
-numbers, so a traceback points at the line of the document.
+one is a complete example (imports included). Blocks run with a temporary working directory
+and without ATTNSPEC_BACKEND; the environment is restored afterwards and every backend they
+register removed, so no block changes what the next one sees. Code is compiled with the
+Markdown file's name and line numbers, so a traceback points at the line of the document.
 
 What runs: blocks fenced as ```python. Blocks fenced as ```sh, ```toml or ```text are shown,
 not run; a fence without a language is an error (it would escape this test unnoticed).
