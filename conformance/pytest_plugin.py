@@ -2,8 +2,8 @@
 
 Inert unless asked: `pytest --attnspec-backend=mykernel` adds one test item per feature cell
 of the suite (e.g. `attnspec[mykernel][span]`), each running every dtype the backend declares.
-A kernel author's own tests can instead parametrise over `attnspec.conformance.CELLS` and call
-`attnspec.conformance.check(name, cells=[cell])`.
+A kernel author's own tests can instead parametrise over the names of `attnspec.conformance.CELLS`
+and call `attnspec.conformance.check(name, cells=[cell.name])`.
 """
 
 from __future__ import annotations

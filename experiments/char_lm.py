@@ -87,7 +87,7 @@ class Config:
 
 
 PRESETS = {
-    # 9 runs in at most 10 minutes on 2 shared CPU cores (README: the measured wall time and load).
+    # 9 runs in at most 10 minutes on 2 shared CPU cores (results/char_lm_full.md: the measured wall time and load).
     # 2 heads of 32 at batch 8: the learned-alpha solve of the `torch` backend costs ~3.5x more at
     # batch x heads = 32 than at 16 for twice the work, so 8 x 2 learns from twice the tokens of
     # 4 x 4 per step at about the same cost. Span settings as the adaptive-span paper (Sukhbaatar
