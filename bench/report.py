@@ -18,6 +18,17 @@ def _mib(nbytes):
     return "—" if nbytes is None else f"{nbytes / 2**20:.1f}"
 
 
+def _memory(row):
+    """Peak MiB (per allocator when several were measured) and its ratio to the baseline's."""
+    by = row.get("peak_bytes_by_allocator") or {}
+    ratios = row.get("memory_ratio") or {}
+    if len(by) <= 1:
+        ratio = next(iter(ratios.values()), None)
+        return _mib(row.get("peak_bytes")), "—" if ratio is None else f"{ratio:.3g}"
+    return (" / ".join(f"{_mib(b)} ({a})" for a, b in by.items()),
+            " / ".join(f"{ratios[a]:.3g}" if a in ratios else "—" for a in by))
+
+
 def _err(x):
     if x is None:
         return "—"
@@ -49,9 +60,11 @@ def markdown(result) -> str:
         + f". Load average at start {_load(env.get('load_average_at_start'))}, at end "
           f"{_load(env.get('load_average_at_end'))}. {env.get('date', '')}",
         "",
-        f"Times are the median of {d['options']['repeats']} calls after a warm-up (IQR: interquartile range), "
-        f"`× {d['baseline']}` is the ratio to `{d['baseline']}` on the same configuration in this run; "
-        "peak memory is the growth during one call in a fresh process; `max|err|` is the largest "
+        f"Times are the median of {d['options']['repeats']} calls after a warm-up (IQR: interquartile range) by "
+        f"the {'process CPU' if d['options'].get('clock') == 'process' else 'wall'} clock, "
+        f"`× {d['baseline']}` is the ratio to `{d['baseline']}` on the same case in this run; "
+        "peak memory is the growth during one call in a fresh process (per glibc allocator setting when "
+        "several are shown), `mem ×` its ratio to the baseline's; `max|err|` is the largest "
         "absolute error of the output against the float64 reference on the same (rounded) inputs, over the "
         "rows named in `ref rows`; the zero probabilities (sparsity) are those of the configuration's "
         "function (reference), of all Lq×Lk entries and of the allowed ones (causal, inside the span).",
@@ -66,10 +79,11 @@ def markdown(result) -> str:
         if sparse is not None:
             head += (f" — zero probabilities: {100 * sparse['sparsity']:.1f} % of all, "
                      f"{100 * sparse['sparsity_allowed']:.1f} % of the allowed keys")
+        base = rows[0].get("baseline") or d["baseline"]
         lines += [head, "",
-                  f"| target | kind | median ms | IQR ms | × {d['baseline']} | compile s | peak MiB | max\\|err\\| "
+                  f"| target | kind | median ms | IQR ms | × {base} | compile s | peak MiB | mem × | max\\|err\\| "
                   "| ref rows | notes |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
         for r in rows:
             if r["status"] == "ok":
                 iqr = None if r["q3_s"] is None else r["q3_s"] - r["q1_s"]
@@ -77,11 +91,12 @@ def markdown(result) -> str:
                 compile_s = "—" if r.get("compile_s") is None else f"{r['compile_s']:.2f}"
                 notes = [x for x in (r.get("note"), r.get("ratio_note"),
                                      r.get("memory_error") and f"memory: {r['memory_error']}") if x]
+                peak, memory_ratio = _memory(r)
                 lines.append(f"| {r['target']} | {r['kind']} | {_ms(r['median_s'])} | {_ms(iqr)} | {ratio} | "
-                             f"{compile_s} | {_mib(r['peak_bytes'])} | {_err(r['max_abs_err'])} | "
+                             f"{compile_s} | {peak} | {memory_ratio} | {_err(r['max_abs_err'])} | "
                              f"{r.get('reference_rows') or '—'} | {_cell('; '.join(notes))} |")
             else:
-                lines.append(f"| {r['target']} | {r['kind']} | — | — | — | — | — | — | — | "
+                lines.append(f"| {r['target']} | {r['kind']} | — | — | — | — | — | — | — | — | "
                              f"{r['status']}: {_cell(r['reason'])} |")
         lines.append("")
     for overhead in d.get("dispatch_overhead") or []:
