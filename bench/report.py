@@ -49,6 +49,10 @@ def markdown(result) -> str:
     lines = [f"# attnspec bench: preset `{d['preset']}`", ""]
     if d.get("command"):
         lines += [f"Command: `{d['command']}`", ""]
+    if d.get("provenance"):
+        lines += [f"Provenance: {d['provenance']}.", ""]
+    if d.get("regenerate"):
+        lines += [f"To measure again: `{d['regenerate']}`", ""]
     device = ", ".join(sorted({str(v[0]) for v in env.get("devices", {}).values()})) or "cpu"
     lines += [
         f"Machine: {env.get('cpu')} ({env.get('cpus_usable')} usable CPUs), device {device}"
@@ -136,7 +140,7 @@ def plot(result, path) -> str | None:
     d = result.to_dict() if hasattr(result, "to_dict") else result
     families = {}
     for row in d["rows"]:
-        if row["status"] == "ok":
+        if row["status"] == "ok" and row.get("median_s") is not None:
             families.setdefault(row["family"], {}).setdefault(row["target"], []).append(row)
     if not families:
         return None
