@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", action="append", metavar="NAME", default=[], help="do not run this target")
     parser.add_argument("--list-targets", action="store_true", help="list the targets and whether they can run here")
     sweep = parser.add_argument_group("sweep (comma-separated values override the preset)")
-    sweep.add_argument("--L", type=_ints, help="sequence lengths (Lq = Lk), e.g. 256,512,1024")
+    sweep.add_argument("--L", type=_ints, help="sequence lengths (Lq = Lk), e.g. 256,512,1024; for a preset that lists "
+                       "its cases one by one (triton-targets), the cases of these lengths")
     sweep.add_argument("--alpha", type=_floats, help="alpha values in [1, 2], e.g. 1,1.5")
     sweep.add_argument("--span", type=_floats_or_none, help="spans z (none: no span), e.g. none,256")
     sweep.add_argument("--ramp", type=float, help="the span's ramp R")
@@ -90,12 +91,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _override(sweep, changes):
-    """A Sweep with the given value lists; a Cases list with each case's single values (its
-    lengths stay: they belong together, Lq with Lk)."""
+    """A Sweep with the given value lists; a Cases list keeps its cases whose L is listed (their
+    lengths stay as they are: Lq goes with Lk) and takes single values for the other fields."""
     from .sweep import Cases
 
     if not isinstance(sweep, Cases):
         return dataclasses.replace(sweep, **changes)
+    cases = sweep.cases
+    if "L" in changes:
+        cases = tuple(c for c in cases if c.L in changes["L"])
     single = {}
     for name, value in changes.items():
         if name == "L":
@@ -103,7 +107,7 @@ def _override(sweep, changes):
         if name != "ramp" and len(value) != 1:
             raise SystemExit(f"--{name}: the preset lists its cases one by one; give one value, not {value}")
         single[name] = value if name == "ramp" else value[0]
-    return dataclasses.replace(sweep, cases=tuple(dataclasses.replace(c, **single) for c in sweep.cases))
+    return dataclasses.replace(sweep, cases=tuple(dataclasses.replace(c, **single) for c in cases))
 
 
 def preset_from_args(args):

@@ -128,3 +128,16 @@ def test_cases_with_lq_not_lk_and_learned_parameters():
         Case(L=4, threads=0)
     with pytest.raises(ValueError, match="clock must be one of wall, process"):
         Preset(name="x", description="", sweep=Sweep(), clock="cpu")
+
+
+def test_lengths_on_the_command_line_select_the_cases_of_a_listed_preset():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    part1 = bench_cli.preset_from_args(parser.parse_args(["--preset", "triton-targets", "--L", "8192,16384"]))
+    assert sorted({c.L for c in part1.configs()}) == [8192, 16384] and len(part1.configs()) == 4
+    part2 = bench_cli.preset_from_args(parser.parse_args(["--preset", "triton-targets", "--L", "32768,65536"]))
+    assert sum(c.span is not None for c in part2.configs()) == 1  # the FlexAttention window case comes along
+    with pytest.raises(SystemExit, match="give one value"):
+        bench_cli.preset_from_args(parser.parse_args(["--preset", "triton-targets", "--alpha", "1,1.5"]))
