@@ -14,7 +14,7 @@ allocators for the peak-memory measurement.
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 MODES = ("fwd", "fwd+bwd")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
