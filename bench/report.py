@@ -59,7 +59,8 @@ def markdown(result) -> str:
         + (f" ({env['cuda_device']})" if env.get("cuda_device") else "")
         + f"; Python {env.get('python')}, torch {env.get('torch', '—')}, jax {env.get('jax', '—')}, "
           f"entmax {env.get('entmax') or '—'}; attnspec {env.get('attnspec')} ({env.get('git') or 'no git'}).",
-        f"Threads: torch {env.get('torch_threads', '—')}"
+        f"Threads: torch {env.get('torch_threads', '—')} by default"
+        + (f", every case run with {d['options']['threads']} (--threads)" if d["options"].get("threads") else "")
         + (f", environment {env['thread_env']}" if env.get("thread_env") else "")
         + f". Load average at start {_load(env.get('load_average_at_start'))}, at end "
           f"{_load(env.get('load_average_at_end'))}. {env.get('date', '')}",
