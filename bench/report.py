@@ -128,6 +128,11 @@ def _load(x):
     return "—" if not x else ", ".join(f"{v:.1f}" for v in x)
 
 
+def _keys(row):
+    """The x axis: the key length (the sequence length of self-attention, the cache of a decode)."""
+    return row.get("Lk") or row["L"]
+
+
 def plot(result, path) -> str | None:
     """Time and peak memory against L (log-log), one line per target, one row of panels per
     configuration family. Returns the path, or None when matplotlib is not installed."""
@@ -145,6 +150,8 @@ def plot(result, path) -> str | None:
             families.setdefault(row["family"], {}).setdefault(row["target"], []).append(row)
     if not families:
         return None
+    if all(len(rows) <= 1 for by_target in families.values() for rows in by_target.values()):
+        return _plot_ratios(d, path, plt)
     has_memory = any(r.get("peak_bytes") is not None for r in d["rows"])
     ncols = 2 if has_memory else 1
     fig, axes = plt.subplots(len(families), ncols, figsize=(6.5 * ncols, 3.6 * len(families)), squeeze=False)
@@ -152,14 +159,14 @@ def plot(result, path) -> str | None:
     colours = {t: plt.cm.tab10(i % 10) for i, t in enumerate(targets)}
     for i, (family, by_target) in enumerate(families.items()):
         for name, rows in sorted(by_target.items()):
-            rows = sorted(rows, key=lambda r: r["L"])
+            rows = sorted(rows, key=_keys)
             style = dict(marker="o", color=colours[name], label=name,
                          linestyle="-" if rows[0]["kind"] == "attnspec" else "--")
-            axes[i][0].plot([r["L"] for r in rows], [r["median_s"] * 1e3 for r in rows], **style)
+            axes[i][0].plot([_keys(r) for r in rows], [r["median_s"] * 1e3 for r in rows], **style)
             if has_memory:
                 mem = [r for r in rows if r.get("peak_bytes") is not None and r["peak_bytes"] > 0]
                 if mem:
-                    axes[i][1].plot([r["L"] for r in mem], [r["peak_bytes"] / 2**20 for r in mem], **style)
+                    axes[i][1].plot([_keys(r) for r in mem], [r["peak_bytes"] / 2**20 for r in mem], **style)
         axes[i][0].set_ylabel("median time (ms)")
         axes[i][0].set_title(family, fontsize=8)
         if has_memory:
@@ -168,13 +175,39 @@ def plot(result, path) -> str | None:
         for ax in axes[i]:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlabel("L (= Lq = Lk)")
+            ax.set_xlabel("Lk, keys (Lq = Lk unless the title says Lq != Lk)")
             ax.grid(True, which="both", alpha=0.3)
         axes[i][0].legend(fontsize=7)
     env = d["environment"]
     fig.suptitle(f"attnspec bench --preset {d['preset']}: {env.get('cpu')}, "
                  f"{', '.join(sorted({str(v[0]) for v in env.get('devices', {}).values()}))} "
                  f"(solid: attnspec backends, dashed: peers)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_ratios(d, path, plt) -> str:
+    """Cases that share no family (each its own shape, as in a crossover table): one panel of
+    each target's time ratio to the baseline against the case's size, one line per (target, α)."""
+    lines = {}
+    for row in d["rows"]:
+        if row["status"] == "ok" and row.get("ratio") is not None:
+            lines.setdefault((row["target"], row["alpha"]), []).append(
+                (row["B"] * row["H"] * row["L"] * (row.get("Lk") or row["L"]), row["ratio"]))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, ((target, alpha), points) in enumerate(sorted(lines.items())):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=plt.cm.tab10(i % 10),
+                label=f"{target}, α={alpha:g}")
+    ax.axhline(1.0, color="grey", linestyle=":")
+    ax.set(xscale="log", yscale="log", xlabel="score entries B·H·Lq·Lk of the case",
+           ylabel=f"time / {d['baseline']} (same case, same run)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    env = d["environment"]
+    ax.set_title(f"attnspec bench --preset {d['preset']}: {env.get('cpu')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

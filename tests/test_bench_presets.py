@@ -141,3 +141,21 @@ def test_lengths_on_the_command_line_select_the_cases_of_a_listed_preset():
     assert sum(c.span is not None for c in part2.configs()) == 1  # the FlexAttention window case comes along
     with pytest.raises(SystemExit, match="give one value"):
         bench_cli.preset_from_args(parser.parse_args(["--preset", "triton-targets", "--alpha", "1,1.5"]))
+
+
+def test_cases_of_their_own_shape_are_plotted_as_ratios_against_size(tmp_path):
+    """A crossover table has no two cases of one family: its plot is each target's ratio to
+    the baseline against the case's size."""
+    pytest.importorskip("matplotlib")
+    from attnspec.bench import report
+
+    rows = []
+    for i, (L, Lk) in enumerate([(8, 8), (1, 256), (64, 64)]):
+        case = Case(L=L, Lk=Lk, span=Lk / 4, learned=True)
+        for target, ratio in (("torch", 1.0), ("torch-eager", 1.0 + i)):
+            rows.append(core._row(case, target, "torch", "attnspec", median_s=1e-3 * ratio, ratio=ratio))
+    data = dict(preset="x", baseline="torch", rows=rows, environment={"cpu": "test"}, options={"repeats": 1})
+    path = report.plot(data, str(tmp_path / "x.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| torch-eager | attnspec |" in report.markdown(data)
