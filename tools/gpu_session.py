@@ -249,7 +249,8 @@ def main(argv=None):
         for name, subs in STEPS.items():
             print(f"{name} (sub-step limits {sum(s.timeout_s for s in subs)} s of at most {STEP_LIMIT_S} s):")
             for s in subs:
-                print(f"    {s.name:<28} {s.timeout_s:>4} s  python {' '.join(s.argv)}")
+                argv = " ".join(a.replace("{tools}", "tools") for a in s.argv)
+                print(f"    {s.name:<28} {s.timeout_s:>4} s  python {argv}")
         return 0
     outcomes = run_step(a.step, a.out, dry_run=a.dry_run)
     return 0 if all(o["rc"] == 0 for o in outcomes) else 1
