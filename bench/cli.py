@@ -38,18 +38,26 @@ def _strs(text):
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+#: The presets' names, here so that the CLI needs no import of the sweep definitions; a test
+#: holds them equal to sweep.PRESETS.
+PRESET_NAMES = ("quick", "cpu", "gpu", "torch-targets", "torch-eager-crossover", "jax-targets", "triton-targets")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="quick", choices=["quick", "cpu", "gpu"],
-                        help="the sweep and its settings (default: quick, a smoke run); the options below override it")
+    parser.add_argument("--preset", default="quick", choices=PRESET_NAMES,
+                        help="the sweep and its settings (default: quick, a smoke run; docs/benchmarks.md says what "
+                             "each measures); the options below override it")
     parser.add_argument("--out", metavar="PREFIX",
                         help="write PREFIX.json, PREFIX.md and PREFIX.png (default: attnspec-bench-<preset>)")
-    parser.add_argument("--baseline", default="sdpa", help="every row's ratio is to this target (default: sdpa)")
+    parser.add_argument("--baseline",
+                        help="every row's ratio is to this target (default: the preset's, e.g. sdpa)")
     parser.add_argument("--target", action="append", metavar="NAME",
                         help="run only this target (repeatable; see --list-targets)")
     parser.add_argument("--exclude", action="append", metavar="NAME", default=[], help="do not run this target")
     parser.add_argument("--list-targets", action="store_true", help="list the targets and whether they can run here")
     sweep = parser.add_argument_group("sweep (comma-separated values override the preset)")
-    sweep.add_argument("--L", type=_ints, help="sequence lengths (Lq = Lk), e.g. 256,512,1024")
+    sweep.add_argument("--L", type=_ints, help="sequence lengths (Lq = Lk), e.g. 256,512,1024; for a preset that lists "
+                       "its cases one by one (triton-targets), the cases of these lengths")
     sweep.add_argument("--alpha", type=_floats, help="alpha values in [1, 2], e.g. 1,1.5")
     sweep.add_argument("--span", type=_floats_or_none, help="spans z (none: no span), e.g. none,256")
     sweep.add_argument("--ramp", type=float, help="the span's ramp R")
@@ -65,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--warmup", type=int, help="untimed calls first")
     how.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                      help="peak memory per row in a fresh process (default: the preset's)")
+    how.add_argument("--allocators", type=_strs,
+                     help="glibc settings of the memory measurement: default, fixed-mmap (default: the preset's)")
+    how.add_argument("--threads", type=int, help="framework threads for every case (torch; default: its own choice)")
+    how.add_argument("--clock", choices=["wall", "process"],
+                     help="wall time, or this process's CPU time (default: the preset's)")
     how.add_argument("--max-call-seconds", type=float,
                      help="skip a target at larger L once one call would take longer (default: the preset's)")
     how.add_argument("--numpy-max-scores", type=int, help="largest B*H*L*L for the NumPy reference target")
@@ -75,6 +88,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="also run the dispatch-overhead micro-benchmark (default: the preset's)")
     parser.add_argument("--no-plot", action="store_true", help="no PNG")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _override(sweep, changes):
+    """A Sweep with the given value lists; a Cases list keeps its cases whose L is listed (their
+    lengths stay as they are: Lq goes with Lk) and takes single values for the other fields."""
+    from .sweep import Cases
+
+    if not isinstance(sweep, Cases):
+        return dataclasses.replace(sweep, **changes)
+    cases = sweep.cases
+    if "L" in changes:
+        cases = tuple(c for c in cases if c.L in changes["L"])
+    single = {}
+    for name, value in changes.items():
+        if name == "L":
+            continue
+        if name != "ramp" and len(value) != 1:
+            raise SystemExit(f"--{name}: the preset lists its cases one by one; give one value, not {value}")
+        single[name] = value if name == "ramp" else value[0]
+    return dataclasses.replace(sweep, cases=tuple(dataclasses.replace(c, **single) for c in cases))
 
 
 def preset_from_args(args):
@@ -89,10 +122,10 @@ def preset_from_args(args):
     if args.ramp is not None:
         sweep_changes["ramp"] = args.ramp
     if sweep_changes:
-        preset.sweep = tuple(dataclasses.replace(s, **sweep_changes) for s in preset.sweeps)
+        preset.sweep = tuple(_override(s, sweep_changes) for s in preset.sweeps)
     for option, field in (("repeats", "repeats"), ("warmup", "warmup"), ("max_call_seconds", "max_call_seconds"),
                           ("numpy_max_scores", "numpy_max_scores"), ("reference_rows", "reference_rows"),
-                          ("overhead", "overhead")):
+                          ("overhead", "overhead"), ("allocators", "allocators"), ("clock", "clock")):
         value = getattr(args, option, None)
         if value is not None:
             setattr(preset, field, value)
@@ -111,7 +144,8 @@ def list_targets(device=None) -> str:
             why = runner.unavailable()
             if not why:
                 why = runner.device_reason(runner.resolve_device(device))
-        lines.append(f"{t.name:<16} {t.kind:<9} {t.framework:<6} {'ok' if not why else why}  -- {t.description}")
+        opt_in = "" if t.default else " (runs only when named)"
+        lines.append(f"{t.name:<16} {t.kind:<9} {t.framework:<6} {'ok' if not why else why}  -- {t.description}{opt_in}")
     return "\n".join(lines)
 
 
@@ -124,8 +158,10 @@ def run_command(args, argv=None) -> int:
         return 0
     preset = preset_from_args(args)
     command = "attnspec bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
+    dataclasses.replace(preset)  # validates the clock and allocators
     result = core.run(preset, targets=args.target, exclude=args.exclude, baseline=args.baseline, seed=args.seed,
-                      progress=not args.quiet, device=args.device, memory=args.memory, command=command)
+                      progress=not args.quiet, device=args.device, memory=args.memory, command=command,
+                      threads=args.threads)
     if preset.overhead:
         frameworks = ["numpy"] + [f for f in ("torch", "jax") if any(r["framework"] == f and r["status"] == "ok"
                                                                      for r in result.rows)]

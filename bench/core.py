@@ -1,9 +1,10 @@
-"""The sweep: for each configuration and target, why it cannot run, or its timing, peak memory
-and accuracy against the float64 reference on the same inputs, and the configuration's achieved
-sparsity. `run()` returns a `Result` (rows plus environment) that report.py writes out."""
+"""The sweep: for each case and target, why it cannot run, or its timing, peak memory and
+accuracy against the float64 reference on the same inputs, and the case's achieved sparsity.
+`run()` returns a `Result` (rows plus environment) that report.py writes out."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -17,30 +18,44 @@ import numpy as np
 
 from . import memory as _memory
 from .runners import RUNNERS, round_to_dtype, runner_for
-from .sweep import Config, Preset
+from .sweep import Case, Preset
 from .targets import all_targets
 from .timing import measure
 
 
-def draw_arrays(cfg: Config, seed: int) -> tuple:
+def draw_arrays(cfg: Case, seed: int) -> tuple:
     """q, k, v and the output cotangent g, drawn in float64 (standard normal: scores
     q.k/sqrt(D) are then about N(0, 1)) and rounded to the dtype; the same for every target."""
-    rng = np.random.default_rng([seed, cfg.B, cfg.H, cfg.Hkv, cfg.L, cfg.D])
-    shapes = ((cfg.B, cfg.H, cfg.L, cfg.D), (cfg.B, cfg.Hkv, cfg.L, cfg.D), (cfg.B, cfg.Hkv, cfg.L, cfg.D),
+    key = [seed, cfg.B, cfg.H, cfg.Hkv, cfg.L, cfg.D] + ([cfg.Lk] if cfg.Lk != cfg.L else [])
+    rng = np.random.default_rng(key)
+    shapes = ((cfg.B, cfg.H, cfg.L, cfg.D), (cfg.B, cfg.Hkv, cfg.Lk, cfg.D), (cfg.B, cfg.Hkv, cfg.Lk, cfg.D),
               (cfg.B, cfg.H, cfg.L, cfg.D))
     return tuple(round_to_dtype(rng.standard_normal(s), cfg.dtype) for s in shapes)
 
 
-def make_inputs(runner, cfg: Config, device: str, seed: int):
+def learned_values(cfg: Case) -> tuple:
+    """The learned [H] parameters of a case (alpha, then span when there is one), or ()."""
+    if not cfg.learned:
+        return ()
+    values = (np.full(cfg.H, cfg.alpha),)
+    return values + ((np.full(cfg.H, cfg.span),) if cfg.span is not None else ())
+
+
+def make_inputs(runner, cfg: Case, device: str, seed: int):
+    """(q, k, v, g, *learned params) of the runner's framework, and the float64 arrays."""
     arrays = draw_arrays(cfg, seed)
-    return runner.inputs(arrays, cfg.dtype, device, grad=cfg.mode == "fwd+bwd"), arrays
+    grad = cfg.mode == "fwd+bwd"
+    inputs = runner.inputs(arrays, cfg.dtype, device, grad=grad)
+    if cfg.learned:
+        inputs = inputs + runner.params(learned_values(cfg), cfg.dtype, device, grad=grad)
+    return inputs, arrays
 
 
 # ---------------------------------------------------------------------------------------------
 # the float64 reference on (a subset of) the rows
 
 
-def reference_rows(cfg: Config, full_scores: int, rows: int) -> list[tuple[int, int]]:
+def reference_rows(cfg: Case, full_scores: int, rows: int) -> list[tuple[int, int]]:
     """Query-row blocks [a, b) the reference computes: all rows when B*H*L*L <= full_scores,
     else `rows` rows in four blocks spread over the sequence, the last block ending at L (the
     longest causal context)."""
@@ -52,21 +67,27 @@ def reference_rows(cfg: Config, full_scores: int, rows: int) -> list[tuple[int, 
 
 
 def reference(q, k, v, blocks, alpha, span, ramp, causal) -> dict:
-    """Output and achieved sparsity of the float64 reference on the given row blocks."""
+    """Output and achieved sparsity of the float64 reference on the given query-row blocks
+    (query i sits at position i + Lk - Lq, the default offset)."""
     import attnspec.reference as ref
 
     B, H, L, D = q.shape
+    Lk = k.shape[2]
     kv = np.repeat(np.arange(k.shape[1]), H // k.shape[1])
     outs, zeros, entries, allowed_zeros, allowed_entries = [], 0, 0, 0, 0
     for a, b in blocks:
-        outs.append(ref.attention(q[:, :, a:b], k, v, alpha=alpha, span=span, ramp=ramp, causal=causal, q_offset=a))
+        offset = a + Lk - L
+        outs.append(ref.attention(q[:, :, a:b], k, v, alpha=alpha, span=span, ramp=ramp, causal=causal,
+                                  q_offset=offset))
         # P itself, for the sparsity: the weighted entmax of SPEC.md 5.1 on the same rows.
         s = np.einsum("bhid,bhjd->bhij", q[:, :, a:b], k[:, kv]) / math.sqrt(D)
-        d = (np.arange(a, b)[:, None] - np.arange(L)[None, :])
+        d = (np.arange(b - a)[:, None] + offset - np.arange(Lk)[None, :])
         allowed = d >= 0 if causal else np.ones_like(d, dtype=bool)
         m = None
         if span is not None:
-            m = ref.span_mask(b - a, L, span, ramp, q_offset=a)
+            m = ref.span_mask(b - a, Lk, span, ramp, q_offset=offset)
+            if np.ndim(span):  # per-head spans: [H, rows, Lk]
+                m = m[None]
             allowed = allowed & (m > 0)
         p = ref.entmax(np.where(allowed, s, -np.inf), alpha, weights=m)
         zeros += int(np.sum(p == 0))
@@ -190,83 +211,121 @@ class _Progress:
 
 
 def select_targets(names=None, exclude=()) -> tuple[list, list]:
-    """(targets to run, [(name, reason)] excluded by the caller); unknown names raise."""
+    """(targets to run, every known name); unknown names raise. Without names: the default
+    targets (opt-in yardsticks run only when a preset's sweep or the caller names them)."""
     targets = all_targets()
     known = [t.name for t in targets]
     for name in list(names or []) + list(exclude):
         if name not in known:
             raise ValueError(f"unknown benchmark target {name!r} (known: {', '.join(known)})")
-    chosen = [t for t in targets if (not names or t.name in names) and t.name not in exclude]
+    chosen = [t for t in targets if (t.name in names if names else True) and t.name not in exclude]
     return chosen, known
 
 
-def run(preset: Preset, *, targets=None, exclude=(), baseline="sdpa", seed=0, progress=True, device=None,
-        memory=None, command="") -> Result:
-    """Run the preset's sweep over the targets (default: all but the preset's exclusions) and
-    return the rows. Excluded targets still get a row per configuration, saying why."""
+def run(preset: Preset, *, targets=None, exclude=(), baseline=None, seed=0, progress=True, device=None,
+        memory=None, command="", threads=None) -> Result:
+    """Run the preset's cases over the targets and return the rows. Each case runs the targets
+    its sweep names (default: every default target), narrowed to `targets` when given, and
+    always its baseline (the ratios need it in the same run). Excluded targets still get a row
+    per case, saying why. baseline: every case's (None: the preset's, per sweep). memory:
+    True/False for every case (None: the preset's, per sweep). threads: run every case with
+    this many framework threads."""
     start = time.perf_counter()
     load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     excluded = {n: "excluded on the command line (--exclude)" for n in exclude}
     for n in preset.exclude:
         if (not targets or n not in targets) and n not in excluded:
             excluded[n] = preset.exclude_reason or "excluded by the preset"
-    chosen, known = select_targets(targets, list(excluded))
-    if baseline not in known:
+    everything, known = select_targets(None, ())
+    select_targets(targets, list(excluded))  # unknown names raise
+    by_name = {t.name: t for t in everything}
+    if baseline is not None and baseline not in known:
         raise ValueError(f"--baseline {baseline!r} is not a benchmark target (known: {', '.join(known)})")
-    if all(t.name != baseline for t in chosen):
-        chosen += [t for t in all_targets() if t.name == baseline]  # ratios need it in the same run
-    memory = preset.memory if memory is None else memory
-    configs = preset.configs()
+    cases = preset.configs()
+    if threads is not None:
+        cases = [dataclasses.replace(c, threads=threads) for c in cases]
+    plan = []
+    for case in cases:
+        template = dataclasses.replace(case, threads=None) if threads is not None else case
+        named = preset.targets_of(template)
+        case_baseline = baseline or preset.baseline_of(template)
+        if case_baseline not in known:
+            raise ValueError(f"baseline {case_baseline!r} is not a benchmark target (known: {', '.join(known)})")
+        names = [t.name for t in everything
+                 if (t.name in named if named is not None else (t.default or (targets and t.name in targets)))
+                 and (not targets or t.name in targets)]
+        if case_baseline not in names:
+            names.append(case_baseline)
+        shown_excluded = [n for n in names if n in excluded and n != case_baseline]
+        run_names = [n for n in names if n not in shown_excluded]
+        case_memory = memory if memory is not None else preset.memory_of(template)
+        plan.append((case, [by_name[n] for n in run_names], shown_excluded, case_baseline, case_memory))
+    chosen = [t for t in everything if any(t in p[1] for p in plan)]
     frameworks = {t.framework for t in chosen}
-    options = dict(repeats=preset.repeats, warmup=preset.warmup, memory=memory,
-                   memory_modes=list(preset.memory_modes), max_call_seconds=preset.max_call_seconds,
-                   numpy_max_scores=preset.numpy_max_scores, reference_rows=preset.reference_rows,
-                   reference_full_scores=preset.reference_full_scores, seed=seed,
-                   device=device or preset.device, configs=len(configs),
-                   memory_start_method=_memory.start_method(sorted(frameworks)) if memory else None)
-    kinds = {t.name: (t.framework, t.kind) for t in all_targets()}
+    any_memory = any(p[4] for p in plan)
+    options = dict(repeats=preset.repeats, warmup=preset.warmup, memory=any_memory, clock=preset.clock,
+                   memory_modes=list(preset.memory_modes), allocators=list(preset.allocators),
+                   max_call_seconds=preset.max_call_seconds, numpy_max_scores=preset.numpy_max_scores,
+                   reference_rows=preset.reference_rows, reference_full_scores=preset.reference_full_scores,
+                   seed=seed, device=device or preset.device, configs=len(cases), threads=threads,
+                   memory_start_method=_memory.start_method(sorted(frameworks)) if any_memory else None)
     rows = []
-    bar = _Progress(len(configs) * (len(chosen) + len(excluded)), enabled=progress)
+    bar = _Progress(sum(len(p[1]) + len(p[2]) for p in plan), enabled=progress)
     last_time = {}  # (target, family) -> [(L, median seconds of one call)], L increasing
     reference_cache = {}
     devices = {}
-    for cfg in configs:
+    initial_threads = {name: r.threads() for name, r in RUNNERS.items() if name in frameworks
+                       and r.unavailable() is None}
+    for cfg, case_targets, case_excluded, case_baseline, case_memory in plan:
         arrays = draw_arrays(cfg, seed)
         inputs_cache = {}
-        reference_cache.clear()  # one configuration at a time: memory stays flat over the sweep
+        reference_cache.clear()  # one case at a time: memory stays flat over the sweep
         config_rows = []
-        for name, why in excluded.items():
-            config_rows.append(_row(cfg, name, kinds[name][0], kinds[name][1], status="not run", reason=why))
+        for name in case_excluded:
+            t = by_name[name]
+            config_rows.append(_row(cfg, name, t.framework, t.kind, status="not run", reason=excluded[name]))
             bar.update(f"{name} {cfg.label()}")
-        for target in chosen:
+        for target in case_targets:
             row = _run_one(target, cfg, arrays, inputs_cache, devices, preset, device, last_time, reference_cache,
-                           seed, memory)
+                           seed, case_memory, initial_threads)
             config_rows.append(row)
             bar.update(f"{target.name} {cfg.label()}")
-        _ratios(config_rows, baseline)
+        _ratios(config_rows, case_baseline)
         rows += config_rows
     bar.close()
+    for name, n in initial_threads.items():
+        if n is not None and cases and any(c.threads for c in cases):
+            RUNNERS[name].set_threads(n)
     env = environment(frameworks | {"numpy"})
     env["load_average_at_start"] = load_at_start
     env["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     env["devices"] = {framework: list(value) for (framework, _), value in devices.items()}
-    return Result(preset=preset.name, baseline=baseline, rows=rows, environment=env, options=options,
-                  seconds=time.perf_counter() - start, command=command,
+    baselines = sorted({p[3] for p in plan})
+    return Result(preset=preset.name, baseline=baselines[0] if len(baselines) == 1 else ", ".join(baselines),
+                  rows=rows, environment=env, options=options, seconds=time.perf_counter() - start, command=command,
                   targets=[dict(name=t.name, framework=t.framework, kind=t.kind, description=t.description)
                            for t in chosen])
 
 
 def _row(cfg, target, framework, kind, **extra):
-    row = dict(config=cfg.label(), family=cfg.family().label(), **cfg.to_dict(), target=target,
+    case = cfg.to_dict()
+    case["threads_requested"] = case.pop("threads")  # "threads" is what the framework ran with
+    row = dict(config=cfg.label(), family=cfg.family().label(), **case, target=target,
                framework=framework, kind=kind, status="ok", reason=None, note=None, median_s=None, q1_s=None,
                q3_s=None, min_s=None, max_s=None, repeats=0, first_call_s=None, compile_s=None, threads=None,
-               ratio=None, peak_bytes=None, memory_method=None, memory_error=None, sparsity=None,
-               sparsity_allowed=None, max_abs_err=None, reference_rows=None, same_function=None)
+               baseline=None, ratio=None, peak_bytes=None, peak_bytes_by_allocator=None, memory_ratio=None,
+               memory_method=None, memory_error=None, sparsity=None, sparsity_allowed=None, max_abs_err=None,
+               reference_rows=None, same_function=None)
     row.update(extra)
     return row
 
 
-def _run_one(target, cfg, arrays, inputs_cache, devices, preset, device, last_time, reference_cache, seed, memory):
+def _add_note(row, note):
+    row["note"] = note if not row["note"] else f"{row['note']}; {note}"
+
+
+def _run_one(target, cfg, arrays, inputs_cache, devices, preset, device, last_time, reference_cache, seed, memory,
+             initial_threads=None):
     row = _row(cfg, target.name, target.framework, target.kind)
 
     def stop(status, reason):
@@ -292,8 +351,14 @@ def _run_one(target, cfg, arrays, inputs_cache, devices, preset, device, last_ti
     if why:
         return stop("unsupported", why)
     if target.framework == "numpy" and cfg.scores > preset.numpy_max_scores:
-        return stop("skipped", f"NumPy (the float64 reference) runs only up to B*H*L*L = {preset.numpy_max_scores} "
+        return stop("skipped", f"NumPy (the float64 reference) runs only up to B*H*Lq*Lk = {preset.numpy_max_scores} "
                                f"score entries here (this call: {cfg.scores}); raise --numpy-max-scores")
+    if cfg.threads is not None:
+        why = runner.set_threads(cfg.threads)
+        if why:
+            _add_note(row, f"threads not set: {why}")
+    elif (initial_threads or {}).get(target.framework):
+        runner.set_threads(initial_threads[target.framework])
     family = (target.name, cfg.family())
     predicted = _predict(last_time.get(family, []), cfg.L)
     if predicted is not None and predicted[0] > preset.max_call_seconds:
@@ -301,12 +366,12 @@ def _run_one(target, cfg, arrays, inputs_cache, devices, preset, device, last_ti
                                f"--max-call-seconds {preset.max_call_seconds:g}")
     try:
         if target.framework not in inputs_cache:
-            inputs_cache[target.framework] = runner.inputs(arrays, cfg.dtype, dev, grad=cfg.mode == "fwd+bwd")
+            inputs_cache[target.framework] = make_inputs(runner, cfg, dev, seed)[0]
         inputs = inputs_cache[target.framework]
         reasons = target.reasons(cfg, inputs, dev)
         if reasons:
             return stop("unsupported", "; ".join(reasons))
-        built = target.build(cfg, dev)
+        built = target.build(cfg, inputs, dev)
         prepared = runner.prepare(built.fn, inputs, cfg.mode, vjp=built.vjp, kwargs=built.kwargs)
         t0 = time.perf_counter()
         prepared.step()
@@ -322,8 +387,8 @@ def _run_one(target, cfg, arrays, inputs_cache, devices, preset, device, last_ti
         repeats, warmup = preset.repeats, max(preset.warmup - 1, 0)
         if estimate > preset.max_call_seconds:
             repeats, warmup = 1, 0
-            row["note"] = f"1 repeat: one call takes {estimate:.1f} s (> --max-call-seconds)"
-        timing = measure(prepared.step, repeats=repeats, warmup=warmup)
+            _add_note(row, f"1 repeat: one call takes {estimate:.1f} s (> --max-call-seconds)")
+        timing = measure(prepared.step, repeats=repeats, warmup=warmup, clock=preset.clock)
         row.update(timing.to_dict())
         row.update(first_call_s=first, threads=runner.threads())
         last_time.setdefault(family, []).append((cfg.L, timing.median))
@@ -337,20 +402,28 @@ def _run_one(target, cfg, arrays, inputs_cache, devices, preset, device, last_ti
                    same_function=note is None,
                    reference_rows="all" if blocks == [(0, cfg.L)] else f"{sum(b - a for a, b in blocks)} of {cfg.L}")
         if note:
-            row["note"] = note if not row["note"] else f"{row['note']}; {note}"
+            _add_note(row, note)
     except Exception as exc:  # a target that fails is reported with its error, never dropped
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return stop("error", f"{type(exc).__name__}: {message[:300]}")
-    # the configuration's own sparsity (from the reference of the configuration's function)
+    # the case's own sparsity (from the reference of the case's function)
     cfg_ref = _reference(reference_cache, cfg, arrays, blocks, cfg.attention_kwargs())
     row.update(sparsity=cfg_ref["sparsity"], sparsity_allowed=cfg_ref["sparsity_allowed"])
     if memory and cfg.mode in preset.memory_modes:
-        result = _memory.measure(cfg, target.name, dev, seed, timeout=max(120.0, 20 * preset.max_call_seconds),
-                                 frameworks=(target.framework,))
-        if "error" in result:
-            row["memory_error"] = result["error"]
-        else:
-            row.update(peak_bytes=result["peak_bytes"], memory_method=result["method"])
+        by_allocator, methods, errors = {}, [], []
+        for allocator in preset.allocators:
+            result = _memory.measure(cfg, target.name, dev, seed, timeout=max(120.0, 20 * preset.max_call_seconds),
+                                     frameworks=(target.framework,), allocator=allocator)
+            if "error" in result:
+                errors.append(f"{allocator}: {result['error']}")
+            else:
+                by_allocator[allocator] = result["peak_bytes"]
+                methods.append(result["method"])
+        if by_allocator:
+            row.update(peak_bytes=next(iter(by_allocator.values())), peak_bytes_by_allocator=by_allocator,
+                       memory_method=methods[0])
+        if errors:
+            row["memory_error"] = "; ".join(errors)
     return row
 
 
@@ -371,7 +444,7 @@ def _predict(history, L):
 
 
 def _reference(cache, cfg, arrays, blocks, kwargs):
-    key = (cfg.L, cfg.B, cfg.H, cfg.Hkv, cfg.D, cfg.dtype, tuple(blocks), tuple(sorted(kwargs.items())))
+    key = (cfg.L, cfg.Lk, cfg.B, cfg.H, cfg.Hkv, cfg.D, cfg.dtype, tuple(blocks), tuple(sorted(kwargs.items())))
     if key not in cache:
         q, k, v = arrays[:3]
         cache[key] = reference(q, k, v, blocks, **kwargs)
@@ -379,11 +452,17 @@ def _reference(cache, cfg, arrays, blocks, kwargs):
 
 
 def _ratios(rows, baseline):
+    """Each row's time (and peak memory, per allocator) over the baseline's on the same case."""
     base = next((r for r in rows if r["target"] == baseline), None)
     ok = base is not None and base["status"] == "ok" and base["median_s"]
     for row in rows:
+        row["baseline"] = baseline
         if row["status"] != "ok":
             continue
+        base_memory = (base or {}).get("peak_bytes_by_allocator") or {}
+        if row.get("peak_bytes_by_allocator"):
+            row["memory_ratio"] = {a: b / base_memory[a] for a, b in row["peak_bytes_by_allocator"].items()
+                                   if base_memory.get(a)}
         if ok:
             row["ratio"] = row["median_s"] / base["median_s"]
         else:

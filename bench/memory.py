@@ -1,4 +1,4 @@
-"""Peak memory of one call, each in a fresh process.
+"""Peak memory of one call, each in a fresh process: the benchmark's one memory program.
 
 Every (configuration, target) is measured in a new child process that has never run a kernel:
 the frameworks are imported once by a multiprocessing fork server (which itself runs nothing),
@@ -14,6 +14,13 @@ code pages), free what can be freed (gc, malloc_trim), then
   (torch.cuda.max_memory_allocated after reset_peak_memory_stats; JAX peak_bytes_in_use).
 If the peak cannot be reset, the warm-up is skipped and the growth of VmHWM over the first
 call is reported instead (it then includes compilation).
+
+allocator="fixed-mmap" sets glibc's mmap threshold to 64 KiB in the child before anything is
+allocated for the call (mallopt(M_MMAP_THRESHOLD), as MALLOC_MMAP_THRESHOLD_=65536 would at
+start): every large tensor is then mapped on its own and unmapped when freed, so the peak RSS
+is the peak of live memory, the same every run. With glibc's default, the threshold rises to
+the largest block freed so far, and heap fragmentation makes the same call's peak vary from run
+to run: that is what a user sees, and the default.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import traceback
 
 #: What the fork server imports once, per framework (children import anything else themselves).
 _PRELOAD = {
-    "numpy": ("numpy", "attnspec", "attnspec.bench.core", "attnspec.bench.targets"),
+    "numpy": ("numpy", "attnspec", "attnspec.bench.core", "attnspec.bench.targets", "attnspec.conformance.peers"),
     "torch": ("torch", "attnspec.backends.torch", "entmax"),
     "jax": ("jax", "jax.numpy"),
 }
@@ -62,18 +69,39 @@ def _release_free_memory():
         pass
 
 
-def measure_in_this_process(cfg, target_name: str, device: str, seed: int) -> dict:
+#: glibc's mallopt parameter number of M_MMAP_THRESHOLD (malloc.h).
+_M_MMAP_THRESHOLD = -3
+FIXED_MMAP_THRESHOLD = 65536
+
+
+def _set_allocator(allocator: str) -> None:
+    if allocator == "default":
+        return
+    if allocator != "fixed-mmap":
+        raise ValueError(f"allocator must be default or fixed-mmap; got {allocator!r}")
+    try:
+        ok = ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, FIXED_MMAP_THRESHOLD)
+    except (OSError, AttributeError) as exc:
+        raise RuntimeError(f"allocator fixed-mmap needs glibc's mallopt ({exc})") from None
+    if ok != 1:
+        raise RuntimeError("glibc refused mallopt(M_MMAP_THRESHOLD, 65536)")
+
+
+def measure_in_this_process(cfg, target_name: str, device: str, seed: int, allocator: str = "default") -> dict:
     """The measurement itself (run in the child)."""
     from .core import make_inputs
     from .runners import runner_for
     from .targets import find_target
 
+    _set_allocator(allocator)
     target = find_target(target_name)
     runner = runner_for(target.framework)
+    if cfg.threads is not None:
+        runner.set_threads(cfg.threads)
     inputs = make_inputs(runner, cfg, device, seed)[0]
-    built = target.build(cfg, device)
+    built = target.build(cfg, inputs, device)
     prepared = runner.prepare(built.fn, inputs, cfg.mode, vjp=built.vjp, kwargs=built.kwargs)
-    result = dict(device=device)
+    result = dict(device=device, allocator=allocator)
     can_reset = _status_kib("VmRSS") is not None and _reset_peak()
     if can_reset or device != "cpu":
         prepared.step()  # warm-up: compilation, lazy initialisation, first-touch code pages
@@ -100,10 +128,10 @@ def measure_in_this_process(cfg, target_name: str, device: str, seed: int) -> di
 
 def _child(conn, payload):
     try:
-        from .sweep import Config
+        from .sweep import Case
 
-        result = measure_in_this_process(Config(**payload["cfg"]), payload["target"], payload["device"],
-                                         payload["seed"])
+        result = measure_in_this_process(Case(**payload["cfg"]), payload["target"], payload["device"],
+                                         payload["seed"], payload["allocator"])
     except BaseException as exc:  # report, never hang the parent
         result = dict(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
     conn.send(result)
@@ -130,13 +158,14 @@ def _installed(module: str) -> bool:
         return False
 
 
-def measure(cfg, target_name: str, device: str, seed: int, timeout: float = 600.0, frameworks=("numpy",)) -> dict:
+def measure(cfg, target_name: str, device: str, seed: int, timeout: float = 600.0, frameworks=("numpy",),
+            allocator: str = "default") -> dict:
     """Peak memory of one call of `target_name` on `cfg`, in a fresh process: a dict with
     peak_bytes and method, or error. `frameworks`: what the fork server should preload if this
-    call starts it."""
+    call starts it; allocator: "default" or "fixed-mmap" (glibc settings, see above)."""
     ctx = _get_context(frameworks)
     parent, child = ctx.Pipe(duplex=False)
-    payload = dict(cfg=cfg.to_dict(), target=target_name, device=device, seed=seed)
+    payload = dict(cfg=cfg.to_dict(), target=target_name, device=device, seed=seed, allocator=allocator)
     process = ctx.Process(target=_child, args=(child, payload), daemon=True)
     process.start()
     child.close()

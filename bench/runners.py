@@ -69,11 +69,23 @@ class Runner:
     def inputs(self, arrays: tuple, dtype: str, device: str, grad: bool) -> tuple:
         raise NotImplementedError
 
+    def params(self, values: tuple, dtype: str, device: str, grad: bool) -> tuple:
+        """Learned [H] parameters (alpha, span) as arrays of this framework: float32, or float64
+        for float64 cases (SPEC.md: alpha and z are cast to the compute dtype)."""
+        raise NotImplementedError
+
     def prepare(self, fn, inputs: tuple, mode: str, vjp=None, kwargs=None) -> Prepared:
+        """inputs: (q, k, v, g, *params); fn(q, k, v, *params); the backward differentiates
+        sum(out * g) with respect to q, k, v and the params."""
         raise NotImplementedError
 
     def threads(self) -> int | None:
         return None
+
+    def set_threads(self, n: int) -> str | None:
+        """Run with n threads from now on; None, or why this runner cannot (then it runs with
+        what the framework chose at start)."""
+        return f"{self.name} reads its thread count at start (environment variables), not per case"
 
     def environment(self) -> dict:
         return {}
@@ -103,17 +115,20 @@ class NumpyRunner(Runner):
             return tuple(a.astype(ml_dtypes.bfloat16) for a in arrays)
         return tuple(a.astype(dtype) for a in arrays)
 
+    def params(self, values, dtype, device, grad):
+        return tuple(np.asarray(a, dtype=np.float64 if dtype == "float64" else np.float32) for a in values)
+
     def prepare(self, fn, inputs, mode, vjp=None, kwargs=None):
-        q, k, v, g = inputs
+        q, k, v, g, *params = inputs
 
         def forward():
-            return fn(q, k, v)
+            return fn(q, k, v, *params)
 
         if mode == "fwd":
             step = forward
         else:
             def step():
-                out = fn(q, k, v)
+                out = fn(q, k, v, *params)
                 grads = vjp(q, k, v, g, **kwargs)
                 return out, grads
         return Prepared(step=step, output=lambda: np.asarray(forward(), dtype=np.float64))
@@ -157,6 +172,12 @@ class TorchRunner(Runner):
                 t.requires_grad_(True)
         return tuple(out)
 
+    def params(self, values, dtype, device, grad):
+        import torch
+
+        torch_dtype = torch.float64 if dtype == "float64" else torch.float32
+        return tuple(torch.tensor(a, dtype=torch_dtype, device=device).requires_grad_(grad) for a in values)
+
     def _sync(self, device):
         import torch
 
@@ -166,25 +187,26 @@ class TorchRunner(Runner):
     def prepare(self, fn, inputs, mode, vjp=None, kwargs=None):
         import torch
 
-        q, k, v, g = inputs
+        q, k, v, g, *params = inputs
         device = q.device.type
 
         if mode == "fwd":
             def step():
                 with torch.no_grad():
-                    out = fn(q, k, v)
+                    out = fn(q, k, v, *params)
                 self._sync(device)
                 return out
         else:
             def step():
-                out = fn(q, k, v)
-                grads = torch.autograd.grad(out, (q, k, v), g)
+                out = fn(q, k, v, *params)
+                # allow_unused: a peer that takes no alpha or span gives no gradient for them
+                grads = torch.autograd.grad(out, (q, k, v, *params), g, allow_unused=bool(params))
                 self._sync(device)
                 return grads
 
         def output():
             with torch.no_grad():
-                return fn(q, k, v).detach().to(device="cpu", dtype=torch.float64).numpy()
+                return fn(q, k, v, *params).detach().to(device="cpu", dtype=torch.float64).numpy()
 
         return Prepared(step=step, output=output)
 
@@ -192,6 +214,12 @@ class TorchRunner(Runner):
         import torch
 
         return torch.get_num_threads()
+
+    def set_threads(self, n):
+        import torch
+
+        torch.set_num_threads(n)
+        return None
 
     def environment(self):
         import torch
@@ -262,23 +290,29 @@ class JaxRunner(Runner):
         target = self._device(device)
         return tuple(jax.device_put(jnp.asarray(a, dtype=getattr(jnp, dtype)), target) for a in arrays)
 
+    def params(self, values, dtype, device, grad):
+        import jax
+        import jax.numpy as jnp
+
+        param_dtype = jnp.float64 if dtype == "float64" else jnp.float32
+        return tuple(jax.device_put(jnp.asarray(a, dtype=param_dtype), self._device(device)) for a in values)
+
     def prepare(self, fn, inputs, mode, vjp=None, kwargs=None):
         import jax
 
-        q, k, v, g = inputs
         if mode == "fwd":
-            def program(q, k, v, g):
-                return fn(q, k, v)
+            def program(q, k, v, g, *params):
+                return fn(q, k, v, *params)
         else:
-            def program(q, k, v, g):
-                out, pullback = jax.vjp(fn, q, k, v)
+            def program(q, k, v, g, *params):
+                out, pullback = jax.vjp(fn, q, k, v, *params)
                 return out, pullback(g)
         start = time.perf_counter()
-        compiled = jax.jit(program).lower(q, k, v, g).compile()
+        compiled = jax.jit(program).lower(*inputs).compile()
         compile_s = time.perf_counter() - start
 
         def step():
-            return jax.block_until_ready(compiled(q, k, v, g))
+            return jax.block_until_ready(compiled(*inputs))
 
         def output():
             result = step()

@@ -1,4 +1,6 @@
-"""A small timing helper: warm-up, repeats, median and spread, device synchronisation.
+"""The benchmark's one timing helper: warm-up, repeats, median and spread, device
+synchronisation, and the clock (wall time, or this process's CPU time, which leaves out the
+time other processes hold the cores on a shared machine).
 
     from attnspec.bench.timing import measure
     result = measure(lambda: step(), repeats=5, warmup=1, sync=torch.cuda.synchronize)
@@ -49,22 +51,29 @@ class Timing:
         return f"{self.median * 1e3:.1f} ms (±{self.spread * 50:.0f}%)"
 
 
-def measure(fn, *, repeats: int = 5, warmup: int = 1, sync=None) -> Timing:
-    """Median wall time of fn() over `repeats` runs after `warmup` runs; `sync` (e.g.
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def measure(fn, *, repeats: int = 5, warmup: int = 1, sync=None, clock: str = "wall") -> Timing:
+    """Median time of fn() over `repeats` runs after `warmup` runs, by the wall clock or by
+    this process's CPU time (clock="process", all its threads); `sync` (e.g.
     torch.cuda.synchronize) is called before each clock read so asynchronous work is counted."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}; got {clock!r}")
+    now = CLOCKS[clock]
     for _ in range(warmup):
         fn()
     if sync:
         sync()
     samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         fn()
         if sync:
             sync()
-        samples.append(time.perf_counter() - start)
+        samples.append(now() - start)
     median = statistics.median(samples)
     ordered = sorted(samples)
     return Timing(median=median, spread=(max(samples) - min(samples)) / median if median else 0.0, samples=samples,

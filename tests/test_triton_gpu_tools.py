@@ -1,13 +1,16 @@
-"""The CPU-side logic of the Triton backend's GPU tooling (nothing here needs a GPU):
-bench/adasplash_accuracy.py's measuring code, bench/triton_autotune.py's table entries and
-merge, and bench/gpu_session.py's plan and cell-by-cell conformance runs.
+"""The CPU-side logic of the Triton backend's GPU tooling in tools/ (nothing here needs a GPU):
+tools/adasplash_accuracy.py's measuring code, tools/triton_autotune.py's table entries and
+merge, and tools/gpu_session.py's plan and cell-by-cell conformance runs.
 
 TRITON_INTERPRET=1 is set at import, as in tests/test_triton_backend.py, in case anything here
 is the first to load the triton backend.
 """
 
+import importlib
 import json
 import os
+import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -15,8 +18,21 @@ import pytest
 os.environ["TRITON_INTERPRET"] = "1"
 torch = pytest.importorskip("torch")
 
+TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))  # the tools are scripts of the checkout, not installed modules
+
+import adasplash_accuracy  # noqa: E402
+import gpu_session  # noqa: E402
+import triton_autotune  # noqa: E402
+
 from attnspec import reference  # noqa: E402
-from attnspec.bench import adasplash_accuracy, gpu_session, triton_autotune  # noqa: E402
+
+
+def test_the_tools_are_not_part_of_the_installed_package():
+    for name in ("gpu_session", "triton_autotune", "adasplash_accuracy"):
+        with pytest.raises(ImportError):
+            importlib.import_module(f"attnspec.bench.{name}")
+    assert pathlib.Path(gpu_session.__file__).parent == TOOLS
 
 
 def _reference_attend(causal, factor=1.0):
@@ -162,7 +178,7 @@ def test_the_autotune_plan_lists_every_tile_pair_at_the_default_launch():
     assert "42 timings" in stage2["candidates"]
 
 
-def test_every_gpu_session_step_fits_a_device_call():
+def test_every_gpu_session_step_fits_its_time_limit():
     gpu_session.check_plan()
     with pytest.raises(ValueError, match="add up to 600 s"):
         gpu_session.check_plan({"x": [gpu_session.SubStep("a", ("m",), 300), gpu_session.SubStep("b", ("m",), 300)]})
@@ -173,11 +189,13 @@ def test_every_gpu_session_step_fits_a_device_call():
         assert limits == [s.timeout_s for s in subs] and "{" not in "".join(lines)  # every placeholder filled
 
 
-def test_triton_targets_refuses_unknown_parts_before_looking_for_a_gpu():
-    from attnspec.bench import triton_targets
-
-    with pytest.raises(ValueError, match="spam"):
-        triton_targets.run(parts=("ratios", "spam"))
+def test_the_gpu_session_runs_the_bench_presets_and_the_tools_by_path():
+    lines = []
+    gpu_session.run_step("targets", "unused", dry_run=True, log=lines.append)
+    assert "-m attnspec bench --preset triton-targets --L 8192,16384" in lines[0]
+    assert f"{TOOLS}/adasplash_accuracy.py --budget-s 70" in lines[1]
+    steps = " ".join(" ".join(s.argv) for subs in gpu_session.STEPS.values() for s in subs)
+    assert "attnspec.bench." not in steps and "$" not in steps
 
 
 def test_the_gpu_session_conformance_runs_cell_by_cell_and_lists_cells_past_the_budget(tmp_path, monkeypatch):
@@ -202,8 +220,8 @@ def test_a_gpu_session_step_packs_what_finished_and_reports_a_time_limit(tmp_pat
 
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     monkeypatch.setitem(gpu_session.STEPS, "smoke", [
-        gpu_session.SubStep("list steps", ("attnspec.bench.gpu_session", "--list"), 120),
-        gpu_session.SubStep("too slow", ("timeit", "-n1", "-r1", "import time; time.sleep(30)"), 1),
+        gpu_session.SubStep("list steps", ("{tools}/gpu_session.py", "--list"), 120),
+        gpu_session.SubStep("too slow", ("-m", "timeit", "-n1", "-r1", "import time; time.sleep(30)"), 1),
     ])
     out = tmp_path / "out"
     outcomes = gpu_session.run_step("smoke", str(out), log=lambda line: None)

@@ -11,7 +11,7 @@ first entry whose max_head_dim (max(D, Dv)) and dtypes admit the call wins.
 Every entry carries its `source`. An entry reading "untuned default" was NOT measured on that
 GPU: it is what the kernels used before the table existed (64 x 64 tiles, 4 warps, 2 stages;
 32 x 32 above head dim 128), which compiles for sm_80 (tests/test_triton_backend.py,
-ATTNSPEC_TRITON_COMPILE=1). `python -m attnspec.bench.triton_autotune` on a GPU times the
+ATTNSPEC_TRITON_COMPILE=1). `python tools/triton_autotune.py` (a checkout's tool) on a GPU times the
 candidates and prints a tuned entry for its family to paste here (its JSON keeps the timings).
 
 ATTNSPEC_TRITON_CONFIG (a JSON object with the fields of an entry's config, e.g.
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 KERNELS = ("forward", "backward_dq", "backward_dkdv")
 
 _UNTUNED = ("untuned default: not measured on this GPU family; the values the kernels used before "
-            "the table (run python -m attnspec.bench.triton_autotune on such a GPU)")
+            "the table (run python tools/triton_autotune.py from a checkout on such a GPU)")
 
 
 def _entries(source):

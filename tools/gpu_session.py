@@ -1,32 +1,34 @@
-"""What is left of the Triton issue on a GPU, as a few commands, one per device call.
+"""The Triton backend's GPU measurements as a few steps, each a short batch of commands.
 
-    python -m attnspec.bench.gpu_session --list                    # the plan (no GPU needed)
-    PYTHONPATH=. python3 -m attnspec.bench.gpu_session STEP --out "$OUT"   # on the GPU machine
-    python -m attnspec.bench.gpu_session STEP --dry-run             # the commands, run nothing
+    python tools/gpu_session.py --list                  # the steps and their time limits (no GPU)
+    python tools/gpu_session.py STEP --out DIR          # on a machine with a CUDA GPU
+    python tools/gpu_session.py STEP --dry-run          # the commands, run nothing
 
 Each STEP runs its sub-steps one after another as subprocesses, each under its own time limit
-(`timeout`), so that a step ends well inside a 10-minute call. After every sub-step the step's
-files are packed again into OUT/<step>.tar.gz (results/ and logs/ inside; a call cut short
-still returns what finished) and a line is added to OUT/<step>_summary.txt. Unpack the results
-into the checkout with `tar xzf <step>.tar.gz -C bench/results --strip-components=1 results`.
+(`timeout`); a step's limits add up to at most 9 minutes, so that a step run on a rented or
+shared GPU with a 10-minute limit per command ends inside it. After every sub-step the step's
+files are packed again into DIR/<step>.tar.gz (results/ and logs/ inside, so a step cut short
+still leaves what finished) and a line is added to DIR/<step>_summary.txt. Unpack the results
+into the checkout with `tar xzf DIR/<step>.tar.gz -C bench/results --strip-components=1 results`;
+every result file names the GPU (docs/benchmarks.md says how to commit them).
 
-Steps and what they measure (issue: Triton backend, "On a GPU"):
-- conformance: `thorough` profile on CUDA, backends triton and torch, every dtype each
-  declares (torch also float64), cell by cell (conformance_<backend>_<dtype>_<gpu>.json; cells not reached within the budget are
-  listed as not run, never as passed).
-- targets: bench/triton_targets.py at L = 8k, 16k (AdaSplash, SDPA flash, peak memory) with
-  its accuracy item, and bench/adasplash_accuracy.py on CUDA.
-- autotune: bench/triton_autotune.py for head dim 64 (bfloat16), merged with any other runs
-  in the step's results into table entries, then the dispatcher bench (`attnspec bench
-  --preset gpu`) of the torch and triton backends against SDPA, FlexAttention and AdaSplash.
-- targets-long: bench/triton_targets.py at L = 32k, 64k and the FlexAttention window target.
+Steps and what they measure:
+- conformance: the `thorough` profile on CUDA, backends triton and torch, every dtype each
+  declares (torch also float64), cell by cell (conformance_<backend>_<dtype>_<gpu>.json; cells
+  not reached within the budget are listed as not run, never as passed).
+- targets: `attnspec bench --preset triton-targets` at L = 8k, 16k (AdaSplash, SDPA's flash
+  kernel, peak memory), and tools/adasplash_accuracy.py on CUDA.
+- autotune: tools/triton_autotune.py for head dim 64 (bfloat16), merged with any other runs in
+  the step's results into table entries, then `attnspec bench --preset gpu` of the torch and
+  triton backends against SDPA, FlexAttention and AdaSplash.
+- targets-long: `attnspec bench --preset triton-targets` at L = 32k, 64k with the
+  FlexAttention window target.
 - autotune-d128: the same sweep for head dim 128.
-In order of priority: conformance, targets, autotune (about 28 minutes of device time with the
-machine's start), then targets-long and autotune-d128 if time is left (or in another session).
+In order of priority: conformance, targets, autotune, then targets-long and autotune-d128.
 
-Wheels: if the checkout has a .whl/ folder (carried; see README's Triton section) with adasplash
-and entmax, a step first installs them with pip --no-index --no-deps into a folder of its own
-and puts it on the subprocesses' PYTHONPATH.
+Wheels: for a GPU machine without a package index, put the adasplash and entmax wheels in the
+checkout's .whl/ folder; a step first installs them with pip --no-index --no-deps into a folder
+of its own and puts it on the subprocesses' PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -42,24 +44,34 @@ import tarfile
 import time
 from dataclasses import dataclass
 
-#: What a device call allows; every step's sub-step limits add up to less, leaving room for the
-#: wheels, packing and the call's own start.
-CALL_LIMIT_S = 600
+# Run from a checkout (python tools/gpu_session.py): attnspec imports from the checkout when it
+# is not installed; the tools themselves are not part of the installed package.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+TOOLS = os.path.join(ROOT, "tools")
+
+#: The longest a step may take: its sub-steps' limits add up to at most this, leaving room
+#: for installing wheels and packing within a 10-minute command.
 STEP_LIMIT_S = 540
 
 
 @dataclass(frozen=True)
 class SubStep:
     name: str
-    argv: tuple  # after "python -m"; {results} and {gpu} are filled in
+    argv: tuple  # after "python"; {results}, {gpu} and {tools} are filled in
     timeout_s: int
 
 
 def _check(backend, dtype, budget, timeout):
     report = "{results}/conformance_" + f"{backend}_{dtype}" + "_{gpu}.json"
     return SubStep(f"conformance {backend} {dtype}",
-                   ("attnspec.bench.gpu_session", "check", "--backend", backend, "--dtype", dtype,
+                   ("{tools}/gpu_session.py", "check", "--backend", backend, "--dtype", dtype,
                     "--budget-s", str(budget), "--json", report), timeout)
+
+
+def _bench(*args):
+    return ("-m", "attnspec", "bench", *args, "--quiet")
 
 
 STEPS = {
@@ -70,35 +82,34 @@ STEPS = {
     # AdaSplash autotunes (30 configurations per kernel) at each new L; the first L also compiles
     # them all, hence the lengths split over two steps.
     "targets": [
-        SubStep("triton targets 8k 16k", ("attnspec.bench.triton_targets", "--lengths", "8192,16384", "--parts",
-                                          "ratios,accuracy", "--tag", "part1", "--out", "{results}"), 400),
-        SubStep("adasplash accuracy", ("attnspec.bench.adasplash_accuracy", "--budget-s", "70", "--out", "{results}"),
+        SubStep("triton targets 8k 16k", _bench("--preset", "triton-targets", "--L", "8192,16384", "--out",
+                                                "{results}/triton_targets_{gpu}_part1"), 400),
+        SubStep("adasplash accuracy", ("{tools}/adasplash_accuracy.py", "--budget-s", "70", "--out", "{results}"),
                 110),
     ],
     "autotune": [
-        SubStep("autotune d64 bfloat16", ("attnspec.bench.triton_autotune", "--head-dim", "64", "--dtype", "bfloat16",
+        SubStep("autotune d64 bfloat16", ("{tools}/triton_autotune.py", "--head-dim", "64", "--dtype", "bfloat16",
                                           "--budget-s", "200", "--out", "{results}"), 260),
-        SubStep("autotune merge", ("attnspec.bench.triton_autotune", "--merge", "{results}"), 30),
-        SubStep("dispatcher bench gpu", ("attnspec", "bench", "--preset", "gpu", "--target", "torch", "--target",
-                                         "triton", "--target", "sdpa", "--target", "flex", "--target", "adasplash",
-                                         "--L", "1024,4096,16384", "--no-memory", "--out", "{results}/bench_gpu_{gpu}"),
-                240),
+        SubStep("autotune merge", ("{tools}/triton_autotune.py", "--merge", "{results}"), 30),
+        SubStep("dispatcher bench gpu", _bench("--preset", "gpu", "--target", "torch", "--target", "triton",
+                                               "--target", "sdpa", "--target", "flex", "--target", "adasplash",
+                                               "--L", "1024,4096,16384", "--no-memory",
+                                               "--out", "{results}/bench_gpu_{gpu}"), 240),
     ],
     "targets-long": [
-        SubStep("triton targets 32k 64k span", ("attnspec.bench.triton_targets", "--lengths", "32768,65536",
-                                                "--parts", "ratios,span", "--tag", "part2", "--out", "{results}"),
-                500),
+        SubStep("triton targets 32k 64k span", _bench("--preset", "triton-targets", "--L", "32768,65536", "--out",
+                                                      "{results}/triton_targets_{gpu}_part2"), 500),
     ],
     "autotune-d128": [
-        SubStep("autotune d128 bfloat16", ("attnspec.bench.triton_autotune", "--head-dim", "128", "--dtype",
+        SubStep("autotune d128 bfloat16", ("{tools}/triton_autotune.py", "--head-dim", "128", "--dtype",
                                            "bfloat16", "--budget-s", "300", "--out", "{results}"), 380),
-        SubStep("autotune merge", ("attnspec.bench.triton_autotune", "--merge", "{results}"), 30),
+        SubStep("autotune merge", ("{tools}/triton_autotune.py", "--merge", "{results}"), 30),
     ],
 }
 
 
 def check_plan(steps=None) -> None:
-    """Every step fits a device call: its sub-steps' limits add up to at most STEP_LIMIT_S."""
+    """Every step fits its limit: its sub-steps' limits add up to at most STEP_LIMIT_S."""
     for name, subs in (steps or STEPS).items():
         total = sum(s.timeout_s for s in subs)
         if total > STEP_LIMIT_S:
@@ -121,10 +132,9 @@ def _gpu_name():
 
 
 def _environment(work):
-    """Subprocess environment: the checkout (and carried wheels, installed once) on PYTHONPATH."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = [root]
-    wheels = sorted(glob.glob(os.path.join(root, ".whl", "*.whl")))
+    """Subprocess environment: the checkout (and the .whl/ wheels, installed once) on PYTHONPATH."""
+    paths = [ROOT]
+    wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
     if wheels:
         site = os.path.join(work, "site")
         if not os.path.isdir(site):
@@ -154,8 +164,8 @@ def run_step(step, out, dry_run=False, log=print):
     results, logs = os.path.join(work, "results"), os.path.join(work, "logs")
     commands = []
     for sub in subs:
-        argv = [a.format(results=results, gpu=gpu) for a in sub.argv]
-        commands.append((sub, ["timeout", "--kill-after=10", str(sub.timeout_s), sys.executable, "-m", *argv]))
+        argv = [a.format(results=results, gpu=gpu, tools=TOOLS) for a in sub.argv]
+        commands.append((sub, ["timeout", "--kill-after=10", str(sub.timeout_s), sys.executable, *argv]))
     if dry_run:
         for sub, cmd in commands:
             log(f"[{sub.name}] limit {sub.timeout_s} s: {shlex.join(cmd)}")
@@ -232,14 +242,15 @@ def main(argv=None):
     parser.add_argument("step", nargs="?", choices=list(STEPS))
     parser.add_argument("--list", action="store_true", help="list the steps and their limits")
     parser.add_argument("--dry-run", action="store_true", help="print the step's commands, run nothing")
-    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_session_out")
+    parser.add_argument("--out", default="gpu_session_out", help="where the step's archive and summary go")
     a = parser.parse_args(argv)
     check_plan()
     if a.list or a.step is None:
         for name, subs in STEPS.items():
-            print(f"{name} (sub-step limits {sum(s.timeout_s for s in subs)} s of a {CALL_LIMIT_S} s call):")
+            print(f"{name} (sub-step limits {sum(s.timeout_s for s in subs)} s of at most {STEP_LIMIT_S} s):")
             for s in subs:
-                print(f"    {s.name:<28} {s.timeout_s:>4} s  python -m {' '.join(s.argv)}")
+                argv = " ".join(a.replace("{tools}", "tools") for a in s.argv)
+                print(f"    {s.name:<28} {s.timeout_s:>4} s  python {argv}")
         return 0
     outcomes = run_step(a.step, a.out, dry_run=a.dry_run)
     return 0 if all(o["rc"] == 0 for o in outcomes) else 1

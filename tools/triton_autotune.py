@@ -1,8 +1,8 @@
-"""Autotune the Triton backend's launch configuration for this GPU (issue: Triton backend).
+"""Autotune the Triton backend's launch configuration for this GPU.
 
-    python -m attnspec.bench.triton_autotune --head-dim 64 --dtype bfloat16 [--budget-s 240]
-    python -m attnspec.bench.triton_autotune --merge bench/results   # no GPU needed
-    python -m attnspec.bench.triton_autotune --dry-run               # the plan, no GPU needed
+    python tools/triton_autotune.py --head-dim 64 --dtype bfloat16 [--budget-s 240]
+    python tools/triton_autotune.py --merge bench/results   # no GPU needed
+    python tools/triton_autotune.py --dry-run               # the plan, no GPU needed
 
 One run tunes one (head dim, dtype) on the CUDA device, on a representative shape: causal,
 alpha = 1.5 (the solve's several passes are the kernels' main cost), B x H x L = 2^18 tokens
@@ -36,6 +36,13 @@ import platform
 import re
 import sys
 import time
+
+# Run from a checkout (python tools/NAME.py): attnspec imports from the checkout when it is not
+# installed; the tools themselves are not part of the installed package.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+RESULTS = os.path.join(ROOT, "bench", "results")
 
 TILES = [(64, 64), (128, 64), (64, 128), (128, 128), (128, 32), (64, 32), (32, 64), (32, 32)]
 WARPS_STAGES = [(4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3), (2, 2)]
@@ -99,7 +106,7 @@ class _Timer:
 
     def time(self, config, alpha=None):
         """(forward s, backward s, out) under `config` (a tuning entry's fields)."""
-        from .timing import measure
+        from attnspec.bench.timing import measure
 
         torch, attention = self.torch, self.attention
         args = self.args[SHAPE["alpha"] if alpha is None else alpha]
@@ -278,7 +285,7 @@ def main(argv=None):
     parser.add_argument("--finalists", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=240.0,
                         help="start no new timing after this many seconds (the run then records cut_by_budget)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--merge", metavar="DIR", help="merge the runs under DIR into one JSON + plot + table entries")
     parser.add_argument("--dry-run", action="store_true", help="print the candidates, time nothing")
     args = parser.parse_args(argv)

@@ -1,8 +1,8 @@
 """How accurate AdaSplash is at its default iteration count, against attnspec's float64 NumPy
-reference, beside attnspec's `triton` backend on the same inputs (issue: Triton backend).
+reference, beside attnspec's `triton` backend on the same inputs.
 
-    python -m attnspec.bench.adasplash_accuracy --interpret   # CPU tensors, Triton interpreter
-    python -m attnspec.bench.adasplash_accuracy               # a CUDA device
+    python tools/adasplash_accuracy.py --interpret   # CPU tensors, Triton interpreter
+    python tools/adasplash_accuracy.py               # a CUDA device
 
 Needs torch, triton and `pip install adasplash` (BSD-3-Clause; only called, never copied).
 alpha = 1.5, B = H = 1, D = 64, causal and not. Per implementation and input:
@@ -22,7 +22,7 @@ block skipping) and `entmax_attention` (the dense v2 entmax activation, n_iter =
 point that fails to run is recorded with the error and the line of adasplash that raised it
 (under the interpreter some do: see the JSON); nothing of adasplash is patched.
 
-bench/triton_targets.py's accuracy item calls `run` of this module on the GPU.
+A development tool of the checkout (not installed); tools/gpu_session.py runs it on a GPU.
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ import time
 import traceback
 
 import numpy as np
+
+# Run from a checkout (python tools/NAME.py): attnspec imports from the checkout when it is not
+# installed; the tools themselves are not part of the installed package.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+RESULTS = os.path.join(ROOT, "bench", "results")
 
 ALPHA = 1.5
 D = 64
@@ -221,7 +228,7 @@ def main(argv=None):
                         "1024,4096 on CUDA)")
     parser.add_argument("--dtypes", default=None, help="default float32 interpreted, float32,bfloat16 on CUDA")
     parser.add_argument("--budget-s", type=float, help="start no new input after this many seconds")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     if args.interpret:
         # Triton and adasplash read it when their kernels are defined, i.e. on first import.
