@@ -83,10 +83,6 @@ def test_graph_sees_the_known_edges():
     assert "attnspec.dispatch.registry" in GRAPH["attnspec.backends.numpy"]
 
 
-#: Cycles that exist today and are being removed (bench's memory program is being merged).
-KNOWN_CYCLES = {frozenset({"attnspec.bench.core", "attnspec.bench.memory"})}
-
-
 def test_no_two_modules_import_each_other():
     # A package's __init__ importing its own submodules is how a package exposes them; every
     # other cycle, direct or through others, is a design error.
@@ -95,7 +91,7 @@ def test_no_two_modules_import_each_other():
         for b in GRAPH[a]:
             if _is_ancestor(b, a) or _is_ancestor(a, b):
                 continue
-            if _reaches(b, a) and frozenset({a, b}) not in KNOWN_CYCLES:
+            if _reaches(b, a):
                 cycles.append(f"{a} -> {b} -> ... -> {a}")
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
