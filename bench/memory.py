@@ -89,7 +89,7 @@ def _set_allocator(allocator: str) -> None:
 
 def measure_in_this_process(cfg, target_name: str, device: str, seed: int, allocator: str = "default") -> dict:
     """The measurement itself (run in the child)."""
-    from .core import make_inputs
+    from .inputs import make_inputs
     from .runners import runner_for
     from .targets import find_target
 

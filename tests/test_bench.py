@@ -11,6 +11,7 @@ import pytest
 import attnspec
 from attnspec import bench
 from attnspec.bench import core, report, runners, sweep
+from attnspec.bench import inputs as bench_inputs
 from attnspec.bench.targets import Target
 
 
@@ -111,7 +112,7 @@ def test_jax_runner_with_the_jax_peer():
     pytest.importorskip("jax")
     cfg = sweep.Case(L=24, alpha=1.0, causal=True, H=4, Hkv=2, D=8, mode="fwd+bwd")
     runner = runners.runner_for("jax")
-    inputs, arrays = core.make_inputs(runner, cfg, "cpu", seed=1)
+    inputs, arrays = bench_inputs.make_inputs(runner, cfg, "cpu", seed=1)
     target = next(t for t in bench.targets.all_targets() if t.name == "jax-sdpa")
     prepared = runner.prepare(target.build(cfg, inputs, "cpu").fn, inputs, cfg.mode)
     assert prepared.compile_s > 0
@@ -136,7 +137,7 @@ def test_rounding_to_dtype_is_exact_and_shared():
 
 def test_reference_rows_subset_matches_the_full_reference():
     cfg = sweep.Case(L=48, alpha=1.5, span=6.0, ramp=3.0, causal=True, H=2, Hkv=1, D=4)
-    q, k, v, _ = core.draw_arrays(cfg, seed=3)
+    q, k, v, _ = bench_inputs.draw_arrays(cfg, seed=3)
     blocks = core.reference_rows(cfg, full_scores=0, rows=16)
     assert len(blocks) == 4 and blocks[-1][1] == 48
     part = core.reference(q, k, v, blocks, **cfg.attention_kwargs())

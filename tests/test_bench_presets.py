@@ -8,7 +8,7 @@ import math
 import pytest
 
 from attnspec.bench import cli as bench_cli
-from attnspec.bench import core, sweep
+from attnspec.bench import core, inputs, sweep
 from attnspec.bench.sweep import Case, Cases, Preset, Sweep
 
 
@@ -121,9 +121,9 @@ def test_flex_window_is_compared_with_the_reference_of_its_hard_window():
 def test_cases_with_lq_not_lk_and_learned_parameters():
     case = Case(L=4, Lk=48, alpha=1.5, span=16.0, ramp=4.0, H=2, Hkv=1, D=16, learned=True)
     assert case.label().startswith("Lq=4 Lk=48 α=1.5 learned") and case.scores == 2 * 4 * 48
-    q, k, v, g = core.draw_arrays(case, seed=0)
+    q, k, v, g = inputs.draw_arrays(case, seed=0)
     assert q.shape == (1, 2, 4, 16) and k.shape == (1, 1, 48, 16) and g.shape == q.shape
-    assert [a.tolist() for a in core.learned_values(case)] == [[1.5, 1.5], [16.0, 16.0]]
+    assert [a.tolist() for a in inputs.learned_values(case)] == [[1.5, 1.5], [16.0, 16.0]]
     with pytest.raises(ValueError, match="threads must be >= 1"):
         Case(L=4, threads=0)
     with pytest.raises(ValueError, match="clock must be one of wall, process"):
