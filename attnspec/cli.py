@@ -62,9 +62,10 @@ def cmd_info(args) -> int:
             rows.append((s.name, "available", s.version, s.priority, ",".join(s.array_types),
                          ",".join(s.devices), ",".join(s.dtypes), ",".join(s.ops)))
         else:
-            rows.append((s.name, "FAILED", "-", "-", ",".join(s.array_types) or "-", "-", "-", "-"))
+            status = f"not installed ({s.missing})" if s.missing else "FAILED"
+            rows.append((s.name, status, "-", "-", ",".join(s.array_types) or "-", "-", "-", "-"))
     print(_table(rows, ("backend", "status", "version", "priority", "arrays", "devices", "dtypes", "ops")))
-    failed = [s for s in statuses if not s.available]
+    failed = [s for s in statuses if not s.available and not s.missing]
     for s in failed:
         print(f"\n{s.name} ({s.source}) failed to load: {s.error}")
     return 0

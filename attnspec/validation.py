@@ -125,7 +125,11 @@ def _is_array_fast(x) -> bool:
 
 def _require_array(name, x):
     if not _arrays.is_array(x):
-        raise TypeError(f"{name} must be an array with .shape and .dtype; got {type(x).__name__}")
+        hint = ""
+        if isinstance(x, (list, tuple)) or _is_number(x):
+            hint = (f" (convert it first: np.asarray({name}, dtype=np.float32), torch.tensor({name}) "
+                    f"or jnp.asarray({name}))")
+        raise TypeError(f"{name} must be an array with .shape and .dtype; got {type(x).__name__}{hint}")
 
 
 def _require_float_dtype(name, x):
@@ -211,6 +215,90 @@ def _check_span_values(span):
     _check_range("span", span, 0.0, np.inf, "be finite and >= 0")
 
 
+def _device_key(x):
+    """Where an array's data lives, exactly ('cuda:1', 'cpu', 'meta'), or None for numbers,
+    NumPy arrays and frameworks that place arrays themselves (jax)."""
+    if _array_type(x) != "torch":
+        return None
+    return str(x.device)
+
+
+def _check_devices(arrays: dict, parameters: dict) -> None:
+    """Every tensor of a call on one device (SPEC.md 7). `arrays` must agree exactly; a
+    parameter (alpha, span, key_lengths, ...) too, except a 0-dim CPU tensor for alpha or span,
+    which torch itself accepts beside CUDA tensors."""
+    keys = {name: _device_key(x) for name, x in arrays.items()}
+    present = {n: d for n, d in keys.items() if d is not None}
+    if len(set(present.values())) > 1:
+        got = ", ".join(f"{n} on {d}" for n, d in present.items())
+        raise ValueError(f"{', '.join(present)} must be on one device; got {got}")
+    if not present:
+        return
+    first, device = next(iter(present.items()))
+    for name, x in parameters.items():
+        key = _device_key(x) if x is not None and not _is_number(x) else None
+        if key is None or key == device:
+            continue
+        if name in ("alpha", "span") and key == "cpu" and _shape(x) == ():
+            continue
+        raise ValueError(
+            f"{name} is on {key} but {first} is on {device}: move {name} to {device} "
+            f"(only a 0-dim CPU tensor may stand for alpha or span on another device)"
+        )
+
+
+#: The largest finite value of each compute dtype (SPEC.md 6: float64 inputs compute in
+#: float64, every other dtype in float32).
+_COMPUTE_MAX = {"float64": float(np.finfo(np.float64).max), "float32": float(np.finfo(np.float32).max)}
+
+
+def compute_dtype(dtype: str) -> str:
+    """The dtype a call of input dtype `dtype` computes in (SPEC.md 6)."""
+    return "float64" if dtype == "float64" else "float32"
+
+
+def _in_compute_dtype(x, dtype: str):
+    """The concrete values of a number or array as the compute dtype holds them, or None."""
+    value = x if _is_number(x) else _arrays.concrete_value(x)
+    if value is None:
+        return None
+    with np.errstate(over="ignore"):
+        return np.asarray(value, dtype=np.float64).astype(compute_dtype(dtype))
+
+
+def _check_representable(dtype: str, ramp, span, scale) -> None:
+    """SPEC.md 7: z, R and scale are cast to the compute dtype (section 6); a value that is not
+    finite there, an R that rounds to 0 or whose 1/R overflows, or an R + z that overflows, would
+    give wrong numbers, so it is refused."""
+    cdt = compute_dtype(dtype)
+    biggest = _COMPUTE_MAX[cdt]
+    if (_is_number(ramp) and 1.0 / biggest < ramp <= biggest and (span is None or (
+            _is_number(span) and span + ramp <= biggest)) and (scale is None or (
+            _is_number(scale) and -biggest <= scale <= biggest))):
+        return  # the usual numbers: nothing to cast
+    where = f"in {cdt}, the compute dtype of {dtype} inputs (SPEC.md 6)"
+    for name, x in (("ramp", ramp), ("span", span), ("scale", scale)):
+        value = None if x is None else _in_compute_dtype(x, dtype)
+        if value is not None and not np.isfinite(value).all():
+            raise ValueError(f"{name}={_plain(x)} is not finite {where}")
+    R = None if ramp is None else _in_compute_dtype(ramp, dtype)
+    if R is None:
+        return
+    with np.errstate(over="ignore", divide="ignore"):
+        if (R == 0).any() or not np.isfinite(np.asarray(1, R.dtype) / R).all():
+            raise ValueError(f"ramp={_plain(ramp)} is too small {where}: 1/R overflows")
+        z = None if span is None else _in_compute_dtype(span, dtype)
+        if z is not None and not np.isfinite(R + z).all():
+            raise ValueError(f"span + ramp = {_plain(span)} + {_plain(ramp)} is not finite {where}")
+
+
+def _plain(x):
+    if _is_number(x):
+        return x
+    value = _arrays.concrete_value(x)
+    return x if value is None else np.asarray(value).ravel()[:4].tolist()
+
+
 #: Positions are int64 in every implementation; offsets beyond this would overflow i + o - j.
 MAX_OFFSET = 2**62
 
@@ -252,6 +340,8 @@ def _fast_attention(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, s
     kind = _array_type(q)
     if kind not in ("numpy", "torch", "jax") or not _is_number(alpha) or not _is_number(ramp):
         return None
+    if kind == "torch" and not (q.is_cpu and k.is_cpu and v.is_cpu):
+        return None  # the general path compares devices
     if not (1 <= alpha <= 2) or not ramp > 0 or alpha != alpha or ramp == math.inf:
         return None
     if span is not None and (not _is_number(span) or not 0 <= span < math.inf):
@@ -269,8 +359,12 @@ def _fast_attention(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, s
     except (TypeError, ValueError):
         return None
     dtype = _dtype_name(q)
-    if (Bk != B or Bv != B or Hv != Hkv or Lv != Lk or Dk != D or D < 1 or Hkv < 1 or H % Hkv
+    if (Bk != B or Bv != B or Hv != Hkv or Lv != Lk or Dk != D or D < 1 or Hkv < 1 or H < 1 or H % Hkv
             or dtype not in FLOAT_DTYPES or _dtype_name(k) != dtype or _dtype_name(v) != dtype):
+        return None
+    biggest = _COMPUTE_MAX["float64" if dtype == "float64" else "float32"]
+    if not (1.0 / biggest < ramp <= biggest) or (span is not None and span + ramp > biggest) or (
+            scale is not None and not -biggest <= scale <= biggest):
         return None
     B, H, Hkv, Lq, Lk, D, Dv = int(B), int(H), int(Hkv), int(Lq), int(Lk), int(D), int(Dv)
     features = set()
@@ -341,11 +435,13 @@ def validate_attention(
         raise ValueError(f"q and k must have one head dim D; got q: {D}, k: {Dk}")
     if D < 1:
         raise ValueError(f"the head dim D must be >= 1; got {D}")
-    if Hkv < 1 or H % Hkv != 0:
+    if Hkv < 1 or H < 1 or H % Hkv != 0:
         raise ValueError(
             f"the number of query heads H={H} must be a positive multiple of the number of "
             f"key/value heads Hkv={Hkv}"
         )
+    _check_devices({"q": q, "k": k, "v": v}, {"alpha": alpha, "span": span, "ramp": ramp, "scale": scale,
+                                              "key_lengths": key_lengths, "q_offset": q_offset})
 
     _check_parameter_kind("alpha", alpha, array_type, integer=False)
     _check_scalar_or_heads("alpha", alpha, H)
@@ -361,6 +457,7 @@ def validate_attention(
         _check_finite_number("scale", scale)
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+    _check_representable(dtypes["q"], ramp, span, scale)
 
     if key_lengths is not None:
         _check_parameter_kind("key_lengths", key_lengths, array_type, integer=True)
@@ -450,6 +547,7 @@ def validate_entmax(x, alpha, *, axis=-1, weights=None) -> CallInfo:
             f"{list(alpha_shape)}, x shape {list(shape)}"
         )
     _check_alpha_values(alpha)
+    _check_devices({"x": x}, {"alpha": alpha, "weights": weights})
 
     features = set()
     if _alpha_may_differ_from_one(alpha):
@@ -509,6 +607,7 @@ def validate_span_mask(Lq, Lk, span, ramp, *, q_offset=None) -> CallInfo:
     _check_span_values(span)
     _check_parameter_kind("ramp", ramp, array_type, integer=False)
     _check_finite_number("ramp", ramp, positive=True)
+    _check_devices({"span": span}, {"ramp": ramp, "q_offset": q_offset})
     features = set()
     if _arrays.shape_of(span) != ():
         features.add("span_per_head")
@@ -525,6 +624,7 @@ def validate_span_mask(Lq, Lk, span, ramp, *, q_offset=None) -> CallInfo:
     dtype = _arrays.dtype_name(span) if _arrays.is_array(span) else "float64"
     if dtype not in FLOAT_DTYPES:
         dtype = "float64"
+    _check_representable(dtype, ramp, span, None)
     return CallInfo(
         op="span_mask",
         array_type=array_type,

@@ -60,7 +60,11 @@ def normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
         offsets = torch.full((B,), Lk - Lq, dtype=torch.int64, device=q.device)
     else:
         offsets = torch.as_tensor(q_offset, device=q.device).to(torch.int64).expand(B)
-    lengths = None if key_lengths is None else torch.as_tensor(key_lengths, device=q.device).to(torch.int64)
+    lengths = None
+    if key_lengths is not None:
+        # SPEC.md 7: values validation could not read (torch.compile, meta, CUDA) are clamped to
+        # [0, Lk], so a length above Lk never reads keys that do not exist.
+        lengths = torch.as_tensor(key_lengths, device=q.device).to(torch.int64).clamp(0, Lk)
     scale = float(D) ** -0.5 if scale is None else float(scale)
     return q, k, v, alpha_h, span_h, float(ramp), bool(causal), lengths, offsets, scale
 
@@ -73,6 +77,11 @@ def _no_autocast(tensor):
     return contextlib.nullcontext()
 
 
+def _empty(q: Tensor, k: Tensor) -> bool:
+    """B, H or Lq is 0 (no output row), or Lk is 0 (no key: every row is empty)."""
+    return q.numel() == 0 or k.shape[2] == 0
+
+
 def define_attention_op(name: str, forward, backward, fake_saved):
     """Register attnspec::<name>_forward / _backward custom ops with autograd; return the
     function (q, k, v, alpha[H], span, ramp, causal, key_lengths, q_offset, scale) -> out."""
@@ -80,6 +89,10 @@ def define_attention_op(name: str, forward, backward, fake_saved):
     @torch.library.custom_op(f"attnspec::{name}_forward", mutates_args=())
     def forward_op(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, span: Optional[Tensor], ramp: float,
                    causal: bool, key_lengths: Optional[Tensor], q_offset: Tensor, scale: float) -> list[Tensor]:
+        if _empty(q, k):  # SPEC.md 5.3: no row, or no key (every row empty): zeros
+            out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+            saved = fake_saved(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
+            return [out] + [x.zero_() for x in saved]
         with torch.no_grad(), _no_autocast(q):
             return [x.contiguous() for x in forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)]
 
@@ -92,6 +105,9 @@ def define_attention_op(name: str, forward, backward, fake_saved):
     def backward_op(grad_out: Tensor, saved: list[Tensor], q: Tensor, k: Tensor, v: Tensor, alpha: Tensor,
                     span: Optional[Tensor], ramp: float, causal: bool, key_lengths: Optional[Tensor],
                     q_offset: Tensor, scale: float, alpha_grad: bool) -> list[Tensor]:
+        if _empty(q, k):  # empty rows pass zero gradient to everything
+            span_like = alpha if span is None else span
+            return [torch.zeros_like(x) for x in (q, k, v, alpha, span_like)]
         with torch.no_grad(), _no_autocast(q):
             grads = backward(grad_out, *saved, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale,
                              alpha_grad)

@@ -11,6 +11,7 @@ Three sources, all loaded lazily so that `import attnspec` needs NumPy alone:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import threading
 import traceback
@@ -52,6 +53,7 @@ class _Entry:
     backend: Backend | None = None
     error: str | None = None
     error_detail: str | None = field(default=None, repr=False)
+    missing: str | None = None  # the package whose absence stopped the load (not a failure)
 
     @property
     def loaded(self) -> bool:
@@ -74,6 +76,7 @@ class BackendStatus:
     dtypes: tuple
     error: str | None
     description: str = ""
+    missing: str | None = None  # set when the backend's framework is not installed
 
 
 _lock = threading.RLock()
@@ -100,6 +103,10 @@ def _load(entry: _Entry) -> None:
         except Exception as exc:  # a broken backend must not break the others
             entry.error = f"{type(exc).__name__}: {exc}"
             entry.error_detail = traceback.format_exc()
+            missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+            if missing and missing.split(".")[0] != "attnspec":
+                entry.missing = missing.split(".")[0]
+                entry.error = f"not installed: needs the package '{entry.missing}'"
 
 
 def _discover() -> None:
@@ -170,7 +177,9 @@ def require_known(name: str, where: str = "backend") -> None:
         raise TypeError(f"{where} must be a backend name (str); got {type(name).__name__}")
     known = names()
     if name not in known:
-        raise ValueError(f"{where}='{name}' is not a registered backend (registered: {', '.join(known)})")
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"{where}='{name}' is not a registered backend (registered: {', '.join(known)}){hint}")
 
 
 def entry(name: str) -> _Entry:
@@ -210,7 +219,7 @@ def list_backends(load_all: bool = True) -> list[BackendStatus]:
             out.append(BackendStatus(
                 name=item.name, source=item.source, available=False, version=None, priority=None,
                 automatic=None, ops=(), array_types=tuple(item.array_types or ()), devices=(),
-                dtypes=(), error=item.error or "not loaded yet",
+                dtypes=(), error=item.error or "not loaded yet", missing=item.missing,
             ))
             continue
         caps = [k.capabilities for k in b.kernels.values()]

@@ -105,7 +105,15 @@ def _reasons(entry, call: CallInfo, automatic: bool):
     kernel = entry.backend.kernel(call.op)
     if kernel is None:
         return None, [f"does not implement '{call.op}'"]
-    reasons = kernel.not_supported_reasons(call)
+    try:
+        reasons = kernel.not_supported_reasons(call)
+    except Exception as exc:  # a plugin's own check is arbitrary code: it must not break selection
+        if not automatic:
+            raise RuntimeError(
+                f"backend '{entry.name}': its capability check (extra_reasons) raised "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return None, [f"its capability check (extra_reasons) raised {type(exc).__name__}: {exc}"]
     if automatic and not entry.backend.automatic and not reasons:
         reasons = ["runs only when named (backend=, use_backend or ATTNSPEC_BACKEND)"]
     if automatic and not reasons:
@@ -255,8 +263,11 @@ def select(call: CallInfo, backend=None) -> Kernel:
     # registry may be stored after that thread emptied the cache; it carries the old snapshot.
     if hit is not None and hit[2] is _snapshot[0]:
         kernel, checks, _ = hit
-        if all((not k.extra_reasons(call)) == accepted for k, accepted in checks):
-            return kernel
+        try:
+            if all((not k.extra_reasons(call)) == accepted for k, accepted in checks):
+                return kernel
+        except Exception:  # a check that now raises: the full decision reports it by name
+            pass
     decision = decide_or_raise(call, backend)
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()

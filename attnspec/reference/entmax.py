@@ -328,8 +328,11 @@ def entmax(x, alpha, axis=-1, weights=None):
 
     alpha: a scalar in [1, 2] or an array broadcasting against x with size 1 on `axis`.
     weights: None (all ones) or finite values >= 0 broadcasting against x; an entry with weight
-    0 or x = -inf gets probability 0; a row with no such entry left gives zeros.
+    0 or x = -inf gets probability 0; a row with no such entry left gives zeros. An empty x
+    (a zero-length axis included) gives an empty result.
     """
+    if np.size(x) == 0:
+        return np.zeros_like(np.asarray(x))
     s, w, eps, shape = _rows(x, alpha, axis, weights)
     s, w, _, _ = _rescale_heavy_weights(s, w, eps)
     sol = solve_rows(s, w, eps)
@@ -342,6 +345,11 @@ def entmax_vjp(x, alpha, grad, axis=-1, weights=None):
 
     dalpha has alpha's shape; dweights has weights' shape, or is None without weights.
     """
+    if np.size(x) == 0:  # no entry: every gradient is zero
+        alpha_arr = np.asarray(alpha)
+        alpha_dtype = alpha_arr.dtype if alpha_arr.dtype.kind == "f" else np.float64
+        dweights = None if weights is None else np.zeros_like(np.asarray(weights))
+        return np.zeros_like(np.asarray(x)), np.zeros(alpha_arr.shape, alpha_dtype), dweights
     s, w, eps, shape = _rows(x, alpha, axis, weights)
     s, w, factor, log_lam = _rescale_heavy_weights(s, w, eps)
     sol = solve_rows(s, w, eps)

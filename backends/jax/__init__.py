@@ -19,6 +19,8 @@ from attnspec.dispatch.capabilities import Capabilities, Kernel, all_features
 from attnspec.dispatch.registry import Backend
 
 from . import attention as _attention
+from . import entmax as _entmax
+from . import span as _span
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -36,13 +38,21 @@ def _extra_reasons(call):
     return []
 
 
+DEVICES = ("cpu", "gpu", "cuda", "rocm", "tpu")
+
+
+def _kernel(op, fn):
+    caps = Capabilities(array_type="jax", devices=DEVICES, dtypes=DTYPES, features=all_features(op))
+    return Kernel(op, fn, caps, extra_reasons=_extra_reasons)
+
+
 BACKEND = Backend(
     name="jax",
     version=f"{__version__} (jax {jax.__version__})",
     kernels={
-        "attention": Kernel("attention", blocked_attention, Capabilities(
-            array_type="jax", devices=("cpu", "gpu", "cuda", "rocm", "tpu"), dtypes=DTYPES,
-            features=all_features("attention")), extra_reasons=_extra_reasons),
+        "attention": _kernel("attention", blocked_attention),
+        "entmax": _kernel("entmax", _entmax.entmax),
+        "span_mask": _kernel("span_mask", _span.span_mask),
     },
     priority=10,
     description="JAX, query tiles x reachable key tiles, custom_vjp keeping one number per row; jit/vmap/grad",

@@ -52,11 +52,8 @@ TILE_K = 128
 STRIP_ELEMENTS = 1 << 22
 MIN_TILE = 16
 #: Newton steps at most (each also halves the bracket when Newton would leave it).
-ITERATIONS = {"float64": 60, "float32": 40}
-#: Positions (i + q_offset) are int32 unless jax_enable_x64 is on; offsets are clamped to this
-#: so that i + o - j cannot overflow. Exact for causal; for a span, exact unless z + R exceeds
-#: 2**29 - Lk (beyond float32's integer range anyway).
-POSITION_LIMIT = {"int32": 2**29, "int64": 2**60}
+ITERATIONS = _entmax.ITERATIONS
+POSITION_LIMIT = _span.POSITION_LIMIT
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -81,8 +78,7 @@ def compute_dtype(dtype):
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def position_dtype():
-    return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+position_dtype = _span.position_dtype
 
 
 def _round_up(n, multiple):
@@ -495,7 +491,7 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     """SPEC.md's attention on jax arrays (already validated by attnspec.attention)."""
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    if Lq == 0 or Lk == 0:  # nothing to read: zeros (rows with no allowed key)
+    if B == 0 or Lq == 0 or Lk == 0:  # no row, or nothing to read: zeros (SPEC.md 5.3)
         return jnp.zeros((B, H, Lq, Dv), q.dtype)
     dtype = compute_dtype(q.dtype)
     pdt = position_dtype()
@@ -514,7 +510,8 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     span_h = None if span is None else _per_head(span, H, dtype)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     lengths = (jnp.full((B,), Lk, pdt) if key_lengths is None
-               else jnp.asarray(key_lengths).astype(pdt).reshape(B))
+               # SPEC.md 7: traced values (never validated) are clamped to [0, Lk]
+               else jnp.clip(jnp.asarray(key_lengths).astype(pdt).reshape(B), 0, Lk))
     positions = _offsets(q_offset, B, Lq, Lk, pdt)
     qp, kp, vp = _prepare(q, k, v, jnp.dtype(dtype).name, padded)
     out = _core(cfg, qp, kp, vp, alpha_h, span_h, jnp.asarray(bool(causal)), jnp.asarray(ramp, dtype),

@@ -10,12 +10,15 @@ it accumulates over key tiles with `newton_sums`, then rebuilds p from c alone w
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 # psi(eps, t) switches to its series below |eps t| < threshold (SPEC.md 4.3): float64 with 12
 # terms (error ~1e-24 at the switch), float32 with 16 terms up to 0.3 (error ~1e-8).
 SERIES = {"float64": (1e-2, 12), "float32": (0.3, 16)}
+#: Newton steps at most (each also halves the bracket when Newton would leave it).
+ITERATIONS = {"float64": 60, "float32": 40}
 
 
 def safe_eps(eps):
@@ -139,3 +142,97 @@ def vjp_terms(p, e, t, w, eps, g, gbar, need_eps):
     if not need_eps:
         return ds, dm, None
     return ds, dm, centred * jnp.where(support, p * psi(jnp.where(support, t, 0.0), eps), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stand-alone op: attnspec.entmax(x, alpha, axis, weights) for jax arrays.
+
+
+def _rescale_heavy_weights(s, m, eps):
+    """Rows whose largest allowed weight lam exceeds 1 are solved as p(lam^eps s, m / lam)
+    (SPEC.md 2.5). Returns (s', m', log_lam [..., 1]; 0 where unchanged)."""
+    allowed = (m > 0) & jnp.isfinite(s)
+    lam = jnp.max(jnp.where(allowed, m, 0.0), -1, keepdims=True)
+    heavy = lam > 1
+    log_lam = jnp.where(heavy, jnp.log(jnp.where(heavy, lam, 1.0)), 0.0)
+    s = jnp.where(heavy, s * jnp.exp(eps * log_lam), s)
+    m = jnp.where(heavy, m / jnp.where(heavy, lam, 1.0), m)
+    return s, m, log_lam
+
+
+def _solve_rows(s, m, eps):
+    """(p, t) of rows s, m [..., n] with eps [..., 1]: the bracket of SPEC.md 2.4 and the
+    safeguarded Newton solve of `solve`, over the allowed entries (finite s, m > 0)."""
+    allowed = (m > 0) & jnp.isfinite(s)
+    s = jnp.where(allowed, s, -jnp.inf)
+    m = jnp.where(allowed, m, 0.0)
+    top = s.max(-1)
+    nonempty = top > -jnp.inf
+    alone = jnp.where(allowed, one_alone(s, jnp.where(allowed, m, 1.0), eps), -jnp.inf)
+    lo = jnp.where(nonempty, alone.max(-1), 0.0)
+    hi = top + upper_bracket(jnp.where(nonempty, m.sum(-1), 1.0), eps[..., 0])
+    hi = jnp.where(nonempty, jnp.maximum(hi, lo), 0.0)
+
+    def sums(c):
+        return newton_sums(s, m, eps, c[..., None])
+
+    c, _ = solve(sums, lo, hi, nonempty, ITERATIONS[jnp.dtype(s.dtype).name])
+    p, _, t = probabilities(s, m, eps, c[..., None])
+    return jnp.where(nonempty[..., None], p, 0.0), t
+
+
+@jax.custom_vjp
+def _entmax_rows(s, m, eps):
+    return _entmax_rows_fwd(s, m, eps)[0]
+
+
+def _entmax_rows_fwd(s, m, eps):
+    scaled, m_scaled, log_lam = _rescale_heavy_weights(s, m, eps)
+    p, t = _solve_rows(scaled, m_scaled, eps)
+    # An allowed entry that is NaN or +inf makes the row undefined (SPEC.md 2.1).
+    poisoned = ((m > 0) & (jnp.isnan(s) | (s == jnp.inf))).any(-1, keepdims=True)
+    p = jnp.where(poisoned, jnp.nan, p)
+    return p, (p, t, scaled, eps, log_lam)
+
+
+def _entmax_rows_bwd(residuals, g):
+    """SPEC.md 4.1-4.3 through the rescaling s' = lam^eps s, m' = m / lam (lam held fixed)."""
+    p, t, scaled, eps, log_lam = residuals
+    support = p > 0
+    w = weights(p, t, eps)
+    g = jnp.where(support, g, 0.0)
+    total = w.sum(-1, keepdims=True)
+    gbar = (w * g).sum(-1, keepdims=True) / jnp.where(total > 0, total, 1.0)
+    e = jnp.exp(log_ratio(t, eps))
+    ds, dm, deps = vjp_terms(p, e, t, w, eps, g, gbar, True)
+    deps = deps.sum(-1, keepdims=True) + log_lam * (ds * jnp.where(ds != 0, scaled, 0.0)).sum(-1, keepdims=True)
+    return ds * jnp.exp(eps * log_lam), dm / jnp.exp(log_lam), deps
+
+
+_entmax_rows.defvjp(_entmax_rows_fwd, _entmax_rows_bwd)
+
+
+def _rows(x, alpha, weights, axis, dtype):
+    """x, alpha and weights as rows along the last axis in the compute dtype: s, m [..., n] and
+    eps [..., 1]. Plain jax ops, so autodiff sums the gradients back to alpha's and weights'
+    shapes."""
+    s = jnp.moveaxis(x.astype(dtype), axis, -1)
+    a = jnp.asarray(alpha).astype(dtype)
+    a = a.reshape((1,) * (x.ndim - a.ndim) + a.shape)  # x's rank
+    eps = jnp.broadcast_to(jnp.moveaxis(a, axis, -1), s.shape[:-1] + (1,)) - 1.0
+    if weights is None:
+        return s, jnp.ones_like(s), eps
+    m = jnp.moveaxis(jnp.broadcast_to(jnp.asarray(weights).astype(dtype), x.shape), axis, -1)
+    return s, m, eps
+
+
+def entmax(x, alpha, axis=-1, weights=None):
+    """Weighted alpha-entmax of a jax array along `axis` (SPEC.md 2), in x's dtype (halves
+    compute in float32), differentiable in x, alpha and weights (jit, vmap and grad).
+    Arguments are validated by the dispatcher."""
+    axis = axis % x.ndim
+    if x.size == 0:  # an empty result (SPEC.md 5.3)
+        return jnp.zeros_like(x)
+    dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    p = _entmax_rows(*_rows(x, alpha, weights, axis, dtype))
+    return jnp.moveaxis(p, -1, axis).astype(x.dtype)

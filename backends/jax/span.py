@@ -5,7 +5,18 @@ compute dtype, in exactly that order; dm/dz = 1/R where the computed m is strict
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+from jax import lax
+
+#: Positions (i + q_offset) are int32 unless jax_enable_x64 is on; offsets are clamped to this
+#: so that i + o - j cannot overflow. Exact for causal; for a span, exact unless z + R exceeds
+#: 2**29 - Lk (beyond float32's integer range anyway).
+POSITION_LIMIT = {"int32": 2**29, "int64": 2**60}
+
+
+def position_dtype():
+    return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
 
 
 def distances(rows, keys, positions):
@@ -35,3 +46,30 @@ def reach(span, ramp, dtype):
     """The largest fl(R + z) over heads, as computed by soft_mask: keys at |d| >= it have
     fl(fl(R + z) - |d|) <= 0 (rounding is monotone), so m = 0 there exactly."""
     return jnp.max(ramp + span.astype(dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# The stand-alone op: attnspec.span_mask(Lq, Lk, span, ramp, q_offset) for jax arrays.
+
+
+def span_mask(Lq, Lk, span, ramp, q_offset=None):
+    """The soft span mask for a jax `span` (scalar or [H]), shape [*B, *H, Lq, Lk] (B when
+    q_offset is an array [B]), in span's dtype; differentiable in span and ramp (jit, vmap,
+    grad). The value is the clip above exactly; its derivatives are the hand-written slopes
+    (one-sided at the kinks, SPEC.md 3), joined by stop_gradient so that no autodiff passes
+    through clip. Arguments are validated by the dispatcher."""
+    span = jnp.asarray(span)
+    dtype = span.dtype if jnp.issubdtype(span.dtype, jnp.floating) else jnp.result_type(float)
+    z = span.astype(dtype)
+    pdt = position_dtype()
+    limit = POSITION_LIMIT[jnp.dtype(pdt).name]
+    offsets = jnp.clip(jnp.asarray(Lk - Lq if q_offset is None else q_offset).astype(pdt), -limit, limit)
+    d = (offsets[..., None, None] + jnp.arange(Lq, dtype=pdt)[:, None]) - jnp.arange(Lk, dtype=pdt)[None, :]
+    d = d.reshape(d.shape[:-2] + (1,) * z.ndim + d.shape[-2:])  # the head axis before [Lq, Lk]
+    z = z.reshape(z.shape + (1, 1))
+    R = jnp.asarray(ramp).astype(dtype)
+    m = jnp.clip(((R + z) - jnp.abs(d).astype(dtype)) / R, 0.0, 1.0)
+    m = lax.stop_gradient(m)
+    dz = z - lax.stop_gradient(z)  # 0 in value, the identity for derivatives
+    dR = R - lax.stop_gradient(R)
+    return m + dz * mask_slope(m, R) + dR * ramp_slope(m, R)
