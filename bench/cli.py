@@ -133,9 +133,12 @@ def preset_from_args(args):
 
 
 def list_targets(device=None) -> str:
+    from .inputs import make_inputs
     from .runners import runner_for
-    from .targets import all_targets
+    from .sweep import Case
+    from .targets import BackendTarget, all_targets
 
+    probe = Case(L=16, H=1, D=16, mode="fwd")  # a tiny call: can the backend run here at all?
     lines = []
     for t in all_targets():
         why = t.available()
@@ -143,7 +146,11 @@ def list_targets(device=None) -> str:
         if not why and runner is not None:
             why = runner.unavailable()
             if not why:
-                why = runner.device_reason(runner.resolve_device(device))
+                resolved = runner.resolve_device(device)
+                why = runner.device_reason(resolved)
+            if not why and isinstance(t, BackendTarget):
+                # The backend's own declarations decide (e.g. triton on a CPU-only machine).
+                why = "; ".join(t.reasons(probe, make_inputs(runner, probe, resolved, seed=0)[0], resolved))
         opt_in = "" if t.default else " (runs only when named)"
         lines.append(f"{t.name:<16} {t.kind:<9} {t.framework:<6} {'ok' if not why else why}  -- {t.description}{opt_in}")
     return "\n".join(lines)

@@ -271,3 +271,12 @@ def test_jax_entmax_and_span_mask_match_the_reference_with_gradients():
 def test_jax_backend_declares_every_op():
     statuses = {s.name: s for s in attnspec.list_backends()}
     assert set(statuses["jax"].ops) == {"attention", "entmax", "span_mask"}
+
+
+def test_bench_list_targets_agrees_with_the_dispatcher_for_triton():
+    from attnspec.bench.cli import list_targets
+
+    line = next(x for x in list_targets().splitlines() if x.startswith("triton "))
+    q = torch.randn(1, 1, 16, 16)
+    runs = attnspec.explain(q, q, q, backend="triton").selected == "triton"
+    assert (" ok " in line) == runs, line
