@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _arrays
 from ._arrays import FLOAT_DTYPES
+from .geometry import MAX_OFFSET
 
 
 @dataclass(frozen=True)
@@ -211,10 +212,6 @@ def _check_span_values(span):
     _check_range("span", span, 0.0, np.inf, "be finite and >= 0")
 
 
-#: Positions are int64 in every implementation; offsets beyond this would overflow i + o - j.
-MAX_OFFSET = 2**62
-
-
 def _check_offset_range(q_offset):
     value = q_offset if isinstance(q_offset, Integral) else _arrays.concrete_value(q_offset)
     if value is None:
@@ -237,7 +234,7 @@ def _alpha_may_differ_from_one(alpha) -> bool:
 def _fast_device(x, kind) -> str:
     if kind == "numpy":
         return "cpu"
-    if kind == "torch" and x.is_cpu:  # x.device builds a torch.device object: 10x slower
+    if kind == "torch" and x.is_cpu:  # x.device builds a torch.device object, dearer than this check
         return "cpu"
     return _arrays.device_of(x)
 

@@ -21,15 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import validation
+from ..precision import PSI_SERIES, psi_series_coefficients
 
 #: Newton iterations after which the solve gives up (it converges in < 10 on any tested row;
 #: the bisection safeguard alone would reach float64 resolution in ~ 100).
 _MAX_ITERATIONS = 200
 #: Relative step below which c counts as converged; one more Newton step follows it.
 _STEP_TOLERANCE = 2.0**-46
-#: |eps t| below which d p / d alpha uses its series (SPEC.md section 4.3).
-_SERIES_THRESHOLD = 1e-2
-_SERIES_TERMS = 12
+#: |eps t| below which d p / d alpha uses its series, and its terms (SPEC.md section 4.3).
+_SERIES_THRESHOLD, _SERIES_TERMS = PSI_SERIES["float64"]
 
 
 @dataclass
@@ -246,8 +246,8 @@ def _psi(t, eps):
     small = np.abs(x) < _SERIES_THRESHOLD
     xs = np.where(small, x, 0.0)
     series = np.zeros_like(x)
-    for k in range(_SERIES_TERMS + 1, 1, -1):  # Horner, highest power first
-        series = series * xs + (-1.0) ** (k + 1) * (k - 1) / k
+    for coefficient in psi_series_coefficients(_SERIES_TERMS):  # Horner, highest power first
+        series = series * xs + coefficient
     series = series * t * t
     with np.errstate(divide="ignore", invalid="ignore"):
         safe_eps = np.where(small, 1.0, eps)

@@ -13,9 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-# psi(eps, t) switches to its series below |eps t| < threshold (SPEC.md 4.3): float64 with 12
-# terms (error ~1e-24 at the switch), float32 with 16 terms up to 0.3 (error ~1e-8).
-SERIES = {"float64": (1e-2, 12), "float32": (0.3, 16)}
+from attnspec.precision import PSI_SERIES, psi_series_coefficients
 
 
 def safe_eps(eps):
@@ -109,13 +107,13 @@ def solve(sums, lo, hi, nonempty, iterations):
 
 def psi(t, eps):
     """d/d eps of log1p(eps t)/eps, with its series where |eps t| is small (SPEC.md 4.3)."""
-    threshold, terms = SERIES["float64" if t.dtype == jnp.float64 else "float32"]
+    threshold, terms = PSI_SERIES["float64" if t.dtype == jnp.float64 else "float32"]
     x = eps * t
     small = jnp.abs(x) < threshold
     xs = jnp.where(small, x, 0.0)
     series = jnp.zeros_like(x)
-    for k in range(terms + 1, 1, -1):
-        series = series * xs + ((-1.0) ** (k + 1)) * (k - 1) / k
+    for coefficient in psi_series_coefficients(terms):  # Horner, highest power first
+        series = series * xs + coefficient
     series = series * t * t
     xd = jnp.where(small, 0.0, x)
     safe = safe_eps(eps)

@@ -26,10 +26,9 @@ from . import span as _span
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 #: torch-eager materialises B*H*Lq*Lk scores (several buffers of them): it declares a cap.
 EAGER_MAX_SCORES = 1 << 24
-#: Automatic selection gives it only tiny calls: on CPU it was nowhere faster than the tiled
-#: path (0.99-1.2x its time up to 4096 scores, 3-7x at 2^20-2^21 scores, forward+backward with
-#: span; python -m attnspec.bench.torch_targets --eager-crossover --threads 1). Named, it runs
-#: up to EAGER_MAX_SCORES.
+#: Automatic selection gives it only tiny calls: on CPU it is nowhere faster than the tiled
+#: path, and falls further behind as calls grow (the bench's eager-crossover measurement).
+#: Named, it runs up to EAGER_MAX_SCORES.
 EAGER_AUTOMATIC_MAX_SCORES = 1 << 12
 
 

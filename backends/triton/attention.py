@@ -109,9 +109,9 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
         z = tl.load(Span + h)
     else:
         z = 0.0
-    first = pid_m * BLOCK_M + offset
-    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) - 1 + offset
-    lo, hi = _span.key_window(first, last, kv_len, z, ramp, HAS_SPAN, CAUSAL, BLOCK_N)
+    first_row = pid_m * BLOCK_M
+    lo, hi = _span.key_window(first_row, tl.minimum(first_row + BLOCK_M, Lq), offset, kv_len, z, ramp, HAS_SPAN,
+                              CAUSAL, BLOCK_N)
     bits = Bits + bh.to(tl.int64) * n_qt * n_kt + pid_m * n_kt
     neg_inf = float("-inf")
 
@@ -146,7 +146,7 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
         top = tl.where(nonempty, run_max, 0.0)
         c = tl.where(nonempty, tl.log(safe_total), 0.0)
         psum = tl.where(nonempty, 1.0, 0.0)
-        passes = first * 0 + 1
+        passes = offset * 0 + 1
     else:
         # Pass 0: the bracket of SPEC.md 2.4, c_lo = max_j [s_j - expm1(-eps log m_j)/eps] (p_j = 1
         # there), c_hi = max s - expm1(-eps log sum m)/eps; candidate tiles for the running c_lo.
@@ -272,9 +272,9 @@ def _backward_dq_kernel(Q, K, V, C, Bits, DO, DQ, GBar, DAlpha, DSpan, Alpha, Sp
         z = tl.load(Span + h)
     else:
         z = 0.0
-    first = pid_m * BLOCK_M + offset
-    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) - 1 + offset
-    lo, hi = _span.key_window(first, last, kv_len, z, ramp, HAS_SPAN, CAUSAL, BLOCK_N)
+    first_row = pid_m * BLOCK_M
+    lo, hi = _span.key_window(first_row, tl.minimum(first_row + BLOCK_M, Lq), offset, kv_len, z, ramp, HAS_SPAN,
+                              CAUSAL, BLOCK_N)
     bits = Bits + bh.to(tl.int64) * n_qt * n_kt + pid_m * n_kt
 
     wgk = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
@@ -346,7 +346,7 @@ def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengt
     kt = _load_rows(K + bkv.to(tl.int64) * Lk * D, offs_n, kv_len, offs_d, D)
     vt = _load_rows(V + bkv.to(tl.int64) * Lk * Dv, offs_n, kv_len, offs_dv, Dv)
     first_key = pid_n * BLOCK_N
-    last_key = tl.minimum(first_key + BLOCK_N, kv_len) - 1
+    stop_key = tl.minimum(first_key + BLOCK_N, kv_len)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, dtype=tl.float32)
     for g_i in range(0, G):
@@ -357,7 +357,7 @@ def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengt
             z = tl.load(Span + h)
         else:
             z = 0.0
-        lo, hi = _span.query_window(first_key, last_key, offset, Lq, z, ramp, HAS_SPAN, CAUSAL, BLOCK_M)
+        lo, hi = _span.query_window(first_key, stop_key, offset, Lq, z, ramp, HAS_SPAN, CAUSAL, BLOCK_M)
         hi = tl.where(first_key < kv_len, hi, 0)
         bits = Bits + bh.to(tl.int64) * n_qt * n_kt + pid_n
         for start in range(lo, hi, BLOCK_M):
@@ -392,7 +392,7 @@ def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengt
 
 # --- launch code ----------------------------------------------------------------------------
 
-def _block(n: int) -> int:
+def _padded_width(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
@@ -428,7 +428,7 @@ def _common(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
                 n_qt=triton.cdiv(Lq, cfg.block_m), n_kt=triton.cdiv(Lk, cfg.block_n))
     flags = dict(HAS_SPAN=span is not None, CAUSAL=bool(causal), HAS_LENGTHS=key_lengths is not None,
                  F32=q.dtype == torch.float32, UPCAST=INTERPRETED, LIBDEVICE=not INTERPRETED,
-                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv))
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_padded_width(D), BLOCK_DV=_padded_width(Dv))
     return cfg, offsets, lengths, alpha32, span32, args, flags
 
 
