@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from attnspec.precision import PSI_SERIES, psi_series_coefficients
+from attnspec import formulas
 
 
 def safe_eps(eps):
@@ -22,11 +22,7 @@ def safe_eps(eps):
 
 def log_ratio(t, eps):
     """log(p/m) = log1p(eps t)/eps, t where eps = 0; -inf where eps t <= -1 (and where t = -inf)."""
-    x = eps * t
-    inside = x > -1
-    value = jnp.log1p(jnp.where(inside, x, 0.0)) / safe_eps(eps)
-    value = jnp.where(eps > 0, value, t)
-    return jnp.where(inside | (eps == 0), value, -jnp.inf)
+    return formulas.log_ratio(t, eps, jnp)
 
 
 def one_alone(s, m, eps):
@@ -107,18 +103,7 @@ def solve(sums, lo, hi, nonempty, iterations):
 
 def psi(t, eps):
     """d/d eps of log1p(eps t)/eps, with its series where |eps t| is small (SPEC.md 4.3)."""
-    threshold, terms = PSI_SERIES["float64" if t.dtype == jnp.float64 else "float32"]
-    x = eps * t
-    small = jnp.abs(x) < threshold
-    xs = jnp.where(small, x, 0.0)
-    series = jnp.zeros_like(x)
-    for coefficient in psi_series_coefficients(terms):  # Horner, highest power first
-        series = series * xs + coefficient
-    series = series * t * t
-    xd = jnp.where(small, 0.0, x)
-    safe = safe_eps(eps)
-    direct = (xd / (1 + xd) - jnp.log1p(xd)) / (safe * safe)
-    return jnp.where(small, series, direct)
+    return formulas.psi(t, eps, jnp, "float64" if t.dtype == jnp.float64 else "float32")
 
 
 def weights(p, t, eps):

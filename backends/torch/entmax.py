@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from attnspec.precision import PSI_SERIES, psi_series_coefficients
+from attnspec import formulas
 
 ITERATIONS = {torch.float64: 40, torch.float32: 24}
 #: The safeguarded solve's cap when it finishes what Newton from below did not (_bracketed).
 BRACKETED_ITERATIONS = {torch.float64: 80, torch.float32: 48}
-#: psi(eps, t)'s series switch (threshold, terms) per compute dtype (SPEC.md section 4.3).
-SERIES = {torch.float64: PSI_SERIES["float64"], torch.float32: PSI_SERIES["float32"]}
 
 
 def _safe_eps(eps):
@@ -32,12 +30,7 @@ def _safe_eps(eps):
 
 def log_ratio(t, eps):
     """log(p/m) = log1p(eps t)/eps (t where eps = 0); -inf where eps t <= -1."""
-    safe = _safe_eps(eps)
-    x = eps * t
-    inside = x > -1
-    value = torch.log1p(torch.where(inside, x, 0.0)) / safe
-    value = torch.where(eps > 0, value, t)
-    return torch.where(inside | (eps == 0), value, -torch.inf)
+    return formulas.log_ratio(t, eps, torch)
 
 
 def compact(candidates):
@@ -377,18 +370,7 @@ def probabilities(s, m, eps, allowed, c):
 
 def psi(t, eps):
     """d/d eps of log1p(eps t)/eps, with its series where |eps t| is small (SPEC.md 4.3)."""
-    threshold, terms = SERIES.get(t.dtype, SERIES[torch.float32])
-    x = eps * t
-    small = x.abs() < threshold
-    xs = torch.where(small, x, torch.zeros_like(x))
-    series = torch.zeros_like(x)
-    for coefficient in psi_series_coefficients(terms):  # Horner, highest power first
-        series = series * xs + coefficient
-    series = series * t * t
-    safe = _safe_eps(eps)
-    xd = torch.where(small, torch.zeros_like(x), x)
-    direct = (xd / (1 + xd) - torch.log1p(xd)) / (safe * safe)
-    return torch.where(small, series, direct)
+    return formulas.psi(t, eps, torch, "float64" if t.dtype == torch.float64 else "float32")
 
 
 def vjp_rows(p, t, eps, g, need_eps=True):
