@@ -39,6 +39,17 @@ def reach(span, ramp: float, dtype: str = "float64") -> int:
     return math.ceil(float(np.max(total)))
 
 
+def _extremes(values) -> tuple[int, int]:
+    """(smallest, largest) of one int or a sequence of ints. Plain Python: the torch backend
+    calls key_window many times per call."""
+    if isinstance(values, int):
+        return values, values
+    if isinstance(values, (tuple, list)):
+        return min(values), max(values)
+    values = np.asarray(values, dtype=np.int64)
+    return int(values.min()), int(values.max())
+
+
 def key_window(first_row: int, stop_row: int, Lk: int, *, offsets, causal: bool = False,
                reach: int | None = None, key_lengths=None) -> tuple[int, int]:
     """[lo, hi): the keys that query rows first_row .. stop_row - 1 may read, over a batch.
@@ -48,12 +59,12 @@ def key_window(first_row: int, stop_row: int, Lk: int, *, offsets, causal: bool 
     heads. Keys outside [lo, hi) have m = 0, lie beyond key_lengths or (causal) after the
     query, for every row and batch entry. 0 <= lo <= hi <= Lk; lo == hi when no key is
     reachable."""
-    offsets = [int(o) for o in np.atleast_1d(offsets)]
-    first = first_row + min(offsets)  # smallest position among the rows
-    last = stop_row - 1 + max(offsets)  # largest
+    first_offset, last_offset = _extremes(offsets)
+    first = first_row + first_offset  # smallest position among the rows
+    last = stop_row - 1 + last_offset  # largest
     lo, hi = 0, Lk
     if key_lengths is not None:
-        hi = min(hi, max(int(n) for n in np.atleast_1d(key_lengths)))
+        hi = min(hi, _extremes(key_lengths)[1])
     if causal:  # j <= position
         hi = min(hi, last + 1)
     if reach is not None:  # |position - j| < reach

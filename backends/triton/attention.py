@@ -79,6 +79,28 @@ def _load_rows(base, offs, rows, offs_d, width):
                    mask=(offs < rows)[:, None] & (offs_d < width)[None, :], other=0.0)
 
 
+@device_function
+def _batch_entry(Offsets, Lengths, b, Lk, HAS_LENGTHS: tl.constexpr):
+    """(q_offset, key length) of batch entry b."""
+    offset = tl.load(Offsets + b)
+    if HAS_LENGTHS:
+        kv_len = tl.load(Lengths + b)
+    else:
+        kv_len = Lk
+    return offset, kv_len
+
+
+@device_function
+def _head(Alpha, Span, h, HAS_SPAN: tl.constexpr):
+    """(eps = alpha - 1, span z) of head h; z = 0 without span (then unused)."""
+    eps = tl.load(Alpha + h) - 1.0
+    if HAS_SPAN:
+        z = tl.load(Span + h)
+    else:
+        z = 0.0
+    return eps, z
+
+
 @triton.jit
 def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, Passes,
                     scale, ramp, H, G, Lq, Lk, D, Dv, n_qt, n_kt,
@@ -99,16 +121,8 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
     q = _load_rows(Q + bh.to(tl.int64) * Lq * D, offs_m, Lq, offs_d, D)
     k_base = K + kv.to(tl.int64) * Lk * D
     v_base = V + kv.to(tl.int64) * Lk * Dv
-    offset = tl.load(Offsets + b)
-    if HAS_LENGTHS:
-        kv_len = tl.load(Lengths + b)
-    else:
-        kv_len = Lk
-    eps = tl.load(Alpha + h) - 1.0
-    if HAS_SPAN:
-        z = tl.load(Span + h)
-    else:
-        z = 0.0
+    offset, kv_len = _batch_entry(Offsets, Lengths, b, Lk, HAS_LENGTHS)
+    eps, z = _head(Alpha, Span, h, HAS_SPAN)
     first_row = pid_m * BLOCK_M
     lo, hi = _span.key_window(first_row, tl.minimum(first_row + BLOCK_M, Lq), offset, kv_len, z, ramp, HAS_SPAN,
                               CAUSAL, BLOCK_N)
@@ -262,16 +276,8 @@ def _backward_dq_kernel(Q, K, V, C, Bits, DO, DQ, GBar, DAlpha, DSpan, Alpha, Sp
     c = tl.load(C + (bh.to(tl.int64) * Lq + offs_m) * 2 + 1, mask=row_ok, other=0.0)
     k_base = K + kv.to(tl.int64) * Lk * D
     v_base = V + kv.to(tl.int64) * Lk * Dv
-    offset = tl.load(Offsets + b)
-    if HAS_LENGTHS:
-        kv_len = tl.load(Lengths + b)
-    else:
-        kv_len = Lk
-    eps = tl.load(Alpha + h) - 1.0
-    if HAS_SPAN:
-        z = tl.load(Span + h)
-    else:
-        z = 0.0
+    offset, kv_len = _batch_entry(Offsets, Lengths, b, Lk, HAS_LENGTHS)
+    eps, z = _head(Alpha, Span, h, HAS_SPAN)
     first_row = pid_m * BLOCK_M
     lo, hi = _span.key_window(first_row, tl.minimum(first_row + BLOCK_M, Lq), offset, kv_len, z, ramp, HAS_SPAN,
                               CAUSAL, BLOCK_N)
@@ -337,11 +343,7 @@ def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengt
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offset = tl.load(Offsets + b)
-    if HAS_LENGTHS:
-        kv_len = tl.load(Lengths + b)
-    else:
-        kv_len = Lk
+    offset, kv_len = _batch_entry(Offsets, Lengths, b, Lk, HAS_LENGTHS)
     # Keys at j >= kv_len load as zeros and get exactly zero gradients (SPEC.md 5.3).
     kt = _load_rows(K + bkv.to(tl.int64) * Lk * D, offs_n, kv_len, offs_d, D)
     vt = _load_rows(V + bkv.to(tl.int64) * Lk * Dv, offs_n, kv_len, offs_dv, Dv)
@@ -352,11 +354,7 @@ def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengt
     for g_i in range(0, G):
         h = kvh * G + g_i
         bh = b * H + h
-        eps = tl.load(Alpha + h) - 1.0
-        if HAS_SPAN:
-            z = tl.load(Span + h)
-        else:
-            z = 0.0
+        eps, z = _head(Alpha, Span, h, HAS_SPAN)
         lo, hi = _span.query_window(first_key, stop_key, offset, Lq, z, ramp, HAS_SPAN, CAUSAL, BLOCK_M)
         hi = tl.where(first_key < kv_len, hi, 0)
         bits = Bits + bh.to(tl.int64) * n_qt * n_kt + pid_n
