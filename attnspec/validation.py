@@ -20,6 +20,8 @@ import numpy as np
 
 from . import _arrays
 from ._arrays import FLOAT_DTYPES
+from .geometry import MAX_OFFSET
+from .precision import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -252,11 +254,6 @@ def _check_devices(arrays: dict, parameters: dict) -> None:
 _COMPUTE_MAX = {"float64": float(np.finfo(np.float64).max), "float32": float(np.finfo(np.float32).max)}
 
 
-def compute_dtype(dtype: str) -> str:
-    """The dtype a call of input dtype `dtype` computes in (SPEC.md 6)."""
-    return "float64" if dtype == "float64" else "float32"
-
-
 def _in_compute_dtype(x, dtype: str):
     """The concrete values of a number or array as the compute dtype holds them, or None."""
     value = x if _is_number(x) else _arrays.concrete_value(x)
@@ -299,10 +296,6 @@ def _plain(x):
     return x if value is None else np.asarray(value).ravel()[:4].tolist()
 
 
-#: Positions are int64 in every implementation; offsets beyond this would overflow i + o - j.
-MAX_OFFSET = 2**62
-
-
 def _check_offset_range(q_offset):
     value = q_offset if isinstance(q_offset, Integral) else _arrays.concrete_value(q_offset)
     if value is None:
@@ -325,7 +318,7 @@ def _alpha_may_differ_from_one(alpha) -> bool:
 def _fast_device(x, kind) -> str:
     if kind == "numpy":
         return "cpu"
-    if kind == "torch" and x.is_cpu:  # x.device builds a torch.device object: 10x slower
+    if kind == "torch" and x.is_cpu:  # x.device builds a torch.device object, dearer than this check
         return "cpu"
     return _arrays.device_of(x)
 

@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 computes in float64; every other dtype accumulates in float32 (SPEC.md 6)."""
+    """float64 computes in float64; every other dtype accumulates in float32 (SPEC.md 6). The
+    rule is attnspec.precision.compute_dtype, restated on torch dtypes because this runs inside
+    torch.compile'd graphs, where dtype names are not traced."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -10,24 +10,14 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from .tolerances import COMPUTE
-
-
-def round_to(x, dtype: str) -> np.ndarray:
-    """x rounded to `dtype` (round to nearest even) and returned as float64."""
-    x = np.asarray(x, dtype=np.float64)
-    if dtype == "bfloat16":  # no NumPy dtype: keep the top 16 bits of float32, rounded
-        bits = x.astype(np.float32).view(np.uint32)
-        bits = (bits + (((bits >> 16) & 1) + np.uint32(0x7FFF))) & np.uint32(0xFFFF0000)
-        return bits.view(np.float32).astype(np.float64)
-    return x.astype(dtype).astype(np.float64)
+from attnspec.precision import compute_dtype, round_to
 
 
 def _round_param(value, dtype):
     """alpha/span/ramp/scale are cast to the compute dtype (SPEC.md section 6)."""
     if value is None or isinstance(value, bool):
         return value
-    rounded = round_to(value, COMPUTE[dtype])
+    rounded = round_to(value, compute_dtype(dtype))
     return float(rounded) if np.ndim(value) == 0 and not isinstance(value, np.ndarray) else rounded
 
 

@@ -16,7 +16,7 @@ per head, and the attention cost implied by the spans, as JSON, a Markdown table
     python -m experiments.char_lm --preset smoke    # a few seconds: the pipeline end to end
     python -m experiments.char_lm --set arms=span --set span_init=1 --set seeds=0   # one variant
 
-Attention runs on attnspec's tiled `torch` backend by name (Config.backend): for these calls
+Attention runs on attnspec's tiled `torch` backend by name (TrainingConfig.backend): for these calls
 the dispatcher's choice, `torch-eager`, is slower (3.3x at alpha = 1, 2x with learned alpha, at
 the full preset's [8, 2, 256, 32]; it has no softmax path).
 
@@ -63,7 +63,7 @@ HELDOUT_FILES = sorted(["heapq.py", "queue.py", "statistics.py", "textwrap.py"])
 
 
 @dataclass(frozen=True)
-class Config:
+class TrainingConfig:
     steps: int
     batch: int
     context: int
@@ -88,16 +88,16 @@ class Config:
 
 PRESETS = {
     # 9 runs in at most 10 minutes on 2 shared CPU cores (results/char_lm_full.md: the measured wall time and load).
-    # 2 heads of 32 at batch 8: the learned-alpha solve of the `torch` backend costs ~3.5x more at
-    # batch x heads = 32 than at 16 for twice the work, so 8 x 2 learns from twice the tokens of
+    # 2 heads of 32 at batch 8: the learned-alpha solve of the `torch` backend costs far more than
+    # twice as much at batch x heads = 32 as at 16, so 8 x 2 learns from twice the tokens of
     # 4 x 4 per step at about the same cost. Span settings as the adaptive-span paper (Sukhbaatar
     # et al. 2019, and its enwik8 scripts): theta starts at 0, ramp R = 32, span-loss coefficient
     # 2e-6 per token of mean span per layer.
-    "full": Config(steps=400, batch=8, context=256, d_model=64, n_heads=2, n_layers=2, ramp=32.0,
+    "full": TrainingConfig(steps=400, batch=8, context=256, d_model=64, n_heads=2, n_layers=2, ramp=32.0,
                    span_coef=2e-6, lr=1e-2, warmup=50, alpha_init=1.5, eval_every=100,
                    eval_chars=8192, final_eval_chars=1 << 20),
     # The pipeline end to end in a few seconds (numbers meaningless).
-    "smoke": Config(steps=4, batch=2, context=32, d_model=16, n_heads=2, n_layers=1, ramp=8.0,
+    "smoke": TrainingConfig(steps=4, batch=2, context=32, d_model=16, n_heads=2, n_layers=1, ramp=8.0,
                     span_coef=2e-6, lr=3e-3, warmup=1, alpha_init=1.5, eval_every=2, eval_chars=512,
                     final_eval_chars=1024, seeds=(0,)),
 }
@@ -165,7 +165,7 @@ def load_corpus(manifest_path: Path, stdlib: str | None = None):
 
 # --- model --------------------------------------------------------------------------------------
 
-def build_model(cfg: Config, arm: str):
+def build_model(cfg: TrainingConfig, arm: str):
     import torch
     from torch import nn
 
@@ -211,13 +211,13 @@ def build_model(cfg: Config, arm: str):
     return CharLM()
 
 
-def batch_starts(seed: int, cfg: Config, n_train: int) -> np.ndarray:
+def batch_starts(seed: int, cfg: TrainingConfig, n_train: int) -> np.ndarray:
     """[steps, batch] window starts: the token stream of every arm of this seed."""
     rng = np.random.default_rng([seed, 20190705])
     return rng.integers(0, n_train - cfg.context - 1, size=(cfg.steps, cfg.batch))
 
 
-def evaluate(model, data, cfg: Config, limit: int) -> float:
+def evaluate(model, data, cfg: TrainingConfig, limit: int) -> float:
     """Bits per byte on `limit` bytes of `data` in windows of cfg.context + 1 bytes, the windows
     evenly spaced over all of `data` (all of them when limit covers it). Spread out, not the
     first `limit` bytes: the held-out files open with long prose (heapq.py's essay), so a prefix
@@ -271,7 +271,7 @@ def attention_cost(spans, ramp: float, context: int):
     return float(np.mean(at_context)), float(np.mean(in_window))
 
 
-def train_run(arm: str, seed: int, cfg: Config, manifest_path: str, threads: int = 1) -> dict:
+def train_run(arm: str, seed: int, cfg: TrainingConfig, manifest_path: str, threads: int = 1) -> dict:
     import torch
 
     from attnspec.layers.torch import project_spans, span_layers, span_regularisation
@@ -336,7 +336,7 @@ def _mean_sd(values):
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(runs: list[dict], cfg: Config) -> dict:
+def summarise(runs: list[dict], cfg: TrainingConfig) -> dict:
     by_arm = {arm: sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"]) for arm in cfg.arms}
     full = {r["seed"]: r["heldout_bpc"] for r in by_arm.get("full", [])}
     summary = {}
@@ -539,8 +539,8 @@ def run(preset: str = "full", *, out_dir: Path | None = RESULTS_DIR, workers: in
 
 
 def parse_overrides(items) -> dict:
-    """`FIELD=VALUE` strings -> Config overrides, each VALUE read as the field's type."""
-    fields = {f.name: f for f in Config.__dataclass_fields__.values()}
+    """`FIELD=VALUE` strings -> TrainingConfig overrides, each VALUE read as the field's type."""
+    fields = {f.name: f for f in TrainingConfig.__dataclass_fields__.values()}
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -573,14 +573,14 @@ def main(argv=None):
                         help="record this interpreter's corpus files and hashes in --manifest, then stop")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's step count")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override any Config field of the preset (repeatable), e.g. --set lr=0.01 "
+                        help="override any TrainingConfig field of the preset (repeatable), e.g. --set lr=0.01 "
                              "--set arms=full,span --set backend=none")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="only rewrite the Markdown table and plots of an existing results JSON")
     args = parser.parse_args(argv)
     if args.render is not None:
         result = json.loads(args.render.read_text())
-        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
+        cfg = TrainingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
         result["summary"] = summarise(result["runs"], cfg)
         result["table"] = markdown(result)
         prefix = args.render.with_suffix("")

@@ -105,6 +105,26 @@ def test_reference_knows_no_dispatcher_and_no_framework():
             assert not bad, f"{name} imports {bad}"
 
 
+#: The spec's shared rules: pure functions every implementation may import (SPEC.md's geometry,
+#: dtype rules and elementwise formulas). They import NumPy and each other, nothing else.
+SPEC_RULES = ("attnspec.geometry", "attnspec.precision", "attnspec.formulas")
+
+
+def test_spec_rules_import_no_framework_and_nothing_above_them():
+    for name in SPEC_RULES:
+        ours = {m for m in GRAPH[name]}
+        assert ours <= set(SPEC_RULES), f"{name} imports {ours - set(SPEC_RULES)}"
+        frameworks = {m for m in _imports(name) if m.split(".")[0] in FRAMEWORKS}
+        assert not frameworks, f"{name} imports {frameworks}"
+
+
+def test_backends_take_the_window_from_the_spec():
+    for backend in ("torch", "jax", "triton"):
+        users = [n for n in MODULES if n.startswith(f"attnspec.backends.{backend}")
+                 and "attnspec.geometry" in GRAPH[n]]
+        assert users, f"no module of the {backend} backend uses attnspec.geometry"
+
+
 def test_no_backend_imports_another():
     backends = {n.split(".")[2] for n in MODULES if n.count(".") >= 2 and n.startswith("attnspec.backends.")}
     shared = {b for b in backends if b.startswith("_")}  # helper modules of the package, not backends

@@ -186,7 +186,7 @@ def test_key_tiles_skip_what_causal_span_and_lengths_exclude():
                             ramp=jnp.asarray(2.0), scale=jnp.asarray(1.0),
                             lengths=jnp.asarray([Lk if lengths is None else lengths]),
                             positions=jnp.asarray([Lk - Lq if offset is None else offset]), Lq=jnp.asarray(Lq), Lk=Lk)
-        cfg = kernel.Config(has_span=span is not None, softmax_only=False, need_dalpha=False, need_dspan=False,
+        cfg = kernel.StaticArgs(has_span=span is not None, softmax_only=False, need_dalpha=False, need_dspan=False,
                             tile_q=16, tile_k=16)
         lo, hi = kernel._key_tiles(jnp.asarray(i0), call, cfg)
         return int(lo), int(hi)

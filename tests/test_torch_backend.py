@@ -187,7 +187,7 @@ def test_tiled_skips_keys_out_of_reach():
     tiled = importlib.import_module("attnspec.backends.torch.attention")
     offsets = torch.tensor([0, 0])
     j0, j1 = tiled._window(1000, 1016, 4096, torch.tensor([100.0]), 32.0, True, None, offsets)
-    assert (j0, j1) == (1000 - 132, 1016)
+    assert (j0, j1) == (1000 - 132 + 1, 1016)  # the key at |d| = z + R has m = 0
     j0, j1 = tiled._window(0, 16, 4096, None, 32.0, False, torch.tensor([50, 10]), offsets)
     assert (j0, j1) == (0, 50)
 

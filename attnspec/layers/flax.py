@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import attnspec
+from attnspec import geometry
 
 __all__ = ["KVCache", "SpanAttention", "apply_rope", "project_spans", "span_regularisation"]
 
@@ -168,8 +169,8 @@ class SpanAttention(nn.Module):
             return y
         start = int(cache.start)
         if z is not None:
-            reach = jnp.max(z.astype(jnp.float32)) + jnp.float32(self.ramp)
-            keep = max(1, math.ceil(float(reach))) - 1  # concrete spans needed (see module doc)
+            # concrete spans needed (see module doc)
+            keep = max(1, geometry.reach(np.asarray(z, dtype=np.float32), self.ramp, "float32")) - 1
             n = k.shape[2]
             if n > keep:
                 k, v, start = k[:, :, n - keep:], v[:, :, n - keep:], start + n - keep

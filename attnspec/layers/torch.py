@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 import attnspec
+from attnspec import geometry, precision
 
 __all__ = [
     "KVCache",
@@ -200,15 +201,16 @@ class SpanAttention(nn.Module):
         """ceil(max_h z_h + R): the most keys a query can reach, its own included (None without
         a span). A KVCache keeps one fewer between steps.
 
-        R + z is formed in the dtype the backend computes the mask in (float64 for float64
-        layers, else float32), so every key the bound drops has (R + z) - d <= 0 exactly there.
+        This is attnspec.geometry.reach with R + z formed in the dtype the backend computes the
+        mask in (float64 for float64 layers, else float32), so every key the bound drops has
+        (R + z) - d <= 0 exactly there.
         """
         if self.span_theta is None:
             return None
-        dtype = torch.float64 if self.span_theta.dtype == torch.float64 else torch.float32
+        dtype = precision.compute_dtype(str(self.span_theta.dtype).removeprefix("torch."))
         with torch.no_grad():
-            reach = self.span.to(dtype).max() + torch.tensor(self.ramp, dtype=dtype)
-        return max(1, math.ceil(float(reach)))
+            spans = self.span.tolist()
+        return max(1, geometry.reach(spans, self.ramp, dtype))
 
     # --- forward ------------------------------------------------------------------------------
 

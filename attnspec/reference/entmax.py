@@ -21,15 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import validation
+from .. import formulas
 
 #: Newton iterations after which the solve gives up (it converges in < 10 on any tested row;
 #: the bisection safeguard alone would reach float64 resolution in ~ 100).
 _MAX_ITERATIONS = 200
 #: Relative step below which c counts as converged; one more Newton step follows it.
 _STEP_TOLERANCE = 2.0**-46
-#: |eps t| below which d p / d alpha uses its series (SPEC.md section 4.3).
-_SERIES_THRESHOLD = 1e-2
-_SERIES_TERMS = 12
 
 
 @dataclass
@@ -236,24 +234,11 @@ def solve_rows(s, m, eps) -> RowSolution:
 
 
 def _psi(t, eps):
-    """psi(eps, t) = d/d eps [log1p(eps t) / eps] = [eps t / (1 + eps t) - log1p(eps t)] / eps^2.
-
-    For |eps t| < threshold the closed form cancels catastrophically; there we use its series
-    psi = t^2 sum_{k>=2} (-1)^(k+1) (k-1)/k (eps t)^(k-2), whose k = 2 term is the alpha = 1
-    limit -t^2/2 (SPEC.md section 4.3).
-    """
-    x = eps * t
-    small = np.abs(x) < _SERIES_THRESHOLD
-    xs = np.where(small, x, 0.0)
-    series = np.zeros_like(x)
-    for k in range(_SERIES_TERMS + 1, 1, -1):  # Horner, highest power first
-        series = series * xs + (-1.0) ** (k + 1) * (k - 1) / k
-    series = series * t * t
+    """psi(eps, t) = d/d eps [log1p(eps t) / eps] in float64: formulas.psi, series below
+    |eps t| < 1e-2 (SPEC.md section 4.3). Entries off the support (t = -inf) give NaN, which
+    the caller discards."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        safe_eps = np.where(small, 1.0, eps)
-        xd = np.where(small, 0.0, x)
-        direct = (xd / (1.0 + xd) - np.log1p(xd)) / (safe_eps * safe_eps)
-    return np.where(small, series, direct)
+        return formulas.psi(t, eps, np, "float64")
 
 
 def vjp_rows(sol: RowSolution, g):

@@ -5,9 +5,9 @@ accumulate in float32.
 Query tiles against the key tiles each can reach (causal, span and key_lengths bounds are
 traced integers, so tiles that cannot contribute are skipped without recompiling); one number
 per row (c, SPEC.md 2.2) is kept for the backward, which is analytic (jax.custom_vjp) and gives
-gradients for q, k, v, alpha and span (and for scale and ramp given as arrays). Works under jit, vmap, grad, jax.checkpoint and with
-sharded inputs (XLA's partitioner splits batch and heads). Double differentiation is not
-supported (the backward's loops have traced bounds).
+gradients for q, k, v, alpha and span (and for scale and ramp given as arrays). Works under
+jit, vmap, grad, jax.checkpoint and with sharded inputs (XLA's partitioner splits batch and
+heads). Double differentiation is not supported (the backward's loops have traced bounds).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from . import span as _span
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
-def blocked_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None, q_offset=None,
-              scale=None):
+def tiled_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None, q_offset=None,
+                    scale=None):
     return _attention.attention(q, k, v, alpha=alpha, span=span, ramp=ramp, causal=causal,
                                 key_lengths=key_lengths, q_offset=q_offset, scale=scale)
 
@@ -50,7 +50,7 @@ BACKEND = Backend(
     name="jax",
     version=f"{__version__} (jax {jax.__version__})",
     kernels={
-        "attention": _kernel("attention", blocked_attention),
+        "attention": _kernel("attention", tiled_attention),
         "entmax": _kernel("entmax", _entmax.entmax),
         "span_mask": _kernel("span_mask", _span.span_mask),
     },

@@ -1,6 +1,6 @@
-"""Adaptive-span alpha-entmax attention in JAX, blocked over query and key tiles (SPEC.md 5).
+"""Adaptive-span alpha-entmax attention in JAX, tiled over queries and keys (SPEC.md 5).
 
-One jittable core. What shapes the program is static (`Config`: causal, whether there is a
+One jittable core. What shapes the program is static (`StaticArgs`: causal, whether there is a
 span, whether alpha is the Python number 1, which gradients are wanted, the tile sizes; and
 the arrays' shapes); everything else is traced: alpha [H], span [H], ramp, scale,
 key_lengths [B] and q_offset [B]. A decode loop that moves q_offset, or training that moves
@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from attnspec import geometry, precision
+
 from . import entmax as _entmax
 from . import span as _span
 
@@ -53,12 +55,13 @@ STRIP_ELEMENTS = 1 << 22
 MIN_TILE = 16
 #: Newton steps at most (each also halves the bracket when Newton would leave it).
 ITERATIONS = _entmax.ITERATIONS
-POSITION_LIMIT = _span.POSITION_LIMIT
+#: Positions (i + q_offset) are int32 unless jax_enable_x64 is on; offsets and the reach are
+#: clamped to geometry.POSITION_LIMITS for that integer dtype.
 
 HIGHEST = lax.Precision.HIGHEST
 
 
-class Config(NamedTuple):
+class StaticArgs(NamedTuple):
     has_span: bool
     softmax_only: bool  # alpha is the Python number 1: online softmax, no Newton
     need_dalpha: bool  # backward only
@@ -75,7 +78,8 @@ class Config(NamedTuple):
 
 
 def compute_dtype(dtype):
-    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+    """attnspec.precision.compute_dtype on jax dtypes."""
+    return jnp.dtype(precision.compute_dtype(jnp.dtype(dtype).name))
 
 
 position_dtype = _span.position_dtype
@@ -118,9 +122,8 @@ def _loop(lo, hi, body, init, count):
     (masks decide every element; the bounds only skip work), which compiles much faster.
 
     Traced bounds make the fori_loop a while_loop (fine: reverse mode never enters it). The
-    alternative, all `count` tiles with a lax.cond per tile, measured 2.9x slower for alpha = 1.5
-    at L = 2048 (forward + backward, CPU; the Newton passes pay the cond on every tile) and the
-    same for the span target."""
+    alternative, all `count` tiles with a lax.cond per tile, is slower: every Newton pass pays
+    the cond on every tile, reachable or not."""
     if count == 1:
         return body(jnp.zeros((), jnp.int32), init)
     return lax.fori_loop(lo, hi, body, init)
@@ -153,34 +156,25 @@ class _Call(NamedTuple):
     Lk: int  # padded
 
 
-def _key_tiles(i0, call: _Call, cfg: Config):
+def _key_tiles(i0, call: _Call, static: StaticArgs):
     """[first, last) key tiles that rows i0 .. i0 + tile_q - 1 may read, over every batch and
-    head, as traced integers."""
-    Tq, Tk = cfg.tile_q, cfg.tile_k
+    head, as traced integers: the tiles that cover span.key_window."""
+    Tk = static.tile_k
     pdt = call.positions.dtype
-    last_row = jnp.minimum(i0 + Tq, call.Lq) - 1
-    first = i0 + jnp.min(call.positions)
-    last = last_row + jnp.max(call.positions)
-    j_hi = jnp.max(call.lengths)
-    j_lo = jnp.zeros((), pdt)
-    j_hi = jnp.where(call.causal, jnp.minimum(j_hi, last + 1), j_hi)
-    if cfg.has_span:
-        limit = POSITION_LIMIT[jnp.dtype(pdt).name]
-        reach = _span.reach(call.span, call.ramp, call.ramp.dtype)
-        reach = jnp.ceil(jnp.clip(reach, 0, limit)).astype(pdt)
-        j_lo = jnp.maximum(j_lo, first - reach)
-        j_hi = jnp.where(call.causal, j_hi, jnp.minimum(j_hi, last + reach + 1))
-    j_lo = jnp.clip(j_lo, 0, call.Lk)
-    j_hi = jnp.clip(j_hi, 0, call.Lk)
-    k_lo = j_lo // Tk
-    k_hi = jnp.maximum(k_lo, (j_hi + Tk - 1) // Tk)
+    reach = None
+    if static.has_span:
+        reach = _span.reach(call.span, call.ramp, pdt, geometry.POSITION_LIMITS[jnp.dtype(pdt).name])
+    lo, hi = _span.key_window(i0, jnp.minimum(i0 + static.tile_q, call.Lq), call.Lk, call.positions, call.causal,
+                              reach, call.lengths)
+    k_lo = lo // Tk
+    k_hi = jnp.maximum(k_lo, (hi + Tk - 1) // Tk)
     return k_lo.astype(jnp.int32), k_hi.astype(jnp.int32)
 
 
-def _kv_tile(x, kt, call: _Call, cfg: Config):
+def _kv_tile(x, kt, call: _Call, static: StaticArgs):
     """Keys/values kt*tile_k ... of x [B, Hkv, Lk_pad, *]: padding keys (j >= key_lengths_b)
     may hold NaN/Inf (SPEC.md 5.3), so they are zeroed; also returns key indices and validity."""
-    Tk = cfg.tile_k
+    Tk = static.tile_k
     j0 = kt * Tk
     tile = lax.dynamic_slice_in_dim(x, j0, Tk, axis=2)
     keys = (j0 + jnp.arange(Tk, dtype=jnp.int32)).astype(call.positions.dtype)
@@ -188,17 +182,17 @@ def _kv_tile(x, kt, call: _Call, cfg: Config):
     return jnp.where(valid[:, None, :, None], tile, 0), keys, valid
 
 
-def _block(qt, kp, i0, kt, call: _Call, cfg: Config):
+def _tile_scores(qt, kp, i0, kt, call: _Call, static: StaticArgs):
     """Scores of query rows i0.. against key tile kt: (s with -inf where not allowed, m or
     None, allowed, the cleaned key tile). s [B, Hkv, G, Tq, Tk]."""
-    kb, keys, valid = _kv_tile(kp, kt, call, cfg)
-    rows = (i0 + jnp.arange(cfg.tile_q, dtype=jnp.int32)).astype(call.positions.dtype)
+    kb, keys, valid = _kv_tile(kp, kt, call, static)
+    rows = (i0 + jnp.arange(static.tile_q, dtype=jnp.int32)).astype(call.positions.dtype)
     d = _span.distances(rows, keys, call.positions)  # [B, Tq, Tk]
     allowed = valid[:, None, :] & (rows < call.Lq)[None, :, None]
     allowed = allowed & ((d >= 0) | ~call.causal)
     allowed = allowed[:, None, None]  # [B, 1, 1, Tq, Tk]
     m = None
-    if cfg.has_span:
+    if static.has_span:
         m = _span.soft_mask(d, call.span, call.ramp, qt.dtype)
         allowed = allowed & (m > 0)
         m = jnp.where(allowed, m, 0.0)
@@ -215,17 +209,17 @@ def _probabilities(s, m, call: _Call, c):
     return _entmax.probabilities(s, m, call.eps, c[..., None])
 
 
-def _forward_softmax_tile(qt, kp, vp, i0, call, cfg):
+def _forward_softmax_tile(qt, kp, vp, i0, call, static):
     """Online log-sum-exp over the reachable key tiles: (out tile, c)."""
-    k_lo, k_hi = _key_tiles(i0, call, cfg)
+    k_lo, k_hi = _key_tiles(i0, call, static)
     B, Hkv, G, Tq, _ = qt.shape
     Dv = vp.shape[-1]
     dtype = qt.dtype
 
     def step(kt, state):
         top, total, acc = state
-        s, m, _, _ = _block(qt, kp, i0, kt, call, cfg)
-        vb, _, _ = _kv_tile(vp, kt, call, cfg)
+        s, m, _, _ = _tile_scores(qt, kp, i0, kt, call, static)
+        vb, _, _ = _kv_tile(vp, kt, call, static)
         new_top = jnp.maximum(top, s.max(-1))
         base = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
         e = jnp.exp(s - base[..., None])
@@ -237,7 +231,7 @@ def _forward_softmax_tile(qt, kp, vp, i0, call, cfg):
 
     init = (jnp.full((B, Hkv, G, Tq), -jnp.inf, dtype), jnp.zeros((B, Hkv, G, Tq), dtype),
             jnp.zeros((B, Hkv, G, Tq, Dv), dtype))
-    top, total, acc = _loop(k_lo, k_hi, step, init, kp.shape[2] // cfg.tile_k)
+    top, total, acc = _loop(k_lo, k_hi, step, init, kp.shape[2] // static.tile_k)
     nonempty = total > 0
     safe = jnp.where(nonempty, total, 1.0)
     c = jnp.where(nonempty, top + jnp.log(safe), 0.0)
@@ -245,19 +239,19 @@ def _forward_softmax_tile(qt, kp, vp, i0, call, cfg):
     return out, c
 
 
-def _forward_entmax_tile(qt, kp, vp, i0, call, cfg):
+def _forward_entmax_tile(qt, kp, vp, i0, call, static):
     """Scores into a strip, bracket, safeguarded Newton on c, then P V: (out tile, c)."""
-    k_lo, k_hi = _key_tiles(i0, call, cfg)
+    k_lo, k_hi = _key_tiles(i0, call, static)
     B, Hkv, G, Tq, _ = qt.shape
-    nk, Dv = kp.shape[2] // cfg.tile_k, vp.shape[-1]
+    nk, Dv = kp.shape[2] // static.tile_k, vp.shape[-1]
     dtype = qt.dtype
     eps = call.eps
     rows = (B, Hkv, G, Tq)
-    strip = (nk, B, Hkv, G, Tq, cfg.tile_k)
+    strip = (nk, B, Hkv, G, Tq, static.tile_k)
 
     def fill(kt, state):
         S, M, top, lo, mass = state
-        s, m, allowed, _ = _block(qt, kp, i0, kt, call, cfg)
+        s, m, allowed, _ = _tile_scores(qt, kp, i0, kt, call, static)
         S = lax.dynamic_update_index_in_dim(S, s, kt, 0)
         top = jnp.maximum(top, s.max(-1))
         if m is None:
@@ -270,10 +264,10 @@ def _forward_entmax_tile(qt, kp, vp, i0, call, cfg):
         return S, M, top, lo, mass
 
     neg = jnp.full(rows, -jnp.inf, dtype)
-    M0 = jnp.zeros(strip, dtype) if cfg.has_span else jnp.zeros((), dtype)
+    M0 = jnp.zeros(strip, dtype) if static.has_span else jnp.zeros((), dtype)
     S, M, top, lo, mass = _loop(k_lo, k_hi, fill, (jnp.zeros(strip, dtype), M0, neg, neg, jnp.zeros(rows, dtype)),
                                 nk)
-    if not cfg.has_span:
+    if not static.has_span:
         lo = top  # every weight is 1: entry j alone needs c = s_j
     nonempty = top > -jnp.inf
     row_eps = eps[..., 0]
@@ -283,7 +277,7 @@ def _forward_entmax_tile(qt, kp, vp, i0, call, cfg):
 
     def sums(c):
         def add(kt, acc):
-            m = M[kt] if cfg.has_span else None
+            m = M[kt] if static.has_span else None
             total_p, total_w = _entmax.newton_sums(S[kt], m, eps, c[..., None])
             return acc[0] + total_p, acc[1] + total_w
         return _loop(k_lo, k_hi, add, (jnp.zeros(rows, dtype), jnp.zeros(rows, dtype)), nk)
@@ -291,41 +285,41 @@ def _forward_entmax_tile(qt, kp, vp, i0, call, cfg):
     c, _ = _entmax.solve(sums, lo, hi, nonempty, ITERATIONS[jnp.dtype(dtype).name])
 
     def output(kt, acc):
-        m = M[kt] if cfg.has_span else None
+        m = M[kt] if static.has_span else None
         p, _, _ = _entmax.probabilities(S[kt], m, eps, c[..., None])
-        vb, _, _ = _kv_tile(vp, kt, call, cfg)
+        vb, _, _ = _kv_tile(vp, kt, call, static)
         return acc + _einsum("bkgqj,bkje->bkgqe", p, vb)
 
     out = _loop(k_lo, k_hi, output, jnp.zeros(rows + (Dv,), dtype), nk)
     return jnp.where(nonempty[..., None], out, 0.0), c
 
 
-def _layout(cfg, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
+def _layout(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
     """Inputs (padded to whole tiles, in the compute dtype) in the kernel's layout:
     (qg, kp, vp, call, sizes)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = H // Hkv
     dtype = q.dtype
-    nq, nk = Lq // cfg.tile_q, Lk // cfg.tile_k
+    nq, nk = Lq // static.tile_q, Lk // static.tile_k
     qg, kp, vp = q.reshape(B, Hkv, G, Lq, D), k, v
-    eps = None if cfg.softmax_only else (alpha.astype(dtype) - 1).reshape(1, Hkv, G, 1, 1)
-    z = span.astype(dtype).reshape(Hkv, G) if cfg.has_span else None
+    eps = None if static.softmax_only else (alpha.astype(dtype) - 1).reshape(1, Hkv, G, 1, 1)
+    z = span.astype(dtype).reshape(Hkv, G) if static.has_span else None
     call = _Call(eps=eps, span=z, causal=causal, ramp=ramp.astype(dtype), scale=scale.astype(dtype), lengths=lengths,
                  positions=positions, Lq=n_rows, Lk=Lk)
     return qg, kp, vp, call, (B, H, Hkv, G, Lq, Lk, D, v.shape[3], nq, nk)
 
 
-def _forward(cfg, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
+def _forward(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
     """(out [B, H, Lq, Dv], c [B, Hkv, G, Lq]) on padded inputs in the compute dtype."""
     qg, kp, vp, call, (B, H, Hkv, G, Lq, Lk, D, Dv, nq, nk) = _layout(
-        cfg, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows)
-    tile = _forward_softmax_tile if cfg.softmax_only else _forward_entmax_tile
+        static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows)
+    tile = _forward_softmax_tile if static.softmax_only else _forward_entmax_tile
 
     def body(_, qi):
-        i0 = qi * cfg.tile_q
-        qt = lax.dynamic_slice_in_dim(qg, i0, cfg.tile_q, axis=3)
-        return None, tile(qt, kp, vp, i0, call, cfg)
+        i0 = qi * static.tile_q
+        qt = lax.dynamic_slice_in_dim(qg, i0, static.tile_q, axis=3)
+        return None, tile(qt, kp, vp, i0, call, static)
 
     _, (out, c) = _query_tiles(body, None, nq)
     # [nq, B, Hkv, G, Tq, ...] -> [B, Hkv, G, nq * Tq, ...]
@@ -334,12 +328,12 @@ def _forward(cfg, q, k, v, alpha, span, causal, ramp, scale, lengths, positions,
     return out, c
 
 
-def _backward(cfg, residuals, dout):
+def _backward(static, residuals, dout):
     c, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows = residuals
     qg, kp, vp, call, (B, H, Hkv, G, Lq, Lk, D, Dv, nq, nk) = _layout(
-        cfg, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows)
+        static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows)
     dtype = qg.dtype
-    Tq, Tk = cfg.tile_q, cfg.tile_k
+    Tq, Tk = static.tile_q, static.tile_k
     dog = dout.astype(dtype).reshape(B, Hkv, G, Lq, Dv)
     strip = (nk, B, Hkv, G, Tq, Tk)
     rows = (B, Hkv, G, Tq)
@@ -350,12 +344,12 @@ def _backward(cfg, residuals, dout):
         qt = lax.dynamic_slice_in_dim(qg, i0, Tq, axis=3)
         dot = lax.dynamic_slice_in_dim(dog, i0, Tq, axis=3)
         ct = lax.dynamic_slice_in_dim(c, i0, Tq, axis=3)
-        k_lo, k_hi = _key_tiles(i0, call, cfg)
+        k_lo, k_hi = _key_tiles(i0, call, static)
 
         def first(kt, state):  # scores and g into strips; sum w and sum w g per row
             S, M, Gs, sum_w, sum_wg, reads = state
-            s, m, allowed, _ = _block(qt, kp, i0, kt, call, cfg)
-            vb, _, _ = _kv_tile(vp, kt, call, cfg)
+            s, m, allowed, _ = _tile_scores(qt, kp, i0, kt, call, static)
+            vb, _, _ = _kv_tile(vp, kt, call, static)
             g = _einsum("bkgqe,bkje->bkgqj", dot, vb)
             p, _, t = _probabilities(s, m, call, ct)
             w = p if call.eps is None else _entmax.weights(p, t, call.eps)
@@ -366,7 +360,7 @@ def _backward(cfg, residuals, dout):
             reads = reads | jnp.broadcast_to(allowed, s.shape).any(-1)
             return S, M, Gs, sum_w + w.sum(-1), sum_wg + jnp.where(w > 0, w * g, 0.0).sum(-1), reads
 
-        M0 = jnp.zeros(strip, dtype) if cfg.has_span else jnp.zeros((), dtype)
+        M0 = jnp.zeros(strip, dtype) if static.has_span else jnp.zeros((), dtype)
         zeros = jnp.zeros(rows, dtype)
         S, M, Gs, sum_w, sum_wg, reads = _loop(
             k_lo, k_hi, first, (jnp.zeros(strip, dtype), M0, jnp.zeros(strip, dtype), zeros, zeros,
@@ -377,29 +371,29 @@ def _backward(cfg, residuals, dout):
 
         def second(kt, state):
             dq_t, dk, dv, dalpha, dspan, dramp = state
-            m = M[kt] if cfg.has_span else None
+            m = M[kt] if static.has_span else None
             p, e, t = _probabilities(S[kt], m, call, ct)
             eps = 0.0 if call.eps is None else call.eps
             w = p if call.eps is None else _entmax.weights(p, t, eps)
-            ds, dm, deps = _entmax.vjp_terms(p, e, t, w, eps, Gs[kt], gbar[..., None], cfg.need_dalpha)
-            kb, _, _ = _kv_tile(kp, kt, call, cfg)
+            ds, dm, deps = _entmax.vjp_terms(p, e, t, w, eps, Gs[kt], gbar[..., None], static.need_dalpha)
+            kb, _, _ = _kv_tile(kp, kt, call, static)
             dq_t = dq_t + _einsum("bkgqj,bkjd->bkgqd", ds, kb)  # times scale below
             j0 = kt * Tk
             dk_tile = call.scale * _einsum("bkgqj,bkgqd->bkjd", ds, q_clean)
             dv_tile = _einsum("bkgqj,bkgqe->bkje", p, dot)
             dk = lax.dynamic_update_slice_in_dim(dk, lax.dynamic_slice_in_dim(dk, j0, Tk, 2) + dk_tile, j0, 2)
             dv = lax.dynamic_update_slice_in_dim(dv, lax.dynamic_slice_in_dim(dv, j0, Tk, 2) + dv_tile, j0, 2)
-            if cfg.need_dalpha:
+            if static.need_dalpha:
                 dalpha = dalpha + deps.sum((0, 3, 4))
-            if cfg.need_dspan:
+            if static.need_dspan:
                 dspan = dspan + (dm * _span.mask_slope(m, call.ramp)).sum((0, 3, 4))
-            if cfg.need_dramp:
+            if static.need_dramp:
                 dramp = dramp + (dm * _span.ramp_slope(m, call.ramp)).sum()
             return dq_t, dk, dv, dalpha, dspan, dramp
 
         dq_t, dk, dv, dalpha, dspan, dramp = _loop(
             k_lo, k_hi, second, (jnp.zeros(rows + (D,), dtype), dk, dv, dalpha, dspan, dramp), nk)
-        if cfg.need_dscale:  # s = scale (q . k): dL/dscale = sum dS (q . k) = sum q . (dS k)
+        if static.need_dscale:  # s = scale (q . k): dL/dscale = sum dS (q . k) = sum q . (dS k)
             dscale = dscale + (q_clean * dq_t).sum()
         return (dk, dv, dalpha, dspan, dscale, dramp), call.scale * dq_t
 
@@ -421,20 +415,20 @@ _backward_jit = jax.jit(_backward, static_argnums=0)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(cfg, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
-    return _forward_jit(cfg.forward_part(), q, k, v, alpha, span, causal, ramp, scale, lengths, positions,
+def _core(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
+    return _forward_jit(static.forward_part(), q, k, v, alpha, span, causal, ramp, scale, lengths, positions,
                         n_rows)[0]
 
 
-def _core_fwd(cfg, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
-    out, c = _forward_jit(cfg.forward_part(), q, k, v, alpha, span, causal, ramp, scale, lengths, positions,
+def _core_fwd(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
+    out, c = _forward_jit(static.forward_part(), q, k, v, alpha, span, causal, ramp, scale, lengths, positions,
                           n_rows)
     return out, (c, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows)
 
 
-def _core_bwd(cfg, residuals, dout):
+def _core_bwd(static, residuals, dout):
     _, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows = residuals
-    dq, dk, dv, dalpha, dspan, dscale, dramp = _backward_jit(cfg, residuals, dout)
+    dq, dk, dv, dalpha, dspan, dscale, dramp = _backward_jit(static, residuals, dout)
     # ramp and scale given as Python numbers are constants: their cotangents are dropped.
     return (dq, dk, dv, dalpha, None if span is None else dspan, _integer_zeros(causal), dramp.astype(ramp.dtype),
             dscale.astype(scale.dtype), _integer_zeros(lengths), _integer_zeros(positions), _integer_zeros(n_rows))
@@ -475,7 +469,7 @@ def _per_head(value, H, dtype):
 
 
 def _offsets(q_offset, B, Lq, Lk, pdt):
-    limit = POSITION_LIMIT[jnp.dtype(pdt).name]
+    limit = geometry.POSITION_LIMITS[jnp.dtype(pdt).name]
     if q_offset is None:
         return jnp.full((B,), Lk - Lq, pdt)
     if isinstance(q_offset, Integral):
@@ -496,7 +490,7 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     dtype = compute_dtype(q.dtype)
     pdt = position_dtype()
     padded, (tq, tk) = plan(B, H, Lq, Lk, D, Dv, tile_q, tile_k)
-    cfg = Config(
+    static = StaticArgs(
         has_span=span is not None,
         softmax_only=_is_number(alpha) and float(alpha) == 1.0,
         need_dalpha=not _is_number(alpha),
@@ -514,6 +508,6 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
                else jnp.clip(jnp.asarray(key_lengths).astype(pdt).reshape(B), 0, Lk))
     positions = _offsets(q_offset, B, Lq, Lk, pdt)
     qp, kp, vp = _prepare(q, k, v, jnp.dtype(dtype).name, padded)
-    out = _core(cfg, qp, kp, vp, alpha_h, span_h, jnp.asarray(bool(causal)), jnp.asarray(ramp, dtype),
+    out = _core(static, qp, kp, vp, alpha_h, span_h, jnp.asarray(bool(causal)), jnp.asarray(ramp, dtype),
                 jnp.asarray(scale, dtype), lengths, positions, jnp.asarray(Lq, jnp.int32))
     return _finish(out, (B, H, Lq, Dv), jnp.dtype(q.dtype).name)

@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# psi(eps, t) switches to its series below |eps t| < threshold (SPEC.md 4.3): float64 with 12
-# terms (error ~1e-24 at the switch), float32 with 16 terms up to 0.3 (error ~1e-8).
-SERIES = {"float64": (1e-2, 12), "float32": (0.3, 16)}
+from attnspec import formulas
+
 #: Newton steps at most (each also halves the bracket when Newton would leave it).
 ITERATIONS = {"float64": 60, "float32": 40}
 
@@ -27,11 +26,7 @@ def safe_eps(eps):
 
 def log_ratio(t, eps):
     """log(p/m) = log1p(eps t)/eps, t where eps = 0; -inf where eps t <= -1 (and where t = -inf)."""
-    x = eps * t
-    inside = x > -1
-    value = jnp.log1p(jnp.where(inside, x, 0.0)) / safe_eps(eps)
-    value = jnp.where(eps > 0, value, t)
-    return jnp.where(inside | (eps == 0), value, -jnp.inf)
+    return formulas.log_ratio(t, eps, jnp)
 
 
 def one_alone(s, m, eps):
@@ -112,18 +107,7 @@ def solve(sums, lo, hi, nonempty, iterations):
 
 def psi(t, eps):
     """d/d eps of log1p(eps t)/eps, with its series where |eps t| is small (SPEC.md 4.3)."""
-    threshold, terms = SERIES["float64" if t.dtype == jnp.float64 else "float32"]
-    x = eps * t
-    small = jnp.abs(x) < threshold
-    xs = jnp.where(small, x, 0.0)
-    series = jnp.zeros_like(x)
-    for k in range(terms + 1, 1, -1):
-        series = series * xs + ((-1.0) ** (k + 1)) * (k - 1) / k
-    series = series * t * t
-    xd = jnp.where(small, 0.0, x)
-    safe = safe_eps(eps)
-    direct = (xd / (1 + xd) - jnp.log1p(xd)) / (safe * safe)
-    return jnp.where(small, series, direct)
+    return formulas.psi(t, eps, jnp, "float64" if t.dtype == jnp.float64 else "float32")
 
 
 def weights(p, t, eps):

@@ -9,13 +9,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-#: Positions (i + q_offset) are int32 unless jax_enable_x64 is on; offsets are clamped to this
-#: so that i + o - j cannot overflow. Exact for causal; for a span, exact unless z + R exceeds
-#: 2**29 - Lk (beyond float32's integer range anyway).
-POSITION_LIMIT = {"int32": 2**29, "int64": 2**60}
+from attnspec import geometry
 
 
 def position_dtype():
+    """Positions (i + q_offset) are int32 unless jax_enable_x64 is on; offsets are clamped to
+    geometry.POSITION_LIMITS for that integer dtype."""
     return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
 
 
@@ -42,10 +41,28 @@ def ramp_slope(m, ramp):
     return jnp.where((m > 0) & (m < 1), (1 - m) / ramp, 0.0).astype(m.dtype)
 
 
-def reach(span, ramp, dtype):
-    """The largest fl(R + z) over heads, as computed by soft_mask: keys at |d| >= it have
-    fl(fl(R + z) - |d|) <= 0 (rounding is monotone), so m = 0 there exactly."""
-    return jnp.max(ramp + span.astype(dtype))
+def reach(span, ramp, dtype, limit):
+    """attnspec.geometry.reach, traced: ceil of the largest fl(R + z) over heads, formed as
+    soft_mask forms it (keys at |d| >= it have m = 0 exactly), clamped to `limit` (see
+    geometry.POSITION_LIMITS) and returned in `dtype`, the positions' integer dtype."""
+    total = jnp.max(ramp + span.astype(ramp.dtype))
+    return jnp.ceil(jnp.clip(total, 0, limit)).astype(dtype)
+
+
+def key_window(first_row, stop_row, Lk, positions, causal, reach, lengths):
+    """attnspec.geometry.key_window, traced, with the same formula: [lo, hi) holding every key
+    that rows first_row .. stop_row - 1 of any batch entry may read. positions [B] (q_offset),
+    lengths [B] (key_lengths, Lk where absent), causal a traced bool, reach None without span."""
+    first = first_row + jnp.min(positions)  # smallest position among the rows
+    last = stop_row - 1 + jnp.max(positions)  # largest
+    lo = jnp.zeros((), positions.dtype)
+    hi = jnp.minimum(Lk, jnp.max(lengths))
+    hi = jnp.where(causal, jnp.minimum(hi, last + 1), hi)  # j <= position
+    if reach is not None:  # |position - j| < reach
+        lo = jnp.maximum(lo, first - reach + 1)
+        hi = jnp.minimum(hi, last + reach)
+    lo = jnp.clip(lo, 0, Lk)
+    return lo, jnp.clip(hi, lo, Lk)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +79,7 @@ def span_mask(Lq, Lk, span, ramp, q_offset=None):
     dtype = span.dtype if jnp.issubdtype(span.dtype, jnp.floating) else jnp.result_type(float)
     z = span.astype(dtype)
     pdt = position_dtype()
-    limit = POSITION_LIMIT[jnp.dtype(pdt).name]
+    limit = geometry.POSITION_LIMITS[jnp.dtype(pdt).name]
     offsets = jnp.clip(jnp.asarray(Lk - Lq if q_offset is None else q_offset).astype(pdt), -limit, limit)
     d = (offsets[..., None, None] + jnp.arange(Lq, dtype=pdt)[:, None]) - jnp.arange(Lk, dtype=pdt)[None, :]
     d = d.reshape(d.shape[:-2] + (1,) * z.ndim + d.shape[-2:])  # the head axis before [Lq, Lk]

@@ -9,16 +9,15 @@ None. Grouped-query heads are handled by viewing q as [B, Hkv, G, Lq, D] against
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 
+from attnspec import geometry
+from attnspec.backends._torch_op import compute_dtype
+
 from . import entmax as _entmax
 from . import span as _span
-
-
-def compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _grouped(x, Hkv):
@@ -111,41 +110,37 @@ def backward(grad_out, p, t, m, q, k, v, alpha, span, ramp, causal, key_lengths,
 #: Elements of one [B, H, tile, window] block (several such buffers live at once), and the
 #: smallest tile (tests lower them to force many tiles on small inputs). An entmax tile runs
 #: dozens of small operations (the solve on its compacted rows), so fewer, larger tiles pay;
-#: a softmax tile is a few passes over the block, faster while the block stays in cache.
-#: Measured, 2 threads, forward + backward (B=1, H=4, D=64, causal), block 2^17/2^18/2^19/2^20:
-#: alpha = 1.5, L = 4096: 1.60/1.17/0.94/0.76 s; alpha = 1, L = 2048: 0.19/0.15/0.16/0.16 s;
-#: alpha = 1, span 256, L = 4096: 0.19/0.21/0.28/0.38 s. 2^20 would cost entmax calls memory.
+#: a softmax tile is a few passes over the block, faster while the block stays in cache. Both
+#: sizes are the fastest forward + backward of blocks from 2^17 to 2^20 elements on CPU,
+#: except that entmax stops short of 2^20, which would cost its calls memory.
 BLOCK_ELEMENTS = 1 << 19
 SOFTMAX_BLOCK_ELEMENTS = 1 << 18
 MIN_TILE = 16
 
 
-def _limits(span, ramp, key_lengths, q_offset):
-    """The numbers _window and _block need, read from the tensors once per call: (smallest
-    offset, largest offset, longest key_lengths or None, span reach z + R or None, shortest
-    key_lengths or None)."""
+class _Bounds(NamedTuple):
+    """What the key windows of a call depend on, read from its tensors once (each read syncs)."""
+
+    first_offset: int  # smallest q_offset over the batch
+    last_offset: int  # largest
+    max_length: int | None  # longest key_lengths, None without
+    min_length: int | None  # shortest
+    reach: int | None  # geometry.reach over the heads, None without span
+
+
+def _bounds(span, ramp, key_lengths, q_offset):
     offsets = q_offset.tolist()
-    max_length = None if key_lengths is None else int(key_lengths.max())
-    min_length = None if key_lengths is None else int(key_lengths.min())
-    reach = None if span is None else float(span.max()) + ramp
-    return min(offsets), max(offsets), max_length, reach, min_length
+    lengths = None if key_lengths is None else key_lengths.tolist()
+    # span is in the compute dtype, where soft_mask forms R + z: reach rounds the same way.
+    reach = None if span is None else geometry.reach(span.tolist(), ramp, str(span.dtype).removeprefix("torch."))
+    return _Bounds(min(offsets), max(offsets), None if lengths is None else max(lengths),
+                   None if lengths is None else min(lengths), reach)
 
 
-def _window_within(i0, i1, Lk, causal, limits):
-    first_offset, last_offset, max_length, reach, _ = limits
-    first, last = i0 + first_offset, i1 - 1 + last_offset  # positions of the tile's rows
-    j0, j1 = 0, Lk
-    if max_length is not None:
-        j1 = min(j1, max_length)
-    if causal:
-        j1 = min(j1, last + 1)
-    if reach is not None:
-        # m = 0 once |d| >= z + R; one key of slack on each side absorbs the rounding of
-        # R + z in the compute dtype (the block's own mask decides exactly).
-        j0 = max(j0, int(math.floor(first - reach)))
-        if not causal:
-            j1 = min(j1, int(math.ceil(last + reach)) + 1)
-    return max(0, j0), max(0, min(Lk, j1))
+def _window_within(i0, i1, Lk, causal, bounds):
+    """geometry.key_window for rows i0..i1-1 from the call's bounds."""
+    return geometry.key_window(i0, i1, Lk, offsets=(bounds.first_offset, bounds.last_offset), causal=causal,
+                               reach=bounds.reach, key_lengths=bounds.max_length)
 
 
 def _window(i0, i1, Lk, span, ramp, causal, key_lengths, q_offset):
@@ -153,7 +148,7 @@ def _window(i0, i1, Lk, span, ramp, causal, key_lengths, q_offset):
     torch.compile (no data-dependent shapes) it is the whole key range."""
     if torch.compiler.is_compiling():
         return 0, Lk
-    return _window_within(i0, i1, Lk, causal, _limits(span, ramp, key_lengths, q_offset))
+    return _window_within(i0, i1, Lk, causal, _bounds(span, ramp, key_lengths, q_offset))
 
 
 def _sum_groups(x):
@@ -177,7 +172,7 @@ def _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset, softmax=Fals
         for i0 in range(0, Lq, tile):
             yield i0, min(Lq, i0 + tile), 0, Lk, 0
         return
-    limits = _limits(span, ramp, key_lengths, q_offset)
+    bounds = _bounds(span, ramp, key_lengths, q_offset)
     i0 = 0
     while i0 < Lq:
         # the tallest tile in [MIN_TILE, Lq - i0] whose block fits (its window only grows with T)
@@ -185,39 +180,37 @@ def _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset, softmax=Fals
         T = low
         while low <= high:
             middle = (low + high) // 2
-            j0, j1 = _window_within(i0, i0 + middle, Lk, causal, limits)
+            j0, j1 = _window_within(i0, i0 + middle, Lk, causal, bounds)
             if middle * (j1 - j0) <= elements:
                 T, low = middle, middle + 1
             else:
                 high = middle - 1
-        j0, j1 = _window_within(i0, i0 + T, Lk, causal, limits)
+        j0, j1 = _window_within(i0, i0 + T, Lk, causal, bounds)
         if j1 > j0:
-            yield i0, i0 + T, j0, j1, _masked_from(i0, j0, j1, span, causal, limits)
+            yield i0, i0 + T, j0, j1, _masked_from(i0, j0, j1, span, causal, bounds)
         i0 += T
 
 
-def _masked_from(i0, j0, j1, span, causal, limits):
+def _masked_from(i0, j0, j1, span, causal, bounds):
     """The first key of the window that some row of the tile may not read: keys before it are
     allowed for every row (causal: up to the tile's first position; key_lengths: below the
-    shortest), so _block masks only the rest, on a causal call the tile's diagonal square.
+    shortest), so _tile_scores masks only the rest, on a causal call the tile's diagonal square.
     With span every key needs its weight: the whole window."""
     if span is not None:
         return j0
-    first_offset, _, _, _, min_length = limits
     bound = j1
     if causal:
-        bound = min(bound, i0 + first_offset + 1)
-    if min_length is not None:
-        bound = min(bound, min_length)
+        bound = min(bound, i0 + bounds.first_offset + 1)
+    if bounds.min_length is not None:
+        bound = min(bound, bounds.min_length)
     return max(j0, bound)
 
 
 def _prepare(k, v, key_lengths, dtype, transpose_v):
     """Once per call: k and v in the compute dtype with padding keys zeroed (they may hold NaN,
     SPEC.md 5.3), and kT (and vT, for the backward) [B, Hkv, D, Lk] transposed into
-    contiguous copies: with transposed views a training step of a small-head model (D = 16,
-    L = 256) took 1.5x longer; at D = 64 both measured the same, and the peak memory at
-    L = 8192 too (the copies are not what sets it)."""
+    contiguous copies: transposed views slow the products of small heads (D = 16) down, and
+    the copies are not what sets the peak memory."""
     zero = torch.zeros((), dtype=dtype, device=k.device)
     kc, vc = k.to(dtype), v.to(dtype)
     if key_lengths is not None:
@@ -227,7 +220,7 @@ def _prepare(k, v, key_lengths, dtype, transpose_v):
     return kc, kc.transpose(-1, -2).contiguous(), vc, vc.transpose(-1, -2).contiguous() if transpose_v else None
 
 
-def _block(q, kT, i0, i1, j0, j1, masked_from, span, ramp, causal, key_lengths, q_offset, scale, dtype):
+def _tile_scores(q, kT, i0, i1, j0, j1, masked_from, span, ramp, causal, key_lengths, q_offset, scale, dtype):
     """Rows i0..i1-1 against keys j0..j1-1: (scores [B, H, T, W] holding -inf wherever a key
     is not allowed, m [B, H, T, W] or None without span, the query tile qt).
 
@@ -323,8 +316,10 @@ def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, sca
     _, kT, vc, _ = _prepare(k, v, key_lengths, dtype, transpose_v=False)
     out = torch.zeros((B, H, Lq, Dv), dtype=dtype, device=q.device)
     c = torch.zeros((B, H, Lq, 1), dtype=dtype, device=q.device)
-    for i0, i1, j0, j1, masked_from in _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset, _softmax_only(eps)):
-        scores, m, _ = _block(q, kT, i0, i1, j0, j1, masked_from, span, ramp, causal, key_lengths, q_offset, scale, dtype)
+    tiles = _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset, _softmax_only(eps))
+    for i0, i1, j0, j1, masked_from in tiles:
+        scores, m, _ = _tile_scores(q, kT, i0, i1, j0, j1, masked_from, span, ramp, causal, key_lengths, q_offset,
+                                    scale, dtype)
         p, c_tile = _entmax.solve_masked_rows(scores, m, eps)
         out[:, :, i0:i1] = torch.matmul(_grouped(p, Hkv), vc[:, :, None, j0:j1]).reshape(B, H, i1 - i0, Dv)
         c[:, :, i0:i1] = c_tile
@@ -343,9 +338,11 @@ def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths,
     dalpha = torch.zeros((H,), dtype=dtype, device=q.device)
     dspan = torch.zeros((H,), dtype=dtype, device=q.device)
     dout = grad_out.to(dtype)
-    for i0, i1, j0, j1, masked_from in _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset, _softmax_only(eps)):
+    tiles = _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset, _softmax_only(eps))
+    for i0, i1, j0, j1, masked_from in tiles:
         T, W = i1 - i0, j1 - j0
-        scores, m, qt = _block(q, kT, i0, i1, j0, j1, masked_from, span, ramp, causal, key_lengths, q_offset, scale, dtype)
+        scores, m, qt = _tile_scores(q, kT, i0, i1, j0, j1, masked_from, span, ramp, causal, key_lengths, q_offset,
+                                     scale, dtype)
         dout_t = dout[:, :, i0:i1]
         g = torch.matmul(_grouped(dout_t, Hkv), vT[:, :, None, :, j0:j1]).reshape(B, H, T, W)
         p, ds, deps, dspan_rows = _rows_vjp(scores, m, eps, c[:, :, i0:i1], g, alpha_grad, ramp)

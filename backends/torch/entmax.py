@@ -6,8 +6,8 @@ rows with eps = 0 take softmax(s + log m) instead):
 
 - solve_rows, written without data-dependent Python branches so that it traces under
   torch.compile: Newton on log sum p, safeguarded by a bisection bracket, for a capped number
-  of steps per dtype (Newton from the tight lower bracket converged in <= 9 steps on every row
-  we measured). The stand-alone entmax op and compiled attention use it.
+  of steps per dtype (Newton from the tight lower bracket needs far fewer than the cap). The
+  stand-alone entmax op and compiled attention use it.
 - solve_masked_rows, the eager tiled attention's: a closed-form lower bound rules out most
   keys, and Newton from below on sum p - 1 (convex: it never overshoots) runs on the rest
   only, compacted; see its docstring.
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from attnspec import formulas
+
 ITERATIONS = {torch.float64: 40, torch.float32: 24}
 #: The safeguarded solve's cap when it finishes what Newton from below did not (_bracketed).
 BRACKETED_ITERATIONS = {torch.float64: 80, torch.float32: 48}
-# psi(eps, t) switches to its series below |eps t| < threshold (SPEC.md section 4.3).
-SERIES = {torch.float64: (1e-2, 12), torch.float32: (0.3, 16)}
 
 
 def _safe_eps(eps):
@@ -30,12 +30,7 @@ def _safe_eps(eps):
 
 def log_ratio(t, eps):
     """log(p/m) = log1p(eps t)/eps (t where eps = 0); -inf where eps t <= -1."""
-    safe = _safe_eps(eps)
-    x = eps * t
-    inside = x > -1
-    value = torch.log1p(torch.where(inside, x, 0.0)) / safe
-    value = torch.where(eps > 0, value, t)
-    return torch.where(inside | (eps == 0), value, -torch.inf)
+    return formulas.log_ratio(t, eps, torch)
 
 
 def compact(candidates):
@@ -105,8 +100,8 @@ def _lower_bound(chunk_top, chunk_weight, safe):
     score: a is the k-th largest score and w the smallest weight among those k keys; the best
     of k = 1..BOUND_KEYS is taken, and, with weights, each top key alone (k = 1 with its own
     weight: a small weight among the highest scores weakens the k-key bounds, not this one).
-    A top-k over n / CHUNK maxima: an iterated bound (Newton on the chunk maxima) was 2x
-    tighter but cost twice the whole solve that follows it."""
+    A top-k over n / CHUNK maxima: an iterated bound (Newton on the chunk maxima) is tighter
+    but costs more than the whole solve that follows it."""
     k = min(BOUND_KEYS, chunk_top.shape[-1])
     a, order = torch.topk(chunk_top, k, dim=-1)  # descending
     log_kw = torch.log(torch.arange(1, k + 1, dtype=chunk_top.dtype, device=chunk_top.device))
@@ -181,8 +176,8 @@ def solve_masked_rows(s, m, eps):
     if not compiling and not bool((eps > 0).any()):
         return softmax_rows(s, m)
     if not compiling and bool((eps > 0).all()):
-        # Always compacted, even when K is most of n: the in-place solve was 10x slower on
-        # span tiles whose candidates were half the window (Newton on [..., K] from c0 needs
+        # Always compacted, even when K is most of n: the in-place solve is far slower even on
+        # span tiles whose candidates are half the window (Newton on [..., K] from c0 needs
         # few steps; the log-space solve with bisection on [..., n] many more, each dearer).
         n = s.shape[-1]
         chunk_top, chunk_weight = _chunk_maxima(s, m)
@@ -197,9 +192,8 @@ def solve_masked_rows(s, m, eps):
         c, converged = _newton_from_below(shifted, m_k, safe, c0 - top, PRUNE_AFTER)
         if not converged:
             # Each iterate is a tighter lower bound than c0: prune the candidates again. K is
-            # the largest count over the rows, and a few rows with a loose c0 set it (at
-            # span 256 the mean count was 35 and K 130 to 190); after two steps K is close
-            # to the largest support.
+            # the largest count over the rows, and a few rows with a loose c0 set it, far
+            # above the mean count; after two steps K is close to the largest support.
             index_k, valid = compact(shifted > c - 1 / safe - _margin(c, safe))
             if index_k.shape[-1] < index.shape[-1]:
                 index = index.gather(-1, index_k)
@@ -224,7 +218,7 @@ def solve_masked_rows(s, m, eps):
 def _solve_mixed_rows(s, m, eps):
     """solve_masked_rows for calls where alpha = 1 in some rows only (e.g. per-head alpha with
     a softmax head): the softmax rows and the others are gathered apart and each set takes its
-    own fast path (the in-place solve of both kinds at once was 5x slower)."""
+    own fast path (solving both kinds in place at once is slower)."""
     rows = s.shape[:-1]
     softmax = (eps == 0).expand(rows + (1,))[..., 0]
     flat_m = None if m is None else m.expand(s.shape)
@@ -376,18 +370,7 @@ def probabilities(s, m, eps, allowed, c):
 
 def psi(t, eps):
     """d/d eps of log1p(eps t)/eps, with its series where |eps t| is small (SPEC.md 4.3)."""
-    threshold, terms = SERIES.get(t.dtype, SERIES[torch.float32])
-    x = eps * t
-    small = x.abs() < threshold
-    xs = torch.where(small, x, torch.zeros_like(x))
-    series = torch.zeros_like(x)
-    for k in range(terms + 1, 1, -1):
-        series = series * xs + ((-1.0) ** (k + 1)) * (k - 1) / k
-    series = series * t * t
-    safe = _safe_eps(eps)
-    xd = torch.where(small, torch.zeros_like(x), x)
-    direct = (xd / (1 + xd) - torch.log1p(xd)) / (safe * safe)
-    return torch.where(small, series, direct)
+    return formulas.psi(t, eps, torch, "float64" if t.dtype == torch.float64 else "float32")
 
 
 def vjp_rows(p, t, eps, g, need_eps=True):

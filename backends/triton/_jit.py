@@ -1,7 +1,7 @@
 """`device_function`: triton.jit for the kernels' helper functions, cheaper under the interpreter.
 
 Compiled (a GPU), it is triton.jit. Under TRITON_INTERPRET=1 every call of a jitted helper
-re-patches triton.language (inspect.getmembers over it, ~3 ms a call), which made helpers
+re-patches triton.language (inspect.getmembers over it, on every call), which made helpers
 the interpreter's main cost. The kernel launch has patched triton.language already for its
 whole run, so a helper can run its rewritten body directly. If an interpreter of another
 Triton version lacks that method, the helper keeps the ordinary (slower) path.

@@ -79,6 +79,28 @@ def _load_rows(base, offs, rows, offs_d, width):
                    mask=(offs < rows)[:, None] & (offs_d < width)[None, :], other=0.0)
 
 
+@device_function
+def _batch_entry(Offsets, Lengths, b, Lk, HAS_LENGTHS: tl.constexpr):
+    """(q_offset, key length) of batch entry b."""
+    offset = tl.load(Offsets + b)
+    if HAS_LENGTHS:
+        kv_len = tl.load(Lengths + b)
+    else:
+        kv_len = Lk
+    return offset, kv_len
+
+
+@device_function
+def _head(Alpha, Span, h, HAS_SPAN: tl.constexpr):
+    """(eps = alpha - 1, span z) of head h; z = 0 without span (then unused)."""
+    eps = tl.load(Alpha + h) - 1.0
+    if HAS_SPAN:
+        z = tl.load(Span + h)
+    else:
+        z = 0.0
+    return eps, z
+
+
 @triton.jit
 def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, Passes,
                     scale, ramp, H, G, Lq, Lk, D, Dv, n_qt, n_kt,
@@ -99,19 +121,11 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
     q = _load_rows(Q + bh.to(tl.int64) * Lq * D, offs_m, Lq, offs_d, D)
     k_base = K + kv.to(tl.int64) * Lk * D
     v_base = V + kv.to(tl.int64) * Lk * Dv
-    offset = tl.load(Offsets + b)
-    if HAS_LENGTHS:
-        kv_len = tl.load(Lengths + b)
-    else:
-        kv_len = Lk
-    eps = tl.load(Alpha + h) - 1.0
-    if HAS_SPAN:
-        z = tl.load(Span + h)
-    else:
-        z = 0.0
-    first = pid_m * BLOCK_M + offset
-    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) - 1 + offset
-    lo, hi = _span.key_window(first, last, kv_len, z, ramp, HAS_SPAN, CAUSAL, BLOCK_N)
+    offset, kv_len = _batch_entry(Offsets, Lengths, b, Lk, HAS_LENGTHS)
+    eps, z = _head(Alpha, Span, h, HAS_SPAN)
+    first_row = pid_m * BLOCK_M
+    lo, hi = _span.key_window(first_row, tl.minimum(first_row + BLOCK_M, Lq), offset, kv_len, z, ramp, HAS_SPAN,
+                              CAUSAL, BLOCK_N)
     bits = Bits + bh.to(tl.int64) * n_qt * n_kt + pid_m * n_kt
     neg_inf = float("-inf")
 
@@ -146,7 +160,7 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
         top = tl.where(nonempty, run_max, 0.0)
         c = tl.where(nonempty, tl.log(safe_total), 0.0)
         psum = tl.where(nonempty, 1.0, 0.0)
-        passes = first * 0 + 1
+        passes = offset * 0 + 1
     else:
         # Pass 0: the bracket of SPEC.md 2.4, c_lo = max_j [s_j - expm1(-eps log m_j)/eps] (p_j = 1
         # there), c_hi = max s - expm1(-eps log sum m)/eps; candidate tiles for the running c_lo.
@@ -262,19 +276,11 @@ def _backward_dq_kernel(Q, K, V, C, Bits, DO, DQ, GBar, DAlpha, DSpan, Alpha, Sp
     c = tl.load(C + (bh.to(tl.int64) * Lq + offs_m) * 2 + 1, mask=row_ok, other=0.0)
     k_base = K + kv.to(tl.int64) * Lk * D
     v_base = V + kv.to(tl.int64) * Lk * Dv
-    offset = tl.load(Offsets + b)
-    if HAS_LENGTHS:
-        kv_len = tl.load(Lengths + b)
-    else:
-        kv_len = Lk
-    eps = tl.load(Alpha + h) - 1.0
-    if HAS_SPAN:
-        z = tl.load(Span + h)
-    else:
-        z = 0.0
-    first = pid_m * BLOCK_M + offset
-    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) - 1 + offset
-    lo, hi = _span.key_window(first, last, kv_len, z, ramp, HAS_SPAN, CAUSAL, BLOCK_N)
+    offset, kv_len = _batch_entry(Offsets, Lengths, b, Lk, HAS_LENGTHS)
+    eps, z = _head(Alpha, Span, h, HAS_SPAN)
+    first_row = pid_m * BLOCK_M
+    lo, hi = _span.key_window(first_row, tl.minimum(first_row + BLOCK_M, Lq), offset, kv_len, z, ramp, HAS_SPAN,
+                              CAUSAL, BLOCK_N)
     bits = Bits + bh.to(tl.int64) * n_qt * n_kt + pid_m * n_kt
 
     wgk = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
@@ -337,27 +343,19 @@ def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengt
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offset = tl.load(Offsets + b)
-    if HAS_LENGTHS:
-        kv_len = tl.load(Lengths + b)
-    else:
-        kv_len = Lk
+    offset, kv_len = _batch_entry(Offsets, Lengths, b, Lk, HAS_LENGTHS)
     # Keys at j >= kv_len load as zeros and get exactly zero gradients (SPEC.md 5.3).
     kt = _load_rows(K + bkv.to(tl.int64) * Lk * D, offs_n, kv_len, offs_d, D)
     vt = _load_rows(V + bkv.to(tl.int64) * Lk * Dv, offs_n, kv_len, offs_dv, Dv)
     first_key = pid_n * BLOCK_N
-    last_key = tl.minimum(first_key + BLOCK_N, kv_len) - 1
+    stop_key = tl.minimum(first_key + BLOCK_N, kv_len)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, dtype=tl.float32)
     for g_i in range(0, G):
         h = kvh * G + g_i
         bh = b * H + h
-        eps = tl.load(Alpha + h) - 1.0
-        if HAS_SPAN:
-            z = tl.load(Span + h)
-        else:
-            z = 0.0
-        lo, hi = _span.query_window(first_key, last_key, offset, Lq, z, ramp, HAS_SPAN, CAUSAL, BLOCK_M)
+        eps, z = _head(Alpha, Span, h, HAS_SPAN)
+        lo, hi = _span.query_window(first_key, stop_key, offset, Lq, z, ramp, HAS_SPAN, CAUSAL, BLOCK_M)
         hi = tl.where(first_key < kv_len, hi, 0)
         bits = Bits + bh.to(tl.int64) * n_qt * n_kt + pid_n
         for start in range(lo, hi, BLOCK_M):
@@ -392,7 +390,7 @@ def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengt
 
 # --- launch code ----------------------------------------------------------------------------
 
-def _block(n: int) -> int:
+def _padded_width(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
@@ -428,7 +426,7 @@ def _common(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
                 n_qt=triton.cdiv(Lq, cfg.block_m), n_kt=triton.cdiv(Lk, cfg.block_n))
     flags = dict(HAS_SPAN=span is not None, CAUSAL=bool(causal), HAS_LENGTHS=key_lengths is not None,
                  F32=q.dtype == torch.float32, UPCAST=INTERPRETED, LIBDEVICE=not INTERPRETED,
-                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv))
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_padded_width(D), BLOCK_DV=_padded_width(Dv))
     return cfg, offsets, lengths, alpha32, span32, args, flags
 
 

@@ -87,6 +87,9 @@ def psi(t, eps):
     above (error ~4 * 2^-23 / 0.3 ~ 2e-6; SPEC.md 4.3). There x is far from 0, so tl.log(1 + x)
     is accurate enough for log1p(x)."""
     x = eps * t
+    # The switch and the coefficients are attnspec.precision's PSI_SERIES["float32"] and
+    # psi_series_coefficients(16), written out as literals (a kernel reads no Python globals);
+    # tests/test_geometry.py holds them equal.
     small = tl.abs(x) < 0.3
     xs = tl.where(small, x, 0.0)
     # Horner, coefficients (-1)^(k+1) (k-1)/k for k = 17 down to 2.

@@ -2,57 +2,66 @@
 Triton device functions.
 
 m = clip(((R + z) - |d|) / R, 0, 1) in float32, in that order (the division correctly rounded,
-as the reference's); dm/dz = 1/R strictly inside (0, 1). Positions are int32: the launch code
-clamps q_offset to +-2^29 and the reach R + z to 2^29, far beyond any context length, so that
-no sum below overflows.
+as the reference's); dm/dz = 1/R strictly inside (0, 1). `reach`, `key_window` and
+`query_window` are attnspec.geometry's functions of the same names, with the same formulas,
+on the kernels' int32 positions. The launch code clamps q_offset to +-POSITION_LIMIT and
+`reach` clamps R + z to it, far beyond any context length, so that no sum below overflows.
 """
 
 from __future__ import annotations
 
 import triton.language as tl
 
+from attnspec import geometry
+
 from ._jit import device_function
 
 #: Largest |q_offset| and span reach the kernels represent (int32 sums stay below 2^31).
-POSITION_LIMIT = 1 << 29
+POSITION_LIMIT = geometry.POSITION_LIMITS["int32"]
 
 
 @device_function
 def reach(z, ramp):
-    """An int32 r with m = 0 for every |d| >= r: m > 0 needs |d| < R + z, so floor(R + z) + 1."""
-    return tl.minimum(ramp + z, 536870912.0).to(tl.int32) + 1
+    """geometry.reach: ceil(fl(R + z)) as an int32, with R + z formed as mask_block forms it, so
+    that m = 0 for every |d| >= it; R + z is clamped to POSITION_LIMIT (2^29, the literal)."""
+    total = tl.minimum(ramp + z, 536870912.0)
+    r = total.to(tl.int32)  # floor: total >= 0
+    return r + (r.to(tl.float32) < total).to(tl.int32)
 
 
 @device_function
-def key_window(first_pos, last_pos, kv_len, z, ramp, HAS_SPAN: tl.constexpr, CAUSAL: tl.constexpr,
+def key_window(first_row, stop_row, offset, kv_len, z, ramp, HAS_SPAN: tl.constexpr, CAUSAL: tl.constexpr,
                BLOCK_N: tl.constexpr):
-    """[lo, hi): the keys that query positions first_pos..last_pos may read (lo a multiple of
-    BLOCK_N so that key tiles keep fixed indices). The block masks decide exactly."""
-    lo = first_pos * 0
-    hi = kv_len
-    if CAUSAL:
-        hi = tl.minimum(hi, last_pos + 1)
-    if HAS_SPAN:
+    """geometry.key_window for rows first_row .. stop_row - 1 of one batch entry: [lo, hi), lo
+    rounded down to a multiple of BLOCK_N so that key tiles keep fixed indices. The block
+    masks decide exactly."""
+    first = first_row + offset  # position of the first row
+    last = stop_row - 1 + offset  # of the last
+    lo = first * 0
+    hi = kv_len + lo
+    if CAUSAL:  # j <= position
+        hi = tl.minimum(hi, last + 1)
+    if HAS_SPAN:  # |position - j| < reach
         r = reach(z, ramp)
-        lo = tl.maximum(lo, first_pos - r)
-        if not CAUSAL:
-            hi = tl.minimum(hi, last_pos + r + 1)
+        lo = tl.maximum(lo, first - r + 1)
+        hi = tl.minimum(hi, last + r)
     lo = (lo // BLOCK_N) * BLOCK_N
     return lo, hi
 
 
 @device_function
-def query_window(first_key, last_key, offset, Lq, z, ramp, HAS_SPAN: tl.constexpr, CAUSAL: tl.constexpr,
+def query_window(first_key, stop_key, offset, Lq, z, ramp, HAS_SPAN: tl.constexpr, CAUSAL: tl.constexpr,
                  BLOCK_M: tl.constexpr):
-    """[lo, hi): the query rows that may read keys first_key..last_key (lo a multiple of BLOCK_M)."""
+    """geometry.query_window: [lo, hi), the query rows that may read keys first_key ..
+    stop_key - 1 (lo rounded down to a multiple of BLOCK_M)."""
     lo = offset * 0
     hi = Lq + lo
     if CAUSAL:  # position i + offset >= first_key
         lo = tl.maximum(lo, first_key - offset)
-    if HAS_SPAN:
+    if HAS_SPAN:  # |i + offset - j| < reach for some key j of the range
         r = reach(z, ramp)
-        lo = tl.maximum(lo, first_key - r - offset)
-        hi = tl.minimum(hi, last_key + r + 1 - offset)
+        lo = tl.maximum(lo, first_key - r + 1 - offset)
+        hi = tl.minimum(hi, stop_key - 1 + r - offset)
     lo = (lo // BLOCK_M) * BLOCK_M
     return lo, hi
 
