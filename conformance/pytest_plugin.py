@@ -38,7 +38,8 @@ def skip_reason(report) -> str:
     """Why a cell was not checked, one clause per reason with the dtypes that gave it."""
     by_reason = {}
     for c in report.cells:
-        by_reason.setdefault(c.reason, []).append(c.dtype)
+        reason = "dtype not declared" if c.reason == f"dtype {c.dtype} not declared" else c.reason
+        by_reason.setdefault(reason, []).append(c.dtype)
     parts = []
     for reason, dtypes in by_reason.items():
         dtypes = [d for d in dtypes if d != "-"]

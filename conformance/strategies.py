@@ -79,12 +79,15 @@ class Sizes:
     large_share: the share of each cell's examples drawn at tile-crossing sizes.
     max_length: the longest Lq or Lk drawn. head_dims: the head dims drawn (as the kernel
     declares). max_scores: B*H*Lq*Lk of one example at most (batch and heads shrink first).
+    shapes: if given, tile-crossing shapes are sampled from these buckets instead of drawn
+    freely, so that compiled backends (jax.jit) compile a few shapes, not one per example.
     """
 
     large_share: float = 0.25
     max_length: int = 300
     head_dims: tuple = (16, 32, 40, 59, 64, 96, 111, 128)
     max_scores: int = 100_000
+    shapes: tuple | None = None  # fixed (B, H, Hkv, Lq, Lk, D, Dv) to sample instead of free draws
 
 
 #: Lengths ragged around the tile widths kernels use (16 .. 256), and the longer ones.
@@ -93,10 +96,25 @@ RAGGED_LENGTHS = (1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256
 #: (Lq, Lk) pairs of FlashAttention's own tests, and a few more with Lq != Lk.
 LENGTH_PAIRS = ((113, 203), (128, 217), (239, 1), (799, 3), (1023, 1024), (1, 300), (65, 17), (17, 129))
 
+#: The ci profile's tile-crossing buckets (B, H, Hkv, Lq, Lk, D, Dv), smallest first (shrinking
+#: goes there): ragged lengths around 16..256, FlashAttention's pairs, Lq != Lk, decoding,
+#: head dims 16..128 with D != Dv, GQA groups 1, 2, 4 and 8.
+CI_LARGE_SHAPES = (
+    (2, 2, 2, 15, 33, 59, 16),
+    (1, 2, 2, 17, 65, 40, 40),
+    (1, 2, 2, 239, 1, 32, 32),
+    (1, 2, 2, 1, 300, 64, 64),
+    (1, 8, 1, 1, 257, 16, 16),
+    (2, 4, 1, 63, 129, 111, 59),
+    (1, 4, 2, 113, 203, 64, 32),
+    (1, 2, 2, 128, 217, 96, 128),
+    (1, 1, 1, 300, 255, 128, 96),
+)
+
 PROFILE_SIZES = {
-    "ci": Sizes(),
-    "thorough": Sizes(large_share=0.35, max_length=1100,
-                      head_dims=(16, 32, 40, 59, 64, 96, 111, 128, 160, 192, 256), max_scores=1_500_000),
+    "ci": Sizes(shapes=CI_LARGE_SHAPES),
+    "thorough": Sizes(large_share=0.2, max_length=1100,
+                      head_dims=(16, 32, 40, 59, 64, 96, 111, 128, 160, 192, 256), max_scores=1_100_000),
 }
 
 
@@ -228,6 +246,17 @@ def _small_shape(draw, cell: Cell, features):
 
 def _large_shape(draw, cell: Cell, features, sizes: Sizes):
     """A tile-crossing shape: ragged lengths, real head dims, D != Dv, GQA groups 1-8."""
+    if sizes.shapes:
+        gqa = [b for b in sizes.shapes if b[1] != b[2]]
+        plain = [b for b in sizes.shapes if b[1] == b[2]]
+        if "gqa" in cell.required:
+            buckets = gqa
+        elif "q_offset" in cell.required:  # decoding first
+            buckets = sorted(sizes.shapes, key=lambda b: b[3] != 1) if "gqa" in features else \
+                sorted(plain, key=lambda b: b[3] != 1)
+        else:
+            buckets = list(sizes.shapes) if "gqa" in features else plain
+        return draw(st.sampled_from(buckets or plain or list(sizes.shapes)))
     gqa = "gqa" in features and ("gqa" in cell.required or draw(st.booleans()))
     group = draw(st.sampled_from([2, 4, 8])) if gqa else 1
     Hkv, B = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))

@@ -344,3 +344,10 @@ def test_example_kernel_passes_at_tile_crossing_sizes_and_its_tile_bug_is_caught
                                stop_on_first_failure=True, shrink=False)
     assert not report.passed and report.failures[0].check == "forward"
     assert "tile-crossing" in report.failures[0].example
+
+
+def test_plugin_rejects_an_unknown_dtype(pytester):
+    pytester.makepyfile(test_own="def test_own_things():\n    assert True\n")
+    result = pytester.runpytest_subprocess("--attnspec-backend=numpy", "--attnspec-dtype=fp32", "-p", "no:cacheprovider")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*--attnspec-dtype: invalid choice: 'fp32'*float32*"])
