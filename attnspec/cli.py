@@ -132,46 +132,66 @@ class _ProgressBar:
 
 def cmd_check(args) -> int:
     from . import conformance
+    from .conformance.runner import resolve_backend
+    from .errors import BackendUnavailableError
 
-    if args.backend == "all":
-        names = [s.name for s in list_backends() if s.available]
-        unavailable = [s for s in list_backends() if not s.available]
+    named = args.backend != "all"
+    if named:
+        try:
+            targets = [resolve_backend(args.backend)]
+        except (ValueError, BackendUnavailableError) as exc:
+            print(f"attnspec check: error: {exc}", file=sys.stderr)
+            return 2
+        unavailable = []
     else:
-        names, unavailable = [args.backend], []
+        targets = [s.name for s in list_backends() if s.available]
+        unavailable = [s for s in list_backends() if not s.available]
     reports = []
     progress = None if args.quiet else _ProgressBar()
     skipped = []
-    for name in names:
+    for target in targets:
+        name = getattr(target, "name", target)
         try:
-            report = conformance.check(name, profile=args.profile, dtypes=args.dtype, device=args.device,
+            report = conformance.check(target, profile=args.profile, dtypes=args.dtype, device=args.device,
                                        seed=args.seed, artifacts_dir=args.artifacts, progress=progress,
                                        examples=args.examples)
+        except BackendUnavailableError as exc:  # a named backend that cannot load: its cause, one line
+            print(f"attnspec check: error: {exc}", file=sys.stderr)
+            return 2
         except ValueError as exc:  # e.g. --device that this backend does not declare
-            if args.backend != "all":
+            if named:
                 print(f"attnspec check: error: {exc}", file=sys.stderr)
                 return 2
             skipped.append(f"{name}: not checked ({exc})")
             continue
         reports.append(report)
     print(conformance.format_table(reports))
-    for s in unavailable:
-        print(f"{s.name}: not checked, unavailable ({s.error})")
-    for line in skipped:
-        print(line)
     for report in reports:
         for failure in report.failures:
             print(f"\nFAIL {failure.backend} / {failure.cell} / {failure.dtype}: {failure.message}")
             print(f"  example: {failure.example}")
             if failure.snippet:
                 print("  reproduce:\n" + "\n".join("    " + line for line in failure.snippet.splitlines()))
+    print()
+    for report in reports:
+        print(report.summary())
+    for s in unavailable:
+        print(f"{s.name}: not checked: unavailable ({s.error})")
+    for line in skipped:
+        print(line)
+    checked = [r for r in reports if r.checked]
     seconds = sum(r.seconds for r in reports)
     passed = all(r.passed for r in reports)
-    print(f"\n{'PASSED' if passed else 'FAILED'}: {len(reports)} backend(s), profile {args.profile}, "
+    if not checked:
+        verdict, code = "NOTHING CHECKED", 1
+    else:
+        verdict, code = ("PASSED", 0) if passed else ("FAILED", 1)
+    print(f"\n{verdict}: {len(checked)} backend(s) checked, profile {args.profile}, "
           f"SPEC.md {SPEC_VERSION}, {seconds:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.to_dict() for r in reports], f, indent=2)
-    return 0 if passed else 1
+    return code
 
 
 def cmd_bench(args) -> int:
@@ -187,9 +207,12 @@ def main(argv=None) -> int:
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(run=cmd_info)
     check = sub.add_parser("check", help="run the conformance suite against backends")
-    check.add_argument("--backend", default="all", help="a backend name, or 'all' (default)")
-    check.add_argument("--profile", default="ci", choices=["ci", "thorough"])
-    check.add_argument("--dtype", action="append", help="only this dtype (repeatable)")
+    check.add_argument("--backend", default="all",
+                       help="a backend name, 'all' (default), or package.module:attr naming a Backend object")
+    check.add_argument("--profile", default="ci", choices=["ci", "thorough"],
+                       help="ci: fast, derandomised; thorough: more and larger examples (see docs/conformance.md)")
+    check.add_argument("--dtype", action="append", choices=["float16", "bfloat16", "float32", "float64"],
+                       help="only this dtype (repeatable)")
     check.add_argument("--device", help="device to run on, e.g. cuda (default: the backend's first)")
     check.add_argument("--seed", type=int, help="Hypothesis seed (default: ci is derandomised)")
     check.add_argument("--examples", type=int, help="examples per cell and dtype (default: the profile's)")

@@ -30,6 +30,10 @@ class CallInfo:
 
     features: names of the optional parts of SPEC.md the call uses (see FEATURES).
     sizes: named sizes, e.g. B, H, Hkv, Lq, Lk, D, Dv and scores = B*H*Lq*Lk for attention.
+    alpha: the call's alpha when it can be read cheaply (see `_arrays.concrete_value`): a float
+        for a scalar, the sorted distinct values (a tuple of floats) for an array; None when it
+        cannot be read (traced under jit or torch.compile, or on an accelerator without
+        ATTNSPEC_VALIDATE=full). A kernel that declares the alphas it runs refuses None.
     """
 
     op: str
@@ -38,14 +42,15 @@ class CallInfo:
     dtype: str
     features: frozenset = frozenset()
     sizes: dict = field(default_factory=dict)
+    alpha: float | tuple | None = None
 
     @classmethod
-    def _trusted(cls, op, array_type, device, dtype, features, sizes):
+    def _trusted(cls, op, array_type, device, dtype, features, sizes, alpha=None):
         """The validators' constructor: the frozen dataclass's __init__ sets each field through
         object.__setattr__, which costs more than the rest of a fast validation."""
         self = object.__new__(cls)
         self.__dict__.update(op=op, array_type=array_type, device=device, dtype=dtype, features=features,
-                             sizes=sizes)
+                             sizes=sizes, alpha=alpha)
         return self
 
 
@@ -308,11 +313,26 @@ def _check_offset_range(q_offset):
         raise ValueError(f"q_offset must lie in (-2**62, 2**62); got {value}")
 
 
-def _alpha_may_differ_from_one(alpha) -> bool:
+def _alpha_value(alpha):
+    """CallInfo.alpha: a float, the sorted distinct values of an array, or None (unreadable)."""
     if _is_number(alpha) or isinstance(alpha, (Integral, Real)):
-        return float(alpha) != 1.0
+        return float(alpha)
     value = _arrays.concrete_value(alpha)
-    return value is None or bool(np.any(np.asarray(value) != 1))
+    if value is None:
+        return None
+    value = np.asarray(value, dtype=np.float64)
+    if value.ndim == 0:
+        return float(value)
+    return tuple(float(a) for a in np.unique(value))
+
+
+def _may_differ_from_one(alpha_value) -> bool:
+    """From CallInfo.alpha: whether alpha may be other than 1 (unknown values may)."""
+    if alpha_value is None:
+        return True
+    if isinstance(alpha_value, float):
+        return alpha_value != 1.0
+    return any(a != 1.0 for a in alpha_value)
 
 
 def _fast_device(x, kind) -> str:
@@ -375,7 +395,7 @@ def _fast_attention(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, s
         features.add("grad")
     return CallInfo._trusted(
         "attention", kind, _fast_device(q, kind), dtype, frozenset(features),
-        dict(B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, scores=B * H * Lq * Lk),
+        dict(B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, scores=B * H * Lq * Lk), float(alpha),
     )
 
 
@@ -471,7 +491,8 @@ def validate_attention(
         _check_offset_range(q_offset)
 
     features = set()
-    if _alpha_may_differ_from_one(alpha):
+    alpha_value = _alpha_value(alpha)
+    if _may_differ_from_one(alpha_value):
         features.add("entmax")
     if _shape(alpha) == (H,):
         features.add("alpha_per_head")
@@ -501,6 +522,7 @@ def validate_attention(
         dtype=dtypes["q"],
         features=frozenset(features),
         sizes=dict(B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, scores=B * H * Lq * Lk),
+        alpha=alpha_value,
     )
 
 
@@ -543,7 +565,8 @@ def validate_entmax(x, alpha, *, axis=-1, weights=None) -> CallInfo:
     _check_devices({"x": x}, {"alpha": alpha, "weights": weights})
 
     features = set()
-    if _alpha_may_differ_from_one(alpha):
+    alpha_value = _alpha_value(alpha)
+    if _may_differ_from_one(alpha_value):
         features.add("entmax")
     if alpha_shape != ():
         features.add("alpha_array")
@@ -584,6 +607,7 @@ def validate_entmax(x, alpha, *, axis=-1, weights=None) -> CallInfo:
         dtype=dtype,
         features=frozenset(features),
         sizes=dict(n=shape[ax], elements=int(np.prod(shape))),
+        alpha=alpha_value,
     )
 
 

@@ -8,17 +8,34 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-class CheckFailed(AssertionError):
-    """A backend disagreed with the spec. `check` names what was checked ('forward', 'dq', ...)."""
+class ConformanceError(AssertionError):
+    """A backend disagreed with SPEC.md: raised by `attnspec.conformance.replay` (and by the
+    checks themselves). `check` names what was checked ('forward', 'dq', 'masked keys', ...)."""
 
     def __init__(self, check: str, message: str):
         self.check = check
         super().__init__(f"[{check}] {message}")
 
 
+#: The name the checks have always used.
+CheckFailed = ConformanceError
+
+
+class Refused(Exception):
+    """The kernel refused a drawn example through its own checks (`Kernel.extra_reasons`),
+    beyond what its Capabilities declare: the example is rejected and drawn again."""
+
+    def __init__(self, reasons):
+        self.reasons = list(reasons)
+        super().__init__("; ".join(self.reasons))
+
+
 @dataclass
 class Context:
-    """What a check needs: the backend under test and how to reach it, plus counters."""
+    """What a check needs: the backend under test and how to reach it, plus counters.
+
+    gradient_names: the inputs whose gradients the kernel provides (Kernel.gradients), the
+    only ones differentiated and checked; `checked` collects those that were compared."""
 
     backend: str
     kernel: object
@@ -26,7 +43,22 @@ class Context:
     dtype: str
     device: str
     gradients: bool = True  # check gradients (the backend has a way to differentiate)
-    counters: dict = field(default_factory=lambda: {"examples": 0, "gradient_checks": 0, "gradient_skips": 0})
+    gradient_names: frozenset = frozenset()
+    checked: set = field(default_factory=set)
+    refusals: dict = field(default_factory=dict)  # reason -> count
+    counters: dict = field(default_factory=lambda: {"examples": 0, "gradient_checks": 0, "gradient_skips": 0,
+                                                    "refused": 0, "large": 0})
+
+    def admit(self, call) -> None:
+        """Raise Refused if the kernel refuses this call through its own extra checks, and
+        CheckFailed if its declared capabilities exclude it (the suite drew outside them)."""
+        reasons = self.kernel.not_supported_reasons(call)
+        if not reasons:
+            return
+        if self.kernel.capabilities.reasons(call):
+            raise CheckFailed("drawn outside the declaration",
+                              "the suite drew a call the kernel's Capabilities exclude: " + "; ".join(reasons))
+        raise Refused(reasons)
 
 
 def assert_close(check: str, name: str, actual, expected, atol: float) -> None:

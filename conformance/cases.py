@@ -24,7 +24,8 @@ def _round_param(value, dtype):
 @dataclass
 class AttentionCase:
     """One attention call. alpha/span: Python floats or float64 arrays [H]; key_lengths and
-    q_offset: None, int or int64 arrays [B]. gradients=False marks cases built on a kink."""
+    q_offset: None, int or int64 arrays [B]. gradients=False marks cases built on a kink;
+    large=True those drawn at tile-crossing sizes."""
 
     q: np.ndarray
     k: np.ndarray
@@ -39,6 +40,7 @@ class AttentionCase:
     scale: object = None
     gradients: bool = True
     note: str = ""
+    large: bool = False  # tile-crossing sizes: the values and masked-key checks run on it
 
     op = "attention"
 

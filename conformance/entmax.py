@@ -8,11 +8,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from attnspec import api, reference
+from attnspec import api, reference, validation
 from attnspec.reference.entmax import solve_rows
 
 from . import tolerances
-from ._compare import Context, assert_close
+from ._compare import CheckFailed, Context, assert_close
 from .cases import EntmaxCase, round_to
 from .frameworks import GradientsUnsupported
 
@@ -23,11 +23,12 @@ def _call(ctx: Context, case: EntmaxCase, *, gradients: bool):
     if case.weights is not None:
         args["weights"] = fw.array(case.weights, ctx.dtype, ctx.device)
     static = {"axis": case.axis}
-    if not gradients:
+    ctx.admit(validation.validate_entmax(**args, **static))
+    wrt = [n for n in ("x", "alpha", "weights") if n in ctx.gradient_names and (n != "weights" or case.weights is not None)]
+    if not (gradients and wrt):
         return fw.to_numpy(api.entmax(**args, **static, backend=ctx.backend)), None
-    wrt = ["x", "alpha"] + (["weights"] if case.weights is not None else [])
-    out, grads = fw.vjp(ctx.kernel, args, static, fw.array(case.grad_out, ctx.dtype, ctx.device), wrt)
-    return fw.to_numpy(out), {n: fw.to_numpy(g) for n, g in grads.items()}
+    out, grads = fw.vjp(ctx.kernel, args, static, fw.array(case.grad_out, ctx.dtype, ctx.device), wrt, ctx.backend)
+    return fw.to_numpy(out), {n: None if g is None else fw.to_numpy(g) for n, g in grads.items()}
 
 
 def _atol(ctx, case):
@@ -44,7 +45,7 @@ def check_values(ctx: Context, case: EntmaxCase) -> None:
         out, grads = _call(ctx, rc, gradients=False)
     expected = reference.entmax(rc.x, rc.alpha, axis=rc.axis, weights=rc.weights)
     assert_close("forward", "p", out, expected, _atol(ctx, rc))
-    if not want:
+    if not (want and grads):
         return
     max_score = rc.max_score()
     s = np.moveaxis(rc.x, rc.axis, -1)
@@ -59,10 +60,15 @@ def check_values(ctx: Context, case: EntmaxCase) -> None:
     dx, dalpha, dweights = reference.entmax_vjp(rc.x, rc.alpha, rc.grad_out, axis=rc.axis, weights=rc.weights)
     floor = float(np.max(np.abs(rc.grad_out), initial=0.0))
     for name, ref_grad in (("x", dx), ("alpha", dalpha), ("weights", dweights)):
-        if ref_grad is None or name not in grads:
+        if name not in grads:
+            continue
+        if grads[name] is None:
+            raise CheckFailed("d" + name, f"the kernel provides d{name} (Kernel.gradients) but returned None")
+        if ref_grad is None:
             continue
         atol = tolerances.gradient_atol(ctx.dtype, max_score, ref_grad, floor)
         assert_close("d" + name, "d" + name, grads[name], ref_grad, atol)
+        ctx.checked.add(name)
 
 
 def check_shift_invariance(ctx: Context, case: EntmaxCase) -> None:

@@ -49,13 +49,20 @@ class NumpyFramework:
     def to_numpy(self, x):
         return np.asarray(np.asarray(x), dtype=np.float64)
 
-    def vjp(self, kernel, args: dict, static: dict, cotangent, wrt):
-        """(out, {name: gradient}) for the inputs named in wrt."""
-        out = kernel.fn(**args, **static)
+    def vjp(self, kernel, args: dict, static: dict, cotangent, wrt, backend):
+        """(out, {name: gradient or None}) for the inputs named in wrt: the op runs through the
+        dispatcher (backend=), its gradients come from the kernel's declared vjp."""
+        out = _op(kernel.op)(**args, **static, backend=backend)
         if kernel.vjp is None:
             raise GradientsUnsupported(f"the {kernel.op} kernel declares no vjp")
         grads = _numpy_vjp(kernel, args, static, cotangent)
-        return out, {name: grads[name] for name in wrt if grads.get(name) is not None}
+        return out, {name: grads.get(name) for name in wrt}
+
+
+def _op(name):
+    from attnspec import api
+
+    return getattr(api, name)
 
 
 def _numpy_vjp(kernel, args, static, cotangent):
@@ -106,7 +113,9 @@ class TorchFramework:
     def to_numpy(self, x):
         return x.detach().to(self.torch.float64).cpu().numpy()
 
-    def vjp(self, kernel, args: dict, static: dict, cotangent, wrt):
+    def vjp(self, kernel, args: dict, static: dict, cotangent, wrt, backend):
+        """(out, {name: gradient or None}): autograd through the op called with backend=, so
+        the dispatcher sees which inputs require gradients (and refuses what is undeclared)."""
         torch = self.torch
         args = dict(args)
         dtype = next(a.dtype for a in args.values() if isinstance(a, torch.Tensor))
@@ -121,10 +130,10 @@ class TorchFramework:
                 value = torch.tensor(float(value), dtype=compute, device=device)
             leaves[name] = value.detach().clone().requires_grad_(True)
             args[name] = leaves[name]
-        out = kernel.fn(**args, **static)
-        out.backward(cotangent)
-        grads = {n: (t.grad if t.grad is not None else torch.zeros_like(t)) for n, t in leaves.items()}
-        return out, grads
+        out = _op(kernel.op)(**args, **static, backend=backend)
+        if leaves:
+            out.backward(cotangent)
+        return out, {n: t.grad for n, t in leaves.items()}
 
 
 
@@ -180,7 +189,7 @@ class JaxFramework:
         return np.asarray(np.asarray(x, dtype=np.float32) if str(x.dtype) == "bfloat16" else np.asarray(x),
                           dtype=np.float64)
 
-    def vjp(self, kernel, args: dict, static: dict, cotangent, wrt):
+    def vjp(self, kernel, args: dict, static: dict, cotangent, wrt, backend):
         jnp = self.jnp
         dtype = next(a.dtype for a in args.values() if hasattr(a, "dtype"))
         compute = jnp.float64 if dtype == jnp.float64 else jnp.float32
@@ -190,8 +199,10 @@ class JaxFramework:
                 args[name] = jnp.asarray(float(args[name]), compute)
         names = [n for n in wrt if args.get(n) is not None]
 
+        op = _op(kernel.op)
+
         def fn(*values):
-            return kernel.fn(**{**args, **dict(zip(names, values))}, **static)
+            return op(**{**args, **dict(zip(names, values))}, **static, backend=backend)
 
         out, pullback = self.jax.vjp(fn, *[args[n] for n in names])
         grads = pullback(cotangent.astype(out.dtype))

@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 
 DTYPE_ORDER = ("float16", "bfloat16", "float32", "float64")
+#: How the report writes each gradient (z is the span).
+GRADIENT_SYMBOLS = {"q": "dq", "k": "dk", "v": "dv", "alpha": "dα", "span": "dz", "x": "dx", "weights": "dw"}
 
 
 @dataclass
@@ -36,6 +38,30 @@ class CellResult:
     gradient_checks: int = 0
     gradient_skips: int = 0
     failure: Failure | None = None
+    tile_crossing: int = 0  # of the examples, those at tile-crossing sizes
+    refused: int = 0  # drawn examples the kernel turned down through its own checks (drawn again)
+    refusals: dict = field(default_factory=dict)  # reason -> count
+    gradients_declared: list = field(default_factory=list)  # inputs the kernel provides gradients for
+    gradients_checked: list = field(default_factory=list)  # those compared against the reference
+
+    @property
+    def refused_share(self) -> float:
+        """The share of drawn examples the kernel refused."""
+        drawn = self.examples + self.refused
+        return self.refused / drawn if drawn else 0.0
+
+    @property
+    def coverage(self) -> str:
+        """'values + gradients (dq dk dv dα dz)', 'values only', or what was declared but not
+        reached ('values + gradients (dq dk dv; dα declared, not reached)')."""
+        if not self.gradients_declared:
+            return "values only"
+        checked = " ".join(GRADIENT_SYMBOLS.get(n, "d" + n) for n in self.gradients_checked)
+        unreached = " ".join(GRADIENT_SYMBOLS.get(n, "d" + n) for n in self.gradients_declared
+                             if n not in self.gradients_checked)
+        if not checked:
+            return f"values only ({unreached} declared, not reached)"
+        return f"values + gradients ({checked}" + (f"; {unreached} not reached)" if unreached else ")")
 
 
 @dataclass
@@ -55,6 +81,31 @@ class Report:
         return not any(c.status == "FAIL" for c in self.cells)
 
     @property
+    def checked(self) -> bool:
+        """Whether any cell ran (a backend whose every cell was unsupported was not checked)."""
+        return any(c.status != "unsupported" for c in self.cells)
+
+    @property
+    def not_checked_reason(self) -> str | None:
+        """Why nothing was checked: the reason most cells gave (None if something ran)."""
+        if self.checked:
+            return None
+        reasons = [c.reason for c in self.cells if c.reason]
+        return max(set(reasons), key=reasons.count) if reasons else "no cell selected"
+
+    def summary(self) -> str:
+        """One line: what was checked for this backend."""
+        if not self.checked:
+            return f"{self.backend}: not checked: {self.not_checked_reason}"
+        ran = [c for c in self.cells if c.status != "unsupported"]
+        failed = sum(c.status == "FAIL" for c in ran)
+        dtypes = [d for d in DTYPE_ORDER if any(c.dtype == d for c in ran)]
+        return (f"{self.backend}: {'FAILED' if failed else 'passed'} {len(ran) - failed} of {len(ran)} cells "
+                f"({', '.join(dtypes)}), {sum(c.examples for c in ran)} examples "
+                f"({sum(c.tile_crossing for c in ran)} at tile-crossing sizes), "
+                f"{sum(c.gradient_checks for c in ran)} gradient checks, {self.seconds:.1f} s")
+
+    @property
     def failures(self) -> list:
         return [c.failure for c in self.cells if c.failure is not None]
 
@@ -71,6 +122,10 @@ class Report:
     def to_dict(self) -> dict:
         payload = asdict(self)
         payload["passed"] = self.passed
+        payload["checked"] = self.checked
+        for cell, result in zip(payload["cells"], self.cells):
+            cell["coverage"] = result.coverage if result.status != "unsupported" else None
+            cell["refused_share"] = result.refused_share
         return payload
 
     def to_json(self, **kwargs) -> str:
@@ -89,10 +144,20 @@ class Report:
         return "\n".join(lines)
 
 
+def _coverage(result: CellResult) -> str:
+    """'dq dk dv dα' (or 'values only') for a table cell."""
+    text = result.coverage
+    if text.startswith("values + gradients ("):
+        return text[len("values + gradients ("):-1]
+    return text
+
+
 def _status(result: CellResult) -> str:
     if result.status == "pass":
-        skips = f", {result.gradient_skips} grad skipped" if result.gradient_skips else ""
-        return f"pass ({result.examples}{skips})"
+        extra = f", {result.gradient_skips} grad skipped" if result.gradient_skips else ""
+        if result.refused:
+            extra += f", {result.refused_share:.0%} refused"
+        return f"pass ({result.examples}{extra}; {_coverage(result)})"
     if result.status == "FAIL":
         return f"FAIL [{result.failure.check}]" if result.failure else "FAIL"
     return f"unsupported: {result.reason}"

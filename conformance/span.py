@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from attnspec import api, reference
+from attnspec import api, reference, validation
 
 from . import tolerances
-from ._compare import Context, assert_close
+from ._compare import CheckFailed, Context, assert_close
 from .cases import SpanMaskCase
 from .frameworks import GradientsUnsupported
 
@@ -19,24 +19,29 @@ def check_values(ctx: Context, case: SpanMaskCase) -> None:
     # 0-d when the case's span is a number.
     span = fw.param(np.asarray(rc.span, dtype=np.float64), ctx.dtype, ctx.device)
     q_offset = fw.integers(rc.q_offset, ctx.device)
+    ctx.admit(validation.validate_span_mask(rc.Lq, rc.Lk, span, rc.ramp, q_offset=q_offset))
     out = fw.to_numpy(api.span_mask(rc.Lq, rc.Lk, span, rc.ramp, q_offset=q_offset, backend=ctx.backend))
     expected = reference.span_mask(rc.Lq, rc.Lk, rc.span, rc.ramp, q_offset=rc.q_offset)
     # m is computed in the compute dtype: one rounding of (R + z - |d|) / R.
     atol = 4 * tolerances.EPS[tolerances.COMPUTE[ctx.dtype]] * (1 + np.max(np.abs(rc.span)) + rc.Lk + rc.Lq) / rc.ramp
     assert_close("forward", "m", out, expected, atol)
-    if not (ctx.gradients and rc.gradients):
+    if not (ctx.gradients and rc.gradients and "span" in ctx.gradient_names):
         return
     static = dict(Lq=rc.Lq, Lk=rc.Lk, ramp=rc.ramp, q_offset=q_offset)
     try:
-        _, grads = fw.vjp(ctx.kernel, {"span": span}, static, fw.array(rc.grad_out, ctx.dtype, ctx.device), ["span"])
+        _, grads = fw.vjp(ctx.kernel, {"span": span}, static, fw.array(rc.grad_out, ctx.dtype, ctx.device), ["span"],
+                          ctx.backend)
     except GradientsUnsupported:
         ctx.gradients = False
         return
+    if grads.get("span") is None:
+        raise CheckFailed("dspan", "the kernel provides dspan (Kernel.gradients) but returned None")
     ctx.counters["gradient_checks"] += 1
     expected = reference.span_mask_vjp(rc.Lq, rc.Lk, rc.span, rc.ramp, rc.grad_out, q_offset=rc.q_offset)
     floor = float(np.max(np.abs(rc.grad_out), initial=0.0)) * rc.Lq * rc.Lk / rc.ramp
     atol = tolerances.gradient_atol(ctx.dtype, 0.0, expected, floor)
     assert_close("dspan", "dspan", fw.to_numpy(grads["span"]), expected, atol)
+    ctx.checked.add("span")
 
 
 CHECKS = (check_values,)

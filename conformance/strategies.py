@@ -4,6 +4,14 @@ Array contents come from a NumPy generator seeded by a drawn integer, shaped by 
 knobs (logit magnitude, ties, repeated keys): fast to generate, and shrinking still reduces the
 knobs toward the plainest case. Shapes come from fixed buckets so that compiled backends do not
 recompile for every example.
+
+Every strategy draws only what the kernel under test declares (`Capabilities`: head dims,
+length rules, batch and head limits, alphas): sizes are moved to the nearest declared one, and
+an example with no declared size near it is rejected (drawn again). Besides the small shapes, a
+share of each cell's examples (`Sizes.large_share`, run as a plan of its own so that every cell
+gets some) has tile-crossing sizes: lengths ragged around 16/32/64/128/256, Lq != Lk, real head
+dims, D != Dv, GQA groups of 1, 2, 4 and 8. Lengths and head dims are sampled from ascending
+lists, so shrinking goes to the smallest failing size.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from hypothesis import assume
 from hypothesis import strategies as st
 
 from .cases import AttentionCase, EntmaxCase, SpanMaskCase
@@ -63,14 +72,134 @@ OP_CELLS = [
 CELLS = ATTENTION_CELLS + OP_CELLS
 
 
-def alphas():
-    """alpha in [1, 2]: the closed-form values, anything, and alpha - 1 down to 1e-6 / near 2."""
-    return st.one_of(
+@dataclass(frozen=True)
+class Sizes:
+    """How large a profile's tile-crossing examples get (see PROFILE_SIZES).
+
+    large_share: the share of each cell's examples drawn at tile-crossing sizes.
+    max_length: the longest Lq or Lk drawn. head_dims: the head dims drawn (as the kernel
+    declares). max_scores: B*H*Lq*Lk of one example at most (batch and heads shrink first).
+    shapes: if given, tile-crossing shapes are sampled from these buckets instead of drawn
+    freely, so that compiled backends (jax.jit) compile a few shapes, not one per example.
+    """
+
+    large_share: float = 0.25
+    max_length: int = 300
+    head_dims: tuple = (16, 32, 40, 59, 64, 96, 111, 128)
+    max_scores: int = 100_000
+    shapes: tuple | None = None  # fixed (B, H, Hkv, Lq, Lk, D, Dv) to sample instead of free draws
+
+
+#: Lengths ragged around the tile widths kernels use (16 .. 256), and the longer ones.
+RAGGED_LENGTHS = (1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300,
+                  383, 511, 513, 799, 1023, 1024, 1100)
+#: (Lq, Lk) pairs of FlashAttention's own tests, and a few more with Lq != Lk.
+LENGTH_PAIRS = ((113, 203), (128, 217), (239, 1), (799, 3), (1023, 1024), (1, 300), (65, 17), (17, 129))
+
+#: The ci profile's tile-crossing buckets (B, H, Hkv, Lq, Lk, D, Dv), smallest first (shrinking
+#: goes there): ragged lengths around 16..256, FlashAttention's pairs, Lq != Lk, decoding,
+#: head dims 16..128 with D != Dv, GQA groups 1, 2, 4 and 8.
+CI_LARGE_SHAPES = (
+    (2, 2, 2, 15, 33, 59, 16),
+    (1, 2, 2, 17, 65, 40, 40),
+    (1, 2, 2, 239, 1, 32, 32),
+    (1, 2, 2, 1, 300, 64, 64),
+    (1, 8, 1, 1, 257, 16, 16),
+    (2, 4, 1, 63, 129, 111, 59),
+    (1, 4, 2, 113, 203, 64, 32),
+    (1, 2, 2, 128, 217, 96, 128),
+    (1, 1, 1, 300, 255, 128, 96),
+)
+
+PROFILE_SIZES = {
+    "ci": Sizes(shapes=CI_LARGE_SHAPES),
+    "thorough": Sizes(large_share=0.2, max_length=1100,
+                      head_dims=(16, 32, 40, 59, 64, 96, 111, 128, 160, 192, 256), max_scores=1_100_000),
+}
+
+
+def _fit_length(caps, n: int, which: str):
+    """The declared length nearest n (the next one up first), or None."""
+    if caps is None or caps.allows_length(n, which):
+        return n
+    rule = caps.lq if which == "Lq" else caps.lk
+    top = rule.max if rule.max is not None else 4 * max(n, 64)
+    for m in range(max(n, rule.min), top + 1):
+        if rule.allows(m):
+            return m
+    for m in range(min(n, top), -1, -1):
+        if rule.allows(m):
+            return m
+    return None
+
+
+def _fit_head_dim(caps, d: int, which: str):
+    """The declared head dim nearest d (the next one up first), or None."""
+    if caps is None or caps.allows_head_dim(d, which):
+        return d
+    for m in list(range(d + 1, 2 * d + 129)) + list(range(d - 1, 0, -1)):
+        if caps.allows_head_dim(m, which):
+            return m
+    return None
+
+
+def fit_shape(caps, B, H, Hkv, Lq, Lk, D, Dv):
+    """(B, H, Hkv, Lq, Lk, D, Dv) moved to sizes the kernel declares, or None if there are none."""
+    if caps is None:
+        return B, H, Hkv, Lq, Lk, D, Dv
+    if caps.max_batch is not None:
+        B = min(B, caps.max_batch)
+    if caps.max_heads is not None and H > caps.max_heads:
+        group = H // Hkv
+        Hkv = max(1, caps.max_heads // group)
+        H = Hkv * group
+        if H > caps.max_heads:
+            return None
+    if caps.equal_lengths:
+        Lk = Lq = max(Lq, Lk)
+    Lq, Lk = _fit_length(caps, Lq, "Lq"), _fit_length(caps, Lk, "Lk")
+    if caps.equal_lengths and Lq != Lk:
+        Lq = Lk = _fit_length(caps, max(Lq or 0, Lk or 0), "Lq")
+        if Lq is None or not caps.allows_length(Lq, "Lk"):
+            return None
+    D, Dv = _fit_head_dim(caps, D, "D"), _fit_head_dim(caps, Dv, "Dv")
+    if None in (Lq, Lk, D, Dv) or B < 1:
+        return None
+    return B, H, Hkv, Lq, Lk, D, Dv
+
+
+def alphas(caps=None, dtype=None):
+    """alpha in [1, 2]: the closed-form values, anything, and alpha - 1 down to 1e-6 / near 2;
+    only the alphas `caps` declares (as the kernel sees them: rounded to the compute dtype)."""
+    base = st.one_of(
         st.sampled_from([1.5, 1.0, 2.0]),
         st.floats(1.0, 2.0),
         st.integers(1, 6).map(lambda e: 1.0 + 10.0**-e),
         st.integers(1, 6).map(lambda e: 2.0 - 10.0**-e),
     )
+    if caps is None or (caps.alphas is None and "entmax" in caps.features):
+        return base
+    declared = caps.alphas
+    if declared is not None and not isinstance(declared, frozenset):  # an Interval
+        inside = st.floats(max(declared.low, 1.0), min(declared.high, 2.0),
+                           exclude_min=declared.low_open, exclude_max=declared.high_open)
+        base = st.one_of(base, inside)
+    elif declared is not None:
+        base = st.sampled_from(sorted(float(a) for a in declared))
+
+    def runs(a):
+        return caps.allows_alpha(_as_kernel_sees(a, dtype))
+
+    return base.filter(runs)
+
+
+def _as_kernel_sees(alpha, dtype):
+    if dtype is None:
+        return alpha
+    from .cases import round_to
+    from .tolerances import COMPUTE
+
+    return float(round_to(alpha, COMPUTE[dtype]))
 
 
 def _away_from_kinks(z, ramp):
@@ -104,10 +233,7 @@ def spans(draw, H, Lk, ramp, per_head):
     return one(), on_kink
 
 
-@st.composite
-def attention_cases(draw, cell: Cell, supported) -> AttentionCase:
-    """An attention call exercising cell's features (and those optional ones `supported` has)."""
-    features = cell.features(supported)
+def _small_shape(draw, cell: Cell, features):
     buckets = SHAPES_GQA if "gqa" in cell.required else SHAPES_PLAIN
     if "gqa" in features and "gqa" not in cell.required:
         buckets = SHAPES_PLAIN + SHAPES_GQA
@@ -115,7 +241,57 @@ def attention_cases(draw, cell: Cell, supported) -> AttentionCase:
         buckets = SHAPES_DECODE + SHAPES_PLAIN
     if "gqa" not in features:
         buckets = [b for b in buckets if b[1] == b[2]] or SHAPES_PLAIN
-    B, H, Hkv, Lq, Lk, D, Dv = draw(st.sampled_from(buckets))
+    return draw(st.sampled_from(buckets))
+
+
+def _large_shape(draw, cell: Cell, features, sizes: Sizes):
+    """A tile-crossing shape: ragged lengths, real head dims, D != Dv, GQA groups 1-8."""
+    if sizes.shapes:
+        gqa = [b for b in sizes.shapes if b[1] != b[2]]
+        plain = [b for b in sizes.shapes if b[1] == b[2]]
+        if "gqa" in cell.required:
+            buckets = gqa
+        elif "q_offset" in cell.required:  # decoding first
+            buckets = sorted(sizes.shapes, key=lambda b: b[3] != 1) if "gqa" in features else \
+                sorted(plain, key=lambda b: b[3] != 1)
+        else:
+            buckets = list(sizes.shapes) if "gqa" in features else plain
+        return draw(st.sampled_from(buckets or plain or list(sizes.shapes)))
+    gqa = "gqa" in features and ("gqa" in cell.required or draw(st.booleans()))
+    group = draw(st.sampled_from([2, 4, 8])) if gqa else 1
+    Hkv, B = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
+    lengths = [n for n in RAGGED_LENGTHS if n <= sizes.max_length]
+    pairs = [p for p in LENGTH_PAIRS if max(p) <= sizes.max_length]
+    if "q_offset" in cell.required and draw(st.booleans()):  # decoding: one query, a long cache
+        Lq, Lk = 1, draw(st.sampled_from(lengths))
+    elif pairs and draw(st.integers(0, 2)) == 2:
+        Lq, Lk = draw(st.sampled_from(pairs))
+    else:
+        Lq, Lk = draw(st.sampled_from(lengths)), draw(st.sampled_from(lengths))
+    D = draw(st.sampled_from(sizes.head_dims))
+    Dv = D if draw(st.booleans()) else draw(st.sampled_from(sizes.head_dims))
+    # Keep one example affordable for the float64 reference: fewer batches and heads first.
+    while B * Hkv * group * Lq * Lk > sizes.max_scores and (B > 1 or Hkv > 1 or group > 2):
+        if B > 1:
+            B = 1
+        elif Hkv > 1:
+            Hkv = 1
+        else:
+            group //= 2
+    return B, Hkv * group, Hkv, Lq, Lk, D, Dv
+
+
+@st.composite
+def attention_cases(draw, cell: Cell, supported, caps=None, dtype=None, sizes=None) -> AttentionCase:
+    """An attention call exercising cell's features (and those optional ones `supported` has),
+    at shapes and alphas `caps` declares (None: any): small shapes, or with `sizes` given,
+    tile-crossing ones."""
+    features = cell.features(supported)
+    large = sizes is not None
+    shape = _large_shape(draw, cell, features, sizes) if large else _small_shape(draw, cell, features)
+    fitted = fit_shape(caps, *shape)
+    assume(fitted is not None)
+    B, H, Hkv, Lq, Lk, D, Dv = fitted
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     logit_scale = draw(st.sampled_from(LOGIT_SCALES))
@@ -130,9 +306,9 @@ def attention_cases(draw, cell: Cell, supported) -> AttentionCase:
     kw = {}
     if "entmax" in features:
         if "alpha_per_head" in features and draw(st.booleans()):
-            kw["alpha"] = np.array([draw(alphas()) for _ in range(H)])
+            kw["alpha"] = np.array([draw(alphas(caps, dtype)) for _ in range(H)])
         else:
-            kw["alpha"] = draw(alphas())
+            kw["alpha"] = draw(alphas(caps, dtype))
     gradients = True
     if "span" in features and ("span" in cell.required or draw(st.booleans())):
         ramp = draw(st.sampled_from(RAMPS))
@@ -150,15 +326,19 @@ def attention_cases(draw, cell: Cell, supported) -> AttentionCase:
             kw["q_offset"] = draw(st.integers(-Lq, Lk))
     if draw(st.integers(0, 3)) == 0:
         kw["scale"] = draw(st.sampled_from([1.0, 0.05, 2.0]))
-    return AttentionCase(q=q, k=k, v=v, grad_out=grad_out, gradients=gradients,
-                         note=f"seed={seed} logit_scale={logit_scale}", **kw)
+    return AttentionCase(q=q, k=k, v=v, grad_out=grad_out, gradients=gradients, large=large,
+                         note=f"seed={seed} logit_scale={logit_scale}" + (" tile-crossing" if large else ""), **kw)
 
 
 @st.composite
-def continuity_cases(draw, supported) -> AttentionCase:
+def continuity_cases(draw, supported, caps=None, dtype=None) -> AttentionCase:
     """SPEC 5.2 in general: the farthest key sits exactly on the outer kink (m = 0) and has the
     highest score by a margin, with a distinctive value. Entering the span must move the output
-    only as much as it moves the reference's."""
+    only as much as it moves the reference's.
+
+    For a kernel with shape rules the example is padded to declared sizes without changing
+    its meaning: extra keys go in front (farther than z + R, so outside the span), extra
+    queries repeat the first, extra head-dim columns are zero."""
     n = draw(st.integers(3, 8))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
@@ -167,18 +347,25 @@ def continuity_cases(draw, supported) -> AttentionCase:
     values = rng.normal(size=n)
     values[0] = 10.0
     ramp = draw(st.sampled_from([1.0, 2.0]))  # <= n - 1, so that z = n - 1 - R >= 0
-    alpha = draw(alphas()) if "entmax" in supported else 1.0
-    q = np.zeros((1, 1, 1, 2))
+    alpha = draw(alphas(caps, dtype)) if "entmax" in supported else 1.0
+    fitted = fit_shape(caps, 1, 1, 1, 1, n, 2, 1)
+    assume(fitted is not None)
+    _, _, _, Lq, Lk, D, Dv = fitted
+    assume(Lk >= n and D >= 2)
+    q = np.zeros((1, 1, Lq, D))
     q[..., 0] = 1.0
-    k = np.zeros((1, 1, n, 2))
-    k[0, 0, :, 0] = scores
-    return AttentionCase(q=q, k=k, v=values.reshape(1, 1, n, 1), grad_out=np.ones((1, 1, 1, 1)),
+    k = np.zeros((1, 1, Lk, D))
+    k[0, 0, Lk - n:, 0] = scores
+    v = np.zeros((1, 1, Lk, Dv))
+    v[0, 0, Lk - n:, 0] = values
+    # With Lq > 1 the last query is the one built above; the others read the same keys nearer.
+    return AttentionCase(q=q, k=k, v=v, grad_out=np.ones((1, 1, Lq, Dv)),
                          alpha=alpha, span=float(n - 1) - ramp, ramp=ramp, causal="causal" in supported,
                          scale=1.0, gradients=False, note=f"continuity seed={seed}")
 
 
 @st.composite
-def entmax_cases(draw, cell: Cell, supported) -> EntmaxCase:
+def entmax_cases(draw, cell: Cell, supported, caps=None, dtype=None) -> EntmaxCase:
     features = cell.features(supported)
     rows, n = draw(st.sampled_from([(4, 7), (2, 16), (3, 1)]))
     seed = draw(st.integers(0, 2**32 - 1))
@@ -200,9 +387,9 @@ def entmax_cases(draw, cell: Cell, supported) -> EntmaxCase:
         x = x.T
     if "alpha_array" in features and draw(st.booleans()):
         shape = (1, x.shape[1]) if axis == 0 else (x.shape[0], 1)
-        alpha = np.array([draw(alphas()) for _ in range(int(np.prod(shape)))]).reshape(shape)
+        alpha = np.array([draw(alphas(caps, dtype)) for _ in range(int(np.prod(shape)))]).reshape(shape)
     else:
-        alpha = draw(alphas())
+        alpha = draw(alphas(caps, dtype))
     weights = None
     if "weights" in features and draw(st.booleans()):
         weights = rng.uniform(0.0, 1.0, size=x.shape)

@@ -44,6 +44,9 @@ def test_conformance_half_and_single_precision(tmp_path):
     report = conformance.check("jax", dtypes=["float16", "bfloat16", "float32"], artifacts_dir=str(tmp_path))
     assert report.passed, str(report)
     assert {c.dtype for c in report.cells if c.status == "pass"} == {"float16", "bfloat16", "float32"}
+    # Every attention cell ran examples at tile-crossing sizes, values and gradients.
+    attention = [c for c in report.cells if c.op == "attention"]
+    assert all(c.tile_crossing >= 1 and c.gradients_checked[:3] == ["q", "k", "v"] for c in attention)
 
 
 def test_conformance_float64_under_x64(tmp_path):
@@ -59,7 +62,8 @@ def test_conformance_with_many_tiles(tiny_tiles, tmp_path):
     runs them all."""
     cells = None if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else ["combined"]
     with enable_x64(True):
-        report = conformance.check("jax", dtypes=["float64"], cells=cells, artifacts_dir=str(tmp_path))
+        report = conformance.check("jax", dtypes=["float64"], cells=cells, artifacts_dir=str(tmp_path),
+                                   sizes=conformance.Sizes(large_share=0.0))
     assert report.passed, str(report)
 
 

@@ -80,7 +80,7 @@ def test_root_find_agrees_with_closed_forms(eps, closed_form):
     s = np.where(allowed, x - np.max(np.where(allowed, x, -np.inf), -1, keepdims=True), -np.inf)
     with np.errstate(all="ignore"):
         p_root, _ = _solve_root(s, w, allowed, np.full((100, 1), eps))
-        p_closed, _ = closed_form(s, w, allowed)
+        p_closed = closed_form(s, w, allowed)[0]
     np.testing.assert_allclose(p_root, p_closed, atol=2e-15)
 
 

@@ -157,3 +157,32 @@ def test_vjp_with_weights_above_one(alpha):
     np.testing.assert_allclose(dw, central_difference(lambda v: loss(w_=v), w, h=1e-2), atol=1e-11)
     if 1.0 < alpha < 2.0:
         np.testing.assert_allclose(dalpha, (loss(a=alpha + 1e-6) - loss(a=alpha - 1e-6)) / 2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.5])
+def test_vjp_keeps_precision_next_to_the_support_boundary(alpha):
+    """An entry barely inside the support (u = 1 + eps t ~ 1e-7): the closed forms' own u is
+    used, so the sparsemax VJP matches its exact form S (g - mean_S g) to float64 rounding."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200)
+    p = ref.entmax(x, alpha)
+    support = np.flatnonzero(p > 0)
+    # Move the largest score outside the support to just inside the boundary: with
+    # p = [(alpha - 1) x - tau]_+^(1/(alpha - 1)), tau read off the smallest supported entry.
+    outside = np.flatnonzero(p == 0)
+    j = outside[np.argmax(x[outside])]
+    smallest = support[np.argmin(p[support])]
+    eps = alpha - 1.0
+    tau = eps * x[smallest] - p[smallest] ** eps
+    x[j] = (tau + 1e-7) / eps
+    p = ref.entmax(x, alpha)
+    assert 0 < p[j] ** eps < 1e-6
+    g = rng.normal(size=200)
+    dx, _, _ = ref.entmax_vjp(x, alpha, g)
+    S = p > 0
+    if alpha == 2.0:
+        exact = np.where(S, g - g[S].mean(), 0.0)
+    else:  # w = sqrt(p) on the support: ds = w (g - sum w g / sum w)
+        w = np.sqrt(p)
+        exact = w * (g - np.sum(w * g) / np.sum(w))
+    np.testing.assert_allclose(dx, exact, rtol=0, atol=64 * np.finfo(float).eps * np.abs(g).max())

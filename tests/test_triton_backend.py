@@ -36,13 +36,22 @@ def backend():
     return module
 
 
+#: Tile-crossing sizes for the interpreter: its tiles are 16 x 16 (tuning.INTERPRETER), so
+#: lengths to 40 cross two tile edges (15, 17, 31, 33) while a call stays within seconds.
+INTERPRETER_SIZES = conformance.Sizes(large_share=0.5, max_length=40, head_dims=(16, 40), max_scores=8_000)
+
+
 def test_conformance_suite_under_the_interpreter(backend, tmp_path):
     full = os.environ.get("ATTNSPEC_TRITON_FULL") == "1"
-    report = conformance.check("triton", device="cpu", examples=None if full else 2, artifacts_dir=str(tmp_path))
+    report = conformance.check("triton", device="cpu", examples=None if full else 2, artifacts_dir=str(tmp_path),
+                               sizes=INTERPRETER_SIZES)
     assert report.passed, str(report) + "\n" + "\n".join(f.message for f in report.failures)
     passed = {(c.cell, c.dtype) for c in report.cells if c.status == "pass"}
     cells = {c.name for c in conformance.strategies.ATTENTION_CELLS}
     assert passed == {(cell, dtype) for cell in cells for dtype in ("float16", "bfloat16", "float32")}
+    # Every attention cell ran examples that cross the interpreter's tiles, with gradients.
+    attention = [c for c in report.cells if c.cell in cells and c.status == "pass"]
+    assert all(c.tile_crossing >= 1 and "dq dk dv" in c.coverage for c in attention)
     refused = {c.cell: c.reason for c in report.cells if c.status == "unsupported"}
     assert refused.get("entmax op", "").startswith("does not implement")
     assert any(c.dtype == "float64" and c.status == "unsupported" for c in report.cells)

@@ -1,6 +1,6 @@
 """The runtime dispatcher: capability declarations, the backend registry, and selection."""
 
-from .capabilities import Capabilities, Kernel
+from .capabilities import Capabilities, Interval, Kernel, Lengths
 from .registry import Backend, BackendStatus, list_backends, register_backend, unregister_backend
 from .selection import Decision, use_backend
 
@@ -9,7 +9,9 @@ __all__ = [
     "BackendStatus",
     "Capabilities",
     "Decision",
+    "Interval",
     "Kernel",
+    "Lengths",
     "list_backends",
     "register_backend",
     "unregister_backend",

@@ -163,13 +163,14 @@ def decide(call: CallInfo, backend=None, *, explain: bool = False) -> Decision:
 #   an id cannot be reused by a new object while it is cached);
 # - the call: op, array type, device, dtype, features, and a size class: on which side of every
 #   size limit declared by a kernel of that op its sizes fall (all sizes when a kernel's
-#   Capabilities is a subclass, whose reasons may read anything).
+#   Capabilities is a subclass, whose reasons may read anything, or declares shape rules such
+#   as "a multiple of 16"); and alpha's values when some kernel of the op declares its alphas.
 # Kernels with `extra_reasons` (arbitrary code: an environment variable, a device property)
 # are asked again on every hit, and a different answer falls back to a full decision.
 # Failures are never cached: errors are always built by `decide` with every reason.
 _cache: dict = {}
 _snapshot: tuple = ((), ())  # (entries, their backends) the cache is valid for
-_limits: dict = {}  # op -> ((size name, limit), ...) or None for "key on every size"
+_limits: dict = {}  # op -> (((size name, limit), ...) or None for "key on every size", alpha in key)
 _CACHE_MAX = 4096
 
 
@@ -190,15 +191,27 @@ def _size_limits(op: str, backends) -> tuple | None:
         if kernel is None:
             continue
         caps = kernel.capabilities
-        if type(caps) is not Capabilities:
-            return None
+        if type(caps) is not Capabilities or caps.has_shape_rules:
+            return None  # rules such as "a multiple of 16" have no single threshold
         if caps.max_head_dim is not None:
             limits.update((("D", caps.max_head_dim), ("Dv", caps.max_head_dim)))
         if caps.max_scores is not None:
             limits.add(("scores", caps.max_scores))
         if caps.automatic_max_scores is not None:
             limits.add(("scores", caps.automatic_max_scores))
+        for name, limit in (("B", caps.max_batch), ("H", caps.max_heads)):
+            if limit is not None:
+                limits.add((name, limit))
     return tuple(sorted(limits))
+
+
+def _alpha_matters(op: str, backends) -> bool:
+    """Whether some kernel of the op declares the alphas it runs (then alpha is in the key)."""
+    for backend in backends:
+        kernel = backend.kernel(op) if backend is not None else None
+        if kernel is not None and kernel.capabilities.alphas is not None:
+            return True
+    return False
 
 
 def _environment_value():
@@ -226,9 +239,10 @@ def _cache_key(call: CallInfo, backend):
         _limits.clear()
         _snapshot = (entries, tuple(e.backend for e in entries))
     try:
-        limits = _limits[call.op]
+        limits, alpha_matters = _limits[call.op]
     except KeyError:
-        limits = _limits[call.op] = _size_limits(call.op, _snapshot[1])
+        limits, alpha_matters = _limits[call.op] = (_size_limits(call.op, _snapshot[1]),
+                                                    _alpha_matters(call.op, _snapshot[1]))
     sizes = call.sizes
     if limits is None:
         size_class = tuple(sorted(sizes.items()))
@@ -236,6 +250,8 @@ def _cache_key(call: CallInfo, backend):
         size_class = tuple([sizes.get(name, 0) > limit for name, limit in limits])
     key = (call.op, call.array_type, call.device, call.dtype, call.features, size_class, backend,
            _enabled.get(), _environment_value())
+    if alpha_matters:
+        key += (call.alpha,)
     return key, _snapshot[0]
 
 

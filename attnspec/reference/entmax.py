@@ -97,7 +97,7 @@ def _solve_sparsemax(s, m, allowed):
     tau = (np.sum(np.where(support_s, m_s * s_s, 0.0), -1, keepdims=True) - 1.0) / mass
     u = np.where(allowed, s - tau, -np.inf)  # u = 1 + (s - c) with c = tau + 1
     p = np.where(allowed, m * np.maximum(u, 0.0), 0.0)
-    return p, u - 1.0
+    return p, u - 1.0, u
 
 
 def _solve_entmax15(s, m, allowed):
@@ -118,7 +118,7 @@ def _solve_entmax15(s, m, allowed):
     tau = mean - np.sqrt(np.maximum(1.0 / mass - var, 0.0))
     u = np.where(allowed, x - tau, -np.inf)  # u = 1 + (s - c) / 2 with c = 2 (tau + 1)
     p = np.where(allowed, m * np.maximum(u, 0.0) ** 2, 0.0)
-    return p, 2.0 * (u - 1.0)
+    return p, 2.0 * (u - 1.0), u
 
 
 def _log_ratio(t, eps):
@@ -204,6 +204,9 @@ def solve_rows(s, m, eps) -> RowSolution:
 
     p = np.zeros((rows, n))
     t = np.full((rows, n), -np.inf)
+    # u = 1 + eps t as the closed forms computed it: 1 + eps t again would cancel near the
+    # support boundary (u -> 0), and w = p / u in the backward would lose its relative precision.
+    closed_u = np.full((rows, n), np.nan)
     e = eps[:, 0]
     nonempty = allowed.any(-1)
     branches = (
@@ -220,12 +223,15 @@ def solve_rows(s, m, eps) -> RowSolution:
         for rows_of_branch, solve in branches:
             idx = np.flatnonzero(rows_of_branch & nonempty)
             if idx.size:
-                p[idx], t[idx] = solve(idx)
+                solved = solve(idx)
+                p[idx], t[idx] = solved[:2]
+                if len(solved) == 3:
+                    closed_u[idx] = solved[2]
 
     support = p > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         boundary_distance = np.where(allowed & (eps > 0), np.abs(t + 1.0 / eps), np.inf)
-        u = np.where(support, 1.0 + eps * t, 1.0)
+        u = np.where(support, np.where(np.isnan(closed_u), 1.0 + eps * t, closed_u), 1.0)
         log_ratio = np.where(eps > 0, _log_ratio(t, np.where(eps > 0, eps, 1.0)), t)
     log_ratio = np.where(support, log_ratio, -np.inf)
     t = np.where(support, t, 0.0)
