@@ -163,7 +163,7 @@ def softmax_span_attention(case: AttentionCase) -> np.ndarray:
     m = np.ones((B, H, Lq, Lk))
     if case.span is not None:
         z = np.broadcast_to(np.asarray(case.span, dtype=np.float64), (H,))[None, :, None, None]
-        m = np.clip((case.ramp + z - np.abs(d)[:, None]) / case.ramp, 0.0, 1.0)
+        m = np.clip((z - (np.abs(d)[:, None] - case.ramp)) / case.ramp, 0.0, 1.0)
         allowed = allowed & (m > 0)
     allowed = np.broadcast_to(allowed, s.shape)
     with np.errstate(divide="ignore"):

@@ -21,7 +21,7 @@ def check_values(ctx: Context, case: SpanMaskCase) -> None:
     q_offset = fw.integers(rc.q_offset, ctx.device)
     out = fw.to_numpy(api.span_mask(rc.Lq, rc.Lk, span, rc.ramp, q_offset=q_offset, backend=ctx.backend))
     expected = reference.span_mask(rc.Lq, rc.Lk, rc.span, rc.ramp, q_offset=rc.q_offset)
-    # m is computed in the compute dtype: one rounding of (R + z - |d|) / R.
+    # m is computed in the compute dtype: (z - (|d| - R)) / R, a few roundings (SPEC.md section 3).
     atol = 4 * tolerances.EPS[tolerances.COMPUTE[ctx.dtype]] * (1 + np.max(np.abs(rc.span)) + rc.Lk + rc.Lq) / rc.ramp
     assert_close("forward", "m", out, expected, atol)
     if not (ctx.gradients and rc.gradients):
