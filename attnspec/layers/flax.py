@@ -19,6 +19,7 @@ runs outside `jax.jit` (or with params closed over as constants).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
@@ -168,8 +169,9 @@ class SpanAttention(nn.Module):
             return y
         start = int(cache.start)
         if z is not None:
-            reach = jnp.max(z.astype(jnp.float32)) + jnp.float32(self.ramp)
-            keep = max(1, math.ceil(float(reach))) - 1  # concrete spans needed (see module doc)
+            # m > 0 needs d < R + z exactly (SPEC.md section 3): add the float32 values exactly.
+            reach = Fraction(float(jnp.max(z.astype(jnp.float32)))) + Fraction(float(np.float32(self.ramp)))
+            keep = max(1, math.ceil(reach)) - 1  # concrete spans needed (see module doc)
             n = k.shape[2]
             if n > keep:
                 k, v, start = k[:, :, n - keep:], v[:, :, n - keep:], start + n - keep

@@ -24,6 +24,7 @@ The attention itself is `attnspec.attention` (the dispatcher chooses the backend
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Iterable, Optional
 
 import torch
@@ -200,15 +201,17 @@ class SpanAttention(nn.Module):
         """ceil(max_h z_h + R): the most keys a query can reach, its own included (None without
         a span). A KVCache keeps one fewer between steps.
 
-        R + z is formed in the dtype the backend computes the mask in (float64 for float64
-        layers, else float32), so every key the bound drops has (R + z) - d <= 0 exactly there.
+        z and R are taken in the dtype the backend computes the mask in (float64 for float64
+        layers, else float32) and added exactly: m > 0 needs d < R + z exactly (SPEC.md
+        section 3), so every key the bound drops has m = 0 there.
         """
         if self.span_theta is None:
             return None
         dtype = torch.float64 if self.span_theta.dtype == torch.float64 else torch.float32
         with torch.no_grad():
-            reach = self.span.to(dtype).max() + torch.tensor(self.ramp, dtype=dtype)
-        return max(1, math.ceil(float(reach)))
+            z = float(self.span.to(dtype).max())
+        R = float(torch.tensor(self.ramp, dtype=dtype))
+        return max(1, math.ceil(Fraction(z) + Fraction(R)))
 
     # --- forward ------------------------------------------------------------------------------
 

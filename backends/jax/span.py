@@ -1,5 +1,5 @@
-"""The soft span mask in JAX (SPEC.md section 3): m = clip((R + z - |d|) / R, 0, 1) in the
-compute dtype, in exactly that order; dm/dz = 1/R where the computed m is strictly inside
+"""The soft span mask in JAX (SPEC.md section 3): m = clip((z - (|d| - R)) / R, 0, 1) in the
+compute dtype, in exactly that order (no cancellation near the outer kink); dm/dz = 1/R where the computed m is strictly inside
 (0, 1). The gradient is written by hand (`mask_slope`), never taken by autodiff through clip
 (frameworks disagree at the kinks)."""
 
@@ -18,7 +18,7 @@ def soft_mask(d, span, ramp, dtype):
     """d [B, T, W] integers, span [Hkv, G] (heads), ramp a scalar -> m [B, Hkv, G, T, W]."""
     z = span.astype(dtype)[None, :, :, None, None]
     absd = jnp.abs(d).astype(dtype)[:, None, None]
-    return jnp.clip(((ramp + z) - absd) / ramp, 0.0, 1.0)
+    return jnp.clip((z - (absd - ramp)) / ramp, 0.0, 1.0)
 
 
 def mask_slope(m, ramp):
@@ -27,11 +27,11 @@ def mask_slope(m, ramp):
 
 
 def ramp_slope(m, ramp):
-    """dm/dR = (1 - m)/R strictly inside (0, 1), else 0: m = (R + z - |d|)/R = 1 + (z - |d|)/R."""
+    """dm/dR = (1 - m)/R strictly inside (0, 1), else 0: m = (z - (|d| - R))/R = 1 + (z - |d|)/R."""
     return jnp.where((m > 0) & (m < 1), (1 - m) / ramp, 0.0).astype(m.dtype)
 
 
 def reach(span, ramp, dtype):
-    """The largest fl(R + z) over heads, as computed by soft_mask: keys at |d| >= it have
-    fl(fl(R + z) - |d|) <= 0 (rounding is monotone), so m = 0 there exactly."""
+    """The largest fl(R + z) over heads: m > 0 needs |d| < R + z exactly (rounding is
+    monotone, SPEC.md section 3), hence |d| <= fl(R + z) for every key with m > 0."""
     return jnp.max(ramp + span.astype(dtype))

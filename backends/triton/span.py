@@ -1,8 +1,8 @@
 """The soft span mask (SPEC.md section 3) and the key / query windows a tile can reach, as
 Triton device functions.
 
-m = clip(((R + z) - |d|) / R, 0, 1) in float32, in that order (the division correctly rounded,
-as the reference's); dm/dz = 1/R strictly inside (0, 1). Positions are int32: the launch code
+m = clip((z - (|d| - R)) / R, 0, 1) in float32, in that order (no cancellation near the outer
+kink; the division correctly rounded, as the reference's); dm/dz = 1/R strictly inside (0, 1). Positions are int32: the launch code
 clamps q_offset to +-2^29 and the reach R + z to 2^29, far beyond any context length, so that
 no sum below overflows.
 """
@@ -19,7 +19,8 @@ POSITION_LIMIT = 1 << 29
 
 @device_function
 def reach(z, ramp):
-    """An int32 r with m = 0 for every |d| >= r: m > 0 needs |d| < R + z, so floor(R + z) + 1."""
+    """An int32 r with m = 0 for every |d| >= r: m > 0 needs |d| < R + z exactly (rounding is
+    monotone), so |d| <= fl(R + z) and r = floor(fl(R + z)) + 1."""
     return tl.minimum(ramp + z, 536870912.0).to(tl.int32) + 1
 
 
@@ -66,7 +67,7 @@ def mask_block(offs_m, offs_n, offset, kv_len, Lq, z, ramp, HAS_SPAN: tl.constex
         allowed = allowed & (d >= 0)
     if HAS_SPAN:
         dist = tl.abs(d).to(tl.float32)
-        m = tl.math.div_rn((ramp + z) - dist, dist * 0.0 + ramp)
+        m = tl.math.div_rn(z - (dist - ramp), dist * 0.0 + ramp)
         m = tl.minimum(tl.maximum(m, 0.0), 1.0)
         allowed = allowed & (m > 0.0)
         m = tl.where(allowed, m, 0.0)
