@@ -12,7 +12,6 @@ import importlib.util
 
 import numpy as np
 
-from .tolerances import COMPUTE
 
 
 class GradientsUnsupported(Exception):
@@ -38,10 +37,11 @@ class NumpyFramework:
         return np.asarray(x).astype(self._dtype(dtype))
 
     def param(self, value, dtype, device):
-        """alpha/span: Python numbers stay numbers; arrays become arrays in the compute dtype."""
+        """alpha/span in the forms users pass them: Python numbers stay numbers; arrays become
+        arrays of the input dtype (never a wider one, whose promotion would choose the path)."""
         if value is None or not isinstance(value, np.ndarray):
             return value
-        return value.astype(COMPUTE[dtype])
+        return value.astype(self._dtype(dtype))
 
     def integers(self, value, device):
         return value if value is None or not isinstance(value, np.ndarray) else value.astype(np.int64)
@@ -96,7 +96,7 @@ class TorchFramework:
     def param(self, value, dtype, device):
         if value is None or not isinstance(value, np.ndarray):
             return value
-        return self.torch.tensor(value, device=device).to(getattr(self.torch, COMPUTE[dtype]))
+        return self.torch.tensor(value, device=device).to(getattr(self.torch, dtype))
 
     def integers(self, value, device):
         if value is None or not isinstance(value, np.ndarray):
@@ -110,15 +110,14 @@ class TorchFramework:
         torch = self.torch
         args = dict(args)
         dtype = next(a.dtype for a in args.values() if isinstance(a, torch.Tensor))
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
         device = next(a.device for a in args.values() if isinstance(a, torch.Tensor))
         leaves = {}
         for name in wrt:
             value = args.get(name)
             if value is None:
                 continue
-            if not isinstance(value, torch.Tensor):  # a Python number: differentiate it as a 0-d tensor
-                value = torch.tensor(float(value), dtype=compute, device=device)
+            if not isinstance(value, torch.Tensor):  # a Python number: a 0-d tensor of the input dtype
+                value = torch.tensor(float(value), dtype=dtype, device=device)
             leaves[name] = value.detach().clone().requires_grad_(True)
             args[name] = leaves[name]
         out = kernel.fn(**args, **static)
@@ -166,7 +165,7 @@ class JaxFramework:
     def param(self, value, dtype, device):
         if value is None or not isinstance(value, np.ndarray):
             return value
-        return self.array(value, COMPUTE[dtype], device)
+        return self.array(value, dtype, device)
 
     def integers(self, value, device):
         if value is None or not isinstance(value, np.ndarray):
@@ -183,11 +182,10 @@ class JaxFramework:
     def vjp(self, kernel, args: dict, static: dict, cotangent, wrt):
         jnp = self.jnp
         dtype = next(a.dtype for a in args.values() if hasattr(a, "dtype"))
-        compute = jnp.float64 if dtype == jnp.float64 else jnp.float32
         args = dict(args)
-        for name in wrt:  # Python numbers are differentiated as 0-d arrays
+        for name in wrt:  # Python numbers are differentiated as 0-d arrays of the input dtype
             if args.get(name) is not None and not hasattr(args[name], "dtype"):
-                args[name] = jnp.asarray(float(args[name]), compute)
+                args[name] = jnp.asarray(float(args[name]), dtype)
         names = [n for n in wrt if args.get(n) is not None]
 
         def fn(*values):

@@ -17,7 +17,7 @@ def check_values(ctx: Context, case: SpanMaskCase) -> None:
     fw = ctx.framework
     # span decides the call's array type (SPEC.md section 8): pass it as the framework's array,
     # 0-d when the case's span is a number.
-    span = fw.param(np.asarray(rc.span, dtype=np.float64), ctx.dtype, ctx.device)
+    span = fw.param(np.asarray(rc.span, dtype=np.float64), tolerances.COMPUTE[ctx.dtype], ctx.device)
     q_offset = fw.integers(rc.q_offset, ctx.device)
     out = fw.to_numpy(api.span_mask(rc.Lq, rc.Lk, span, rc.ramp, q_offset=q_offset, backend=ctx.backend))
     expected = reference.span_mask(rc.Lq, rc.Lk, rc.span, rc.ramp, q_offset=rc.q_offset)

@@ -85,3 +85,116 @@ def test_the_outer_kink_case_fails_a_mask_formed_as_r_plus_z_first():
     finally:
         attnspec.unregister_backend(name)
 
+
+# --- NaN where the reference has a number fails every check ------------------------------------
+
+def _nan_in_row_0(backend_name):
+    """The reference with row 0 of every output NaN (p in the entmax op): what the entmax
+    package returns for some half-precision rows (deep-spin/entmax #30)."""
+    from attnspec import Backend, Capabilities, Kernel, reference
+    from attnspec.dispatch.capabilities import all_features
+
+    def attention(q, k, v, **kw):
+        out = reference.attention(q, k, v, **kw)
+        out[:, :, 0] = np.nan
+        return out
+
+    def entmax(x, alpha, axis=-1, weights=None):
+        p = reference.entmax(x, alpha, axis=axis, weights=weights)
+        np.moveaxis(p, axis, -1)[(0,) * (p.ndim - 1)] = np.nan
+        return p
+
+    def caps(op):
+        return Capabilities(array_type="numpy", dtypes=("float16", "float32", "float64"), features=all_features(op))
+
+    return Backend(name=backend_name, version="planted", priority=-100, automatic=False, kernels={
+        "attention": Kernel("attention", attention, caps("attention"), vjp=reference.attention_vjp),
+        "entmax": Kernel("entmax", entmax, caps("entmax"), vjp=reference.entmax_vjp)})
+
+
+def _attention_case(**kw):
+    rng = np.random.default_rng(3)
+    q, k, v = rng.normal(size=(1, 4, 3, 4)), rng.normal(size=(1, 2, 5, 4)), rng.normal(size=(1, 2, 5, 4))
+    return AttentionCase(q=q, k=k, v=v, grad_out=rng.normal(size=(1, 4, 3, 4)), **kw)
+
+
+def _check_cases():
+    from hypothesis import HealthCheck, find, settings
+
+    from attnspec.conformance import entmax as entmax_checks
+    from attnspec.conformance import strategies
+    from attnspec.conformance.cases import EntmaxCase
+
+    plain = _attention_case(alpha=1.0)  # GQA, alpha = 1, no mask: every attention check applies
+    continuity = find(strategies.continuity_cases(frozenset()), lambda case: True,
+                      settings=settings(database=None, derandomize=True, suppress_health_check=list(HealthCheck)))
+    x = np.round(np.random.default_rng(4).normal(size=(3, 5)) * 8) / 8  # x + 8 is exact in float32
+    entmax_case = EntmaxCase(x=x, grad_out=np.ones_like(x), alpha=1.5)
+    cases = {fn: ("attention", plain) for fn in attention_checks.CHECKS}
+    cases[attention_checks.check_masked_keys] = ("attention", _attention_case(alpha=1.5, key_lengths=np.array([3])))
+    cases[attention_checks.check_continuity] = ("attention", continuity)
+    cases.update({fn: ("entmax", entmax_case) for fn in entmax_checks.CHECKS})
+    return cases
+
+
+CHECK_CASES = _check_cases()
+
+
+@pytest.mark.parametrize("check", list(CHECK_CASES), ids=lambda fn: f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}")
+def test_nan_where_the_reference_has_a_number_fails_every_check(check):
+    op, case = CHECK_CASES[check]
+    attnspec.register_backend(_nan_in_row_0("nan row 0"), replace=True)
+    try:
+        for name, fails in (("numpy", False), ("nan row 0", True)):
+            kernel = registry.load(name).kernel(op)
+            ctx = Context(backend=name, kernel=kernel, framework=frameworks.framework("numpy"), dtype="float32",
+                          device="cpu")
+            if fails:
+                with pytest.raises(CheckFailed, match="nan"):
+                    check(ctx, case)
+            else:
+                check(ctx, case)  # the case is one the check applies to and the reference passes
+    finally:
+        attnspec.unregister_backend("nan row 0")
+
+
+# --- alpha and span reach the kernel as users pass them -----------------------------------------
+
+def _recording(name, inner_name):
+    """A backend that runs `inner_name`'s attention and records the form of alpha and span."""
+    from attnspec import Backend, Kernel
+
+    inner = registry.load(inner_name).kernel("attention")
+    seen = []
+
+    def form(x):
+        if x is None:
+            return None
+        return type(x).__name__ if isinstance(x, (int, float)) else str(x.dtype).replace("torch.", "")
+
+    def fn(q, k, v, **kw):
+        seen.append((str(q.dtype).replace("torch.", ""), form(kw.get("alpha")), form(kw.get("span"))))
+        return inner.fn(q, k, v, **kw)
+
+    kernel = Kernel("attention", fn, inner.capabilities, vjp=inner.vjp)
+    return Backend(name=name, version="0", kernels={"attention": kernel}, priority=-100, automatic=False), seen
+
+
+@pytest.mark.parametrize("inner", ["numpy", "torch-eager", "jax"])
+def test_alpha_and_span_reach_the_kernel_as_numbers_or_arrays_of_its_dtype(inner):
+    """No float32 array for a float16 call (its promotion would choose the float32 path):
+    numbers stay numbers, arrays (per head, or 0-d for a gradient) have the input dtype."""
+    _kernel(inner)
+    backend, seen = _recording("recording", inner)
+    attnspec.register_backend(backend, replace=True)
+    try:
+        from attnspec import conformance
+
+        report = conformance.check("recording", cells=["span"], dtypes=["float16"], examples=4)
+    finally:
+        attnspec.unregister_backend("recording")
+    assert report.passed, str(report)
+    forms = {f for _, alpha, span in seen for f in (alpha, span) if f is not None}
+    assert {dtype for dtype, _, _ in seen} == {"float16"}
+    assert "float" in forms and "float16" in forms  # both forms were passed
+    assert forms <= {"float", "float16"}, forms
