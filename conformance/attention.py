@@ -44,6 +44,14 @@ def _reference(case: AttentionCase, v=None):
     return reference.attention(case.q, case.k, case.v if v is None else v, **case.kwargs)
 
 
+def _differentiated(ctx: Context, names) -> tuple:
+    """Of alpha/span, those whose gradient the kernel declares (all for a NumPy vjp)."""
+    features = ctx.kernel.capabilities.features
+    if ctx.kernel.capabilities.array_type == "numpy":
+        return tuple(names)
+    return tuple(n for n in names if f"{n}_grad" in features)
+
+
 def _reference_nan(case: AttentionCase, grad: str | None = None):
     """Where the reference has NaN (out, or the gradient `grad` such as 'dq'): nowhere for finite
     inputs (SPEC.md 5.3), so a backend's NaN there fails a check even against its own NaN."""
@@ -63,7 +71,7 @@ def check_values(ctx: Context, case: AttentionCase) -> None:
     span reach the backend as the case holds them (Python numbers, or arrays of the input
     dtype); asked for their gradients, numbers become 0-d arrays of the input dtype."""
     want = ctx.gradients and case.gradients
-    rc = (as_arrays(case) if want else case).rounded(ctx.dtype)
+    rc = (as_arrays(case, _differentiated(ctx, ("alpha", "span"))) if want else case).rounded(ctx.dtype)
     try:
         out, grads = _call(ctx, rc, gradients=want)
     except GradientsUnsupported:

@@ -35,7 +35,7 @@ def _round_param(value, dtype, array_dtype=None):
     return float(round_to(value, COMPUTE[dtype]))
 
 
-def as_arrays(case, names=("alpha", "span")):
+def as_arrays(case, names):
     """The case with those parameters given as arrays (0-d for numbers): how they must reach a
     backend that is asked for their gradients."""
     values = {n: np.asarray(getattr(case, n), dtype=np.float64) for n in names

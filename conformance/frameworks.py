@@ -18,6 +18,25 @@ class GradientsUnsupported(Exception):
     """The kernel offers no way to differentiate it (no autograd and no declared vjp)."""
 
 
+#: The feature a kernel on an autograd framework declares to provide each gradient, per op.
+_GRADIENT_FEATURE = {
+    "attention": {"q": "grad", "k": "grad", "v": "grad", "alpha": "alpha_grad", "span": "span_grad"},
+    "entmax": {"x": "grad", "alpha": "alpha_grad", "weights": "weights_grad"},
+    "span_mask": {"span": "grad"},
+}
+
+
+def declared(kernel, wrt):
+    """The inputs of wrt whose gradients an autograd kernel declares (its gradient features):
+    the only ones differentiated, since asking for another would check a gradient the kernel
+    never offered (and a kernel that refuses it would fail as 'declared but refused')."""
+    features = kernel.capabilities.features
+    names = [n for n in wrt if _GRADIENT_FEATURE.get(kernel.op, {}).get(n) in features]
+    if not names:
+        raise GradientsUnsupported(f"the {kernel.op} kernel declares no gradient features")
+    return names
+
+
 class NumpyFramework:
     name = "numpy"
 
@@ -112,7 +131,7 @@ class TorchFramework:
         dtype = next(a.dtype for a in args.values() if isinstance(a, torch.Tensor))
         device = next(a.device for a in args.values() if isinstance(a, torch.Tensor))
         leaves = {}
-        for name in wrt:
+        for name in declared(kernel, wrt):
             value = args.get(name)
             if value is None:
                 continue
@@ -186,7 +205,7 @@ class JaxFramework:
         for name in wrt:  # Python numbers are differentiated as 0-d arrays of the input dtype
             if args.get(name) is not None and not hasattr(args[name], "dtype"):
                 args[name] = jnp.asarray(float(args[name]), dtype)
-        names = [n for n in wrt if args.get(n) is not None]
+        names = [n for n in declared(kernel, wrt) if args.get(n) is not None]
 
         def fn(*values):
             return kernel.fn(**{**args, **dict(zip(names, values))}, **static)
