@@ -7,14 +7,15 @@ backends, whose bounds are traced values, mirror them under the same names
 backend's window against `key_window` (never narrower: no key with m > 0 is skipped).
 
 Query i of batch b sits at position i + o_b, key j at j, d = i + o_b - j. A span head (span z,
-ramp R) gives key j the weight m = clip(((R + z) - |d|) / R, 0, 1), formed in the compute
-dtype, so m > 0 exactly when fl(R + z) - |d| > 0, i.e. |d| < fl(R + z): every key such a query
-reads lies within `reach` of it.
+ramp R) gives key j the weight m = clip((z - (|d| - R)) / R, 0, 1), formed in the compute dtype
+in that order (SPEC.md 3), so m > 0 exactly when z > fl(|d| - R), which for the usual R (|d| - R
+exact) is |d| < R + z exactly: every key such a query reads lies within `reach` of it.
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -31,12 +32,13 @@ POSITION_LIMITS = {"int32": 2**29, "int64": 2**60}
 
 def reach(span, ramp: float, dtype: str = "float64") -> int:
     """The smallest integer r with m = 0 wherever |d| >= r, over the heads of `span` (a number
-    or a sequence [H]): m > 0 needs |d| < fl(R + z), and for an integer |d| that is
-    |d| < ceil(fl(R + z)). R + z is formed in `dtype`, the compute dtype, as the mask forms it
-    (rounding R + z up can pass an integer, and then one more key has m > 0); `dtype` is a
-    compute dtype (precision.compute_dtype)."""
-    total = np.asarray(ramp, dtype=dtype) + np.asarray(span, dtype=dtype)
-    return math.ceil(float(np.max(total)))
+    or a sequence [H]): m > 0 needs z > |d| - R, i.e. |d| < R + z in exact arithmetic (|d| - R is
+    exact for the usual R), so r = ceil(R + z), the sum taken exactly (not rounded: fl(R + z)
+    may round down onto an integer that a key below R + z reaches). z and R are first cast to
+    `dtype`, the compute dtype (precision.compute_dtype), as the mask casts them. Traced
+    mirrors may use floor(fl(R + z)) + 1, never smaller."""
+    z = float(np.max(np.asarray(span, dtype=dtype)))
+    return math.ceil(Fraction(z) + Fraction(float(np.asarray(ramp, dtype=dtype))))
 
 
 def _extremes(values) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from attnspec.errors import UnsupportedCallError
 
 from . import tolerances
 from ._compare import CheckFailed, Context, assert_close, assert_zero
-from .cases import AttentionCase
+from .cases import AttentionCase, as_arrays
 from .frameworks import GradientsUnsupported
 
 #: A huge finite value for keys that must not matter, per dtype (it must fit the dtype).
@@ -46,18 +46,39 @@ def _reference(case: AttentionCase, v=None):
     return reference.attention(case.q, case.k, case.v if v is None else v, **case.kwargs)
 
 
+def _differentiated(ctx: Context, names) -> tuple:
+    """Of alpha/span, those whose gradient the kernel declares (all for a NumPy vjp)."""
+    features = ctx.kernel.capabilities.features
+    if ctx.kernel.capabilities.array_type == "numpy":
+        return tuple(names)
+    return tuple(n for n in names if f"{n}_grad" in features)
+
+
+def _reference_nan(case: AttentionCase, grad: str | None = None):
+    """Where the reference has NaN (out, or the gradient `grad` such as 'dq'): nowhere for finite
+    inputs (SPEC.md 5.3), so a backend's NaN there fails a check even against its own NaN."""
+    if all(np.isfinite(x).all() for x in (case.q, case.k, case.v)):
+        return False
+    if grad is None:
+        return np.isnan(_reference(case))
+    return np.isnan(getattr(reference.attention_vjp(case.q, case.k, case.v, case.grad_out, **case.kwargs), grad))
+
+
 def _forward_atol(ctx, case):
     return tolerances.forward_atol(ctx.dtype, case.max_score(), float(np.max(np.abs(case.v), initial=0.0)))
 
 
 def check_values(ctx: Context, case: AttentionCase) -> None:
-    """Forward and gradients against the float64 reference on the same rounded inputs."""
-    rc = case.rounded(ctx.dtype)
+    """Forward and gradients against the float64 reference on the same rounded inputs. alpha and
+    span reach the backend as the case holds them (Python numbers, or arrays of the input
+    dtype); asked for their gradients, numbers become 0-d arrays of the input dtype."""
     want = ctx.gradients and case.gradients
+    rc = (as_arrays(case, _differentiated(ctx, ("alpha", "span"))) if want else case).rounded(ctx.dtype)
     try:
         out, grads = _call(ctx, rc, gradients=want)
     except GradientsUnsupported:
         ctx.gradients, want = False, False
+        rc = case.rounded(ctx.dtype)
         out, grads = _call(ctx, rc, gradients=False)
     assert_close("forward", "out", out, _reference(rc), _forward_atol(ctx, rc))
     if not (want and grads):
@@ -113,12 +134,13 @@ def check_masked_keys(ctx: Context, case: AttentionCase) -> None:
     base_out, base_grads = _call(ctx, rc, gradients=want)
     out, grads = _call(ctx, changed, gradients=want)
     atol = 2 * _forward_atol(ctx, rc)
-    assert_close("masked keys", "out", out, base_out, atol)
+    assert_close("masked keys", "out", out, base_out, atol, nan_where=_reference_nan(rc))
     if grads:
         for name in ("q", "alpha", "span"):
             if grads.get(name) is not None and base_grads.get(name) is not None:
                 atol = 2 * tolerances.gradient_atol(ctx.dtype, rc.max_score(), base_grads[name], 0.0)
-                assert_close("masked keys", "d" + name, grads[name], base_grads[name], atol)
+                assert_close("masked keys", "d" + name, grads[name], base_grads[name], atol,
+                             nan_where=_reference_nan(rc, "d" + name))
         for name in ("k", "v"):
             if grads.get(name) is not None:
                 never = np.broadcast_to((unused | pad)[..., None], grads[name].shape)
@@ -133,7 +155,7 @@ def check_key_permutation(ctx: Context, case: AttentionCase) -> None:
     perm = np.random.default_rng(0).permutation(rc.k.shape[2])
     out, _ = _call(ctx, rc, gradients=False)
     permuted, _ = _call(ctx, replace(rc, k=rc.k[:, :, perm], v=rc.v[:, :, perm]), gradients=False)
-    assert_close("key permutation", "out", permuted, out, 2 * _forward_atol(ctx, rc))
+    assert_close("key permutation", "out", permuted, out, 2 * _forward_atol(ctx, rc), nan_where=_reference_nan(rc))
 
 
 def check_gqa(ctx: Context, case: AttentionCase) -> None:
@@ -146,7 +168,7 @@ def check_gqa(ctx: Context, case: AttentionCase) -> None:
     group = H // Hkv
     repeated = replace(rc, k=np.repeat(rc.k, group, axis=1), v=np.repeat(rc.v, group, axis=1))
     expected, _ = _call(ctx, repeated, gradients=False)
-    assert_close("gqa", "out", out, expected, 2 * _forward_atol(ctx, rc))
+    assert_close("gqa", "out", out, expected, 2 * _forward_atol(ctx, rc), nan_where=_reference_nan(rc))
 
 
 def softmax_span_attention(case: AttentionCase) -> np.ndarray:
@@ -169,7 +191,7 @@ def softmax_span_attention(case: AttentionCase) -> np.ndarray:
     m = np.ones((B, H, Lq, Lk))
     if case.span is not None:
         z = np.broadcast_to(np.asarray(case.span, dtype=np.float64), (H,))[None, :, None, None]
-        m = np.clip((case.ramp + z - np.abs(d)[:, None]) / case.ramp, 0.0, 1.0)
+        m = np.clip((z - (np.abs(d)[:, None] - case.ramp)) / case.ramp, 0.0, 1.0)
         allowed = allowed & (m > 0)
     allowed = np.broadcast_to(allowed, s.shape)
     with np.errstate(divide="ignore"):

@@ -13,12 +13,24 @@ import numpy as np
 from attnspec.precision import compute_dtype, round_to
 
 
-def _round_param(value, dtype):
-    """alpha/span/ramp/scale are cast to the compute dtype (SPEC.md section 6)."""
+def _round_param(value, dtype, array_dtype=None):
+    """alpha/span/ramp/scale as the backend sees them. A Python number is cast to the compute
+    dtype (SPEC.md section 6); an array reaches the backend as an array of the input dtype (the
+    form a model in that dtype holds it, see frameworks.param), so it is rounded to that dtype
+    (or to array_dtype where an op takes its arrays in another)."""
     if value is None or isinstance(value, bool):
         return value
-    rounded = round_to(value, compute_dtype(dtype))
-    return float(rounded) if np.ndim(value) == 0 and not isinstance(value, np.ndarray) else rounded
+    if isinstance(value, np.ndarray):
+        return round_to(value, array_dtype or dtype)
+    return float(round_to(value, compute_dtype(dtype)))
+
+
+def as_arrays(case, names):
+    """The case with those parameters given as arrays (0-d for numbers): how they must reach a
+    backend that is asked for their gradients."""
+    values = {n: np.asarray(getattr(case, n), dtype=np.float64) for n in names
+              if getattr(case, n) is not None and not isinstance(getattr(case, n), np.ndarray)}
+    return replace(case, **values) if values else case
 
 
 @dataclass
@@ -110,7 +122,8 @@ class SpanMaskCase:
     op = "span_mask"
 
     def rounded(self, dtype: str) -> "SpanMaskCase":
-        return replace(self, span=_round_param(self.span, dtype), ramp=_round_param(self.ramp, dtype),
+        compute = compute_dtype(dtype)  # span decides span_mask's dtype: it is passed in the compute dtype
+        return replace(self, span=_round_param(self.span, dtype, compute), ramp=_round_param(self.ramp, dtype),
                        grad_out=round_to(self.grad_out, dtype))
 
     def max_score(self) -> float:

@@ -12,11 +12,29 @@ import importlib.util
 
 import numpy as np
 
-from .tolerances import COMPUTE
 
 
 class GradientsUnsupported(Exception):
     """The kernel offers no way to differentiate it (no autograd and no declared vjp)."""
+
+
+#: The feature a kernel on an autograd framework declares to provide each gradient, per op.
+_GRADIENT_FEATURE = {
+    "attention": {"q": "grad", "k": "grad", "v": "grad", "alpha": "alpha_grad", "span": "span_grad"},
+    "entmax": {"x": "grad", "alpha": "alpha_grad", "weights": "weights_grad"},
+    "span_mask": {"span": "grad"},
+}
+
+
+def declared(kernel, wrt):
+    """The inputs of wrt whose gradients an autograd kernel declares (its gradient features):
+    the only ones differentiated, since asking for another would check a gradient the kernel
+    never offered (and a kernel that refuses it would fail as 'declared but refused')."""
+    features = kernel.capabilities.features
+    names = [n for n in wrt if _GRADIENT_FEATURE.get(kernel.op, {}).get(n) in features]
+    if not names:
+        raise GradientsUnsupported(f"the {kernel.op} kernel declares no gradient features")
+    return names
 
 
 class NumpyFramework:
@@ -38,10 +56,11 @@ class NumpyFramework:
         return np.asarray(x).astype(self._dtype(dtype))
 
     def param(self, value, dtype, device):
-        """alpha/span: Python numbers stay numbers; arrays become arrays in the compute dtype."""
+        """alpha/span in the forms users pass them: Python numbers stay numbers; arrays become
+        arrays of the input dtype (never a wider one, whose promotion would choose the path)."""
         if value is None or not isinstance(value, np.ndarray):
             return value
-        return value.astype(COMPUTE[dtype])
+        return value.astype(self._dtype(dtype))
 
     def integers(self, value, device):
         return value if value is None or not isinstance(value, np.ndarray) else value.astype(np.int64)
@@ -103,7 +122,7 @@ class TorchFramework:
     def param(self, value, dtype, device):
         if value is None or not isinstance(value, np.ndarray):
             return value
-        return self.torch.tensor(value, device=device).to(getattr(self.torch, COMPUTE[dtype]))
+        return self.torch.tensor(value, device=device).to(getattr(self.torch, dtype))
 
     def integers(self, value, device):
         if value is None or not isinstance(value, np.ndarray):
@@ -119,15 +138,14 @@ class TorchFramework:
         torch = self.torch
         args = dict(args)
         dtype = next(a.dtype for a in args.values() if isinstance(a, torch.Tensor))
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
         device = next(a.device for a in args.values() if isinstance(a, torch.Tensor))
         leaves = {}
-        for name in wrt:
+        for name in declared(kernel, wrt):
             value = args.get(name)
             if value is None:
                 continue
-            if not isinstance(value, torch.Tensor):  # a Python number: differentiate it as a 0-d tensor
-                value = torch.tensor(float(value), dtype=compute, device=device)
+            if not isinstance(value, torch.Tensor):  # a Python number: a 0-d tensor of the input dtype
+                value = torch.tensor(float(value), dtype=dtype, device=device)
             leaves[name] = value.detach().clone().requires_grad_(True)
             args[name] = leaves[name]
         out = _op(kernel.op)(**args, **static, backend=backend)
@@ -175,7 +193,7 @@ class JaxFramework:
     def param(self, value, dtype, device):
         if value is None or not isinstance(value, np.ndarray):
             return value
-        return self.array(value, COMPUTE[dtype], device)
+        return self.array(value, dtype, device)
 
     def integers(self, value, device):
         if value is None or not isinstance(value, np.ndarray):
@@ -192,12 +210,11 @@ class JaxFramework:
     def vjp(self, kernel, args: dict, static: dict, cotangent, wrt, backend):
         jnp = self.jnp
         dtype = next(a.dtype for a in args.values() if hasattr(a, "dtype"))
-        compute = jnp.float64 if dtype == jnp.float64 else jnp.float32
         args = dict(args)
-        for name in wrt:  # Python numbers are differentiated as 0-d arrays
+        for name in wrt:  # Python numbers are differentiated as 0-d arrays of the input dtype
             if args.get(name) is not None and not hasattr(args[name], "dtype"):
-                args[name] = jnp.asarray(float(args[name]), compute)
-        names = [n for n in wrt if args.get(n) is not None]
+                args[name] = jnp.asarray(float(args[name]), dtype)
+        names = [n for n in declared(kernel, wrt) if args.get(n) is not None]
 
         op = _op(kernel.op)
 

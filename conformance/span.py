@@ -17,12 +17,12 @@ def check_values(ctx: Context, case: SpanMaskCase) -> None:
     fw = ctx.framework
     # span decides the call's array type (SPEC.md section 8): pass it as the framework's array,
     # 0-d when the case's span is a number.
-    span = fw.param(np.asarray(rc.span, dtype=np.float64), ctx.dtype, ctx.device)
+    span = fw.param(np.asarray(rc.span, dtype=np.float64), tolerances.COMPUTE[ctx.dtype], ctx.device)
     q_offset = fw.integers(rc.q_offset, ctx.device)
     ctx.admit(validation.validate_span_mask(rc.Lq, rc.Lk, span, rc.ramp, q_offset=q_offset))
     out = fw.to_numpy(api.span_mask(rc.Lq, rc.Lk, span, rc.ramp, q_offset=q_offset, backend=ctx.backend))
     expected = reference.span_mask(rc.Lq, rc.Lk, rc.span, rc.ramp, q_offset=rc.q_offset)
-    # m is computed in the compute dtype: one rounding of (R + z - |d|) / R.
+    # m is computed in the compute dtype: (z - (|d| - R)) / R, a few roundings (SPEC.md section 3).
     atol = 4 * tolerances.EPS[tolerances.COMPUTE[ctx.dtype]] * (1 + np.max(np.abs(rc.span)) + rc.Lk + rc.Lq) / rc.ramp
     assert_close("forward", "m", out, expected, atol)
     if not (ctx.gradients and rc.gradients and "span" in ctx.gradient_names):

@@ -326,8 +326,62 @@ def attention_cases(draw, cell: Cell, supported, caps=None, dtype=None, sizes=No
             kw["q_offset"] = draw(st.integers(-Lq, Lk))
     if draw(st.integers(0, 3)) == 0:
         kw["scale"] = draw(st.sampled_from([1.0, 0.05, 2.0]))
-    return AttentionCase(q=q, k=k, v=v, grad_out=grad_out, gradients=gradients, large=large,
-                         note=f"seed={seed} logit_scale={logit_scale}" + (" tile-crossing" if large else ""), **kw)
+    note = f"seed={seed} logit_scale={logit_scale}" + (" tile-crossing" if large else "")
+    if kw.get("span") is not None and gradients and draw(st.integers(0, 2)) == 0:
+        odd = draw(st.sampled_from([41, 5, 1, 401]))
+        if "alpha" in kw and draw(st.sampled_from([True, False])):
+            # A tiny weight matters most near softmax: at alpha = 1.5 balancing m = 1e-5 takes
+            # a score gap of 630, and the key's digits vanish in the scores' own error.
+            kw["alpha"] = np.ones(H) if np.ndim(kw["alpha"]) else 1.0
+        m = _ramp_key(q, k, kw, odd)
+        if m is not None:
+            note += f" ramp key m={m:.3g}"
+    return AttentionCase(q=q, k=k, v=v, grad_out=grad_out, gradients=gradients, large=large, note=note, **kw)
+
+
+def _ramp_key(q, k, kw, odd):
+    """A key on the ramp with a tiny m whose score balances it against keys with m = 1, where
+    forming R + z first would lose m's digits (SPEC.md section 3). The key j of the last row of
+    batch 0 sits at a power of two |d| >= R, and z = |d| - R + odd * ulp(|d|) / 2 in float32:
+    z then lies in the binade below |d|, and R + z = |d| + odd * ulp(|d|) / 2 falls halfway
+    between float32 numbers, an error of 1/odd of m. Its score is raised above the row's others
+    by what makes its p about that of the row's top key with m = 1. Sets kw["span"] (every head alike) and returns m, or None where no key fits."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    offset = np.broadcast_to(np.asarray(Lk - Lq if kw.get("q_offset") is None else kw["q_offset"]), (B,))
+    length = Lk if kw.get("key_lengths") is None else int(kw["key_lengths"][0])
+    ramp = kw["ramp"]
+    d = int(offset[0]) + Lq - 1 - np.arange(min(length, Lk))  # distances of the last row, batch 0
+    fits = (np.abs(d) >= ramp) & ((np.abs(d) & (np.abs(d) - 1)) == 0) & (d != 0)
+    if kw.get("causal"):
+        fits &= d >= 0
+    if Lk < 2 or not fits.any():
+        return None
+    j = int(np.argmax(np.where(fits, np.abs(d), -1)))
+    dist = float(abs(d[j]))
+    delta = odd * float(np.spacing(np.float32(dist))) / 2
+    m = delta / ramp
+    scale = 1.0 / np.sqrt(D) if kw.get("scale") is None else kw["scale"]
+    group = H // Hkv
+    alpha = np.broadcast_to(np.asarray(kw.get("alpha", 1.0), dtype=np.float64), (H,))
+    shifts = []
+    for g in range(Hkv):
+        row = q[0, g * group, Lq - 1]
+        norm2 = float(row @ row)
+        scores = scale * (k[0, g] @ row)
+        # m u_j^(1/eps) = u_top^(1/eps) with u_top ~ 1: a gap of expm1(-eps log m) / eps
+        # (log(1/m) at alpha = 1; SPEC.md section 2.2).
+        eps = float(alpha[g * group]) - 1.0
+        gap = np.log(1.0 / m) if eps == 0.0 else np.expm1(-eps * np.log(m)) / eps
+        step = (np.delete(scores, j).max() + gap - scores[j]) / (scale * norm2) if norm2 > 0 else np.inf
+        if gap > 64 or not abs(step) * np.sqrt(norm2) < 1e4:  # scores and keys must fit float16
+            return None
+        shifts.append(step * row)
+    for g, shift in enumerate(shifts):
+        k[0, g, j] += shift
+    z = dist - ramp + delta
+    kw["span"] = np.full(np.shape(kw["span"]), z) if np.ndim(kw["span"]) else z
+    return m
 
 
 @st.composite

@@ -18,6 +18,7 @@ from attnspec.dispatch.capabilities import all_features
 ref_entmax = importlib.import_module("attnspec.reference.entmax")
 _solve_rows = ref_entmax.solve_rows
 _vjp_rows = ref_entmax.vjp_rows
+ref_span = importlib.import_module("attnspec.reference.span")
 
 
 def _backend(name, attention_fn, vjp_fn, entmax_fn=None, entmax_vjp_fn=None):
@@ -189,6 +190,30 @@ def _zero_pow_zero(sol, g):
     return w * (g - gbar), dm, deps
 
 
+def _mask_rounding_r_plus_z_first():
+    """m = ((R + z) - |d|) / R in the compute dtype (float32 below float64): R + z rounds first,
+    and near the outer kink the subtraction exposes that rounding (SPEC.md section 3)."""
+    def patched(q):
+        compute = np.float64 if np.asarray(q).dtype == np.float64 else np.float32
+
+        def soft_mask(d, span, ramp):
+            z = np.asarray(span, dtype=compute)[..., None, None]
+            R = compute(ramp)
+            return np.clip(((R + z) - np.abs(d).astype(compute)) / R, 0, 1).astype(np.float64)
+
+        return mock.patch.object(ref_span, "soft_mask", soft_mask)
+
+    def attention(q, k, v, **kw):
+        with patched(q):
+            return reference.attention(q, k, v, **kw)
+
+    def vjp(q, k, v, grad_out, **kw):
+        with patched(q):
+            return reference.attention_vjp(q, k, v, grad_out, **kw)
+
+    return attention, vjp
+
+
 def _dspan_doubled(q, k, v, grad_out, **kw):
     g = reference.attention_vjp(q, k, v, grad_out, **kw)
     return g if g.dspan is None else g._replace(dspan=2 * g.dspan)
@@ -208,6 +233,7 @@ def _make():
     fwd, _ = _with_arguments(_gqa_modulo)
     mutants["gqa head map h % Hkv"] = _backend("gqa head map h % Hkv", fwd, _gqa_modulo_vjp)
     mutants["dspan doubled"] = _backend("dspan doubled", reference.attention, _dspan_doubled)
+    mutants["mask (R + z) - |d|"] = _backend("mask (R + z) - |d|", *_mask_rounding_r_plus_z_first())
     for name, target, attr, replacement in [
         ("tau under-iterated", ref_entmax, "solve_rows", _under_iterated_solve),
         ("entmax then re-weight", ref_entmax, "solve_rows", _entmax_then_reweight),

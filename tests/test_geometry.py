@@ -93,13 +93,13 @@ def _distances(w):
 
 
 def _numpy_mask(w, dtype):
-    """m as SPEC.md section 3 forms it in `dtype`: ((R + z) - |d|) / R, clipped."""
+    """m as SPEC.md section 3 forms it in `dtype`: (z - (|d| - R)) / R, clipped."""
     if w["spans"] is None:
         return None
     d = np.abs(_distances(w)).astype(dtype)[:, None]
     z = np.asarray(w["spans"], dtype)[None, :, None, None]
     R = np.asarray(w["ramp"], dtype)
-    return np.clip(((R + z) - d) / R, 0, 1)
+    return np.clip((z - (d - R)) / R, 0, 1)
 
 
 def _keys_read(w, m):
@@ -150,10 +150,11 @@ def test_query_window_holds_every_row_that_reads_the_keys(dtype, w, first_key, w
         assert set(np.flatnonzero(read[b]).tolist()) <= set(range(lo, hi))
 
 
-def test_reach_rounds_r_plus_z_as_the_compute_dtype_does():
-    # 2**24 + 3 is no float32: R + z rounds up to 2**24 + 4 there, and |d| = 2**24 + 3 has m > 0.
+def test_reach_is_the_ceiling_of_the_exact_sum_in_the_compute_dtype():
+    # ceil of the exact sum: fl(R + z) would round 2**24 + 3 to 2**24 + 4 in float32.
     assert geometry.reach(2.0**24 + 2, 1.0, "float64") == 2**24 + 3
-    assert geometry.reach(2.0**24 + 2, 1.0, "float32") == 2**24 + 4
+    assert geometry.reach(2.0**24 + 2, 1.0, "float32") == 2**24 + 3
+    assert geometry.reach(3.0000002, 2.0, "float32") == 6  # fl(5.0000002) = 5.0; |d| = 5 has m > 0
     assert geometry.reach([3.0, 9.5, 0.0], 2.0) == 12  # the largest head; |d| < 11.5 reads 11
     assert geometry.reach(0.0, 0.25) == 1  # only d = 0
 

@@ -1,5 +1,7 @@
 """The reference attention (SPEC.md sections 3 and 5): values, gradients, edge rules."""
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -221,6 +223,41 @@ def test_span_mask_gradient_is_one_sided_at_the_kinks():
     dspan = ref.span_mask_vjp(1, 3, 1.0, 1.0, np.ones((1, 3)))
     assert dspan == 0.0
     assert ref.span_mask_vjp(1, 3, 1.5, 1.0, np.ones((1, 3))) == 1.0  # |d| = 2: m = 0.5
+
+
+def _float32_mask(z, R, absd):
+    """SPEC.md section 3's order in float32: (z - (|d| - R)) / R."""
+    z, R, absd = np.float32(z), np.float32(R), np.asarray(absd, dtype=np.float32)
+    return (z - (absd - R)) / R
+
+
+def test_span_mask_near_the_outer_kink_is_exact():
+    """z = 254.0013 (as float32), R = 2, |d| = 256: m is tiny and exact in the spec's order;
+    (R + z) - |d| would round R + z first and lose 1.2 % of m."""
+    z = float(np.float32(254.0013))
+    m = ref.span_mask(1, 1, z, 2.0, q_offset=256)[0, 0]
+    exact = (Fraction(z) + 2 - 256) / 2
+    assert m == float(exact) and 6.48e-4 < m < 6.49e-4
+    assert _float32_mask(z, 2.0, 256) == np.float32(exact)
+    old_order = ((np.float32(2.0) + np.float32(z)) - np.float32(256)) / np.float32(2.0)
+    assert abs(float(old_order) - m) > 0.01 * m
+
+
+@given(z=st.floats(0.0, 5000.0, width=32), ramp=st.sampled_from([0.5, 1.0, 2.0, 8.0, 32.0, 64.0]),
+       keys=st.integers(1, 40), ulps=st.integers(-64, 64))
+def test_span_mask_in_float32_is_within_two_ulps_of_the_reference(z, ramp, keys, ulps):
+    """Near the outer kink (|d| up to z + R) with a dyadic R, the float32 order of SPEC.md
+    section 3 is within 2 ulps of the reference's m, relative to m itself (no cancellation),
+    and m > 0 exactly where z + R > |d|."""
+    z = float(np.float32(z) + ulps * np.spacing(np.float32(z)))
+    assume(z >= 0)
+    top = int(np.floor(z + ramp)) + 1
+    m = ref.span_mask(1, min(keys, top + 1), z, ramp, q_offset=top)[0]  # |d| = top, top - 1, ...
+    absd = top - np.arange(m.size)
+    m32 = np.clip(_float32_mask(z, ramp, absd), 0, 1).astype(np.float64)
+    np.testing.assert_allclose(m32, m, rtol=2 * 2.0**-24, atol=0)
+    inside = np.array([Fraction(z) + Fraction(ramp) > int(a) for a in absd])
+    assert np.array_equal(m > 0, inside) and np.array_equal(m32 > 0, inside)
 
 
 def test_non_finite_values_poison_only_the_rows_that_read_them():

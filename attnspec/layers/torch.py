@@ -24,6 +24,7 @@ The attention itself is `attnspec.attention` (the dispatcher chooses the backend
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Iterable, Optional
 
 import torch
@@ -201,9 +202,9 @@ class SpanAttention(nn.Module):
         """ceil(max_h z_h + R): the most keys a query can reach, its own included (None without
         a span). A KVCache keeps one fewer between steps.
 
-        This is attnspec.geometry.reach with R + z formed in the dtype the backend computes the
-        mask in (float64 for float64 layers, else float32), so every key the bound drops has
-        (R + z) - d <= 0 exactly there.
+        This is attnspec.geometry.reach with z and R in the dtype the backend computes the mask in
+        (float64 for float64 layers, else float32): m > 0 needs d < R + z exactly (SPEC.md
+        section 3), so every key the bound drops has m = 0 there.
         """
         if self.span_theta is None:
             return None

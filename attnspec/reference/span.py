@@ -1,8 +1,9 @@
 """The soft span mask of SPEC.md section 3, and where queries and keys sit.
 
 Query i of batch b sits at position i + o_b, key j at j; their distance is d_ij = i + o_b - j.
-The mask of a head with span z and ramp R is m_ij = clip((R + z - |d_ij|) / R, 0, 1), computed
-in exactly that order; dm/dz = 1/R where the computed m is strictly inside (0, 1), else 0.
+The mask of a head with span z and ramp R is m_ij = clip((z - (|d_ij| - R)) / R, 0, 1), computed
+in exactly that order (SPEC.md section 3 says why: no cancellation near the outer kink); dm/dz =
+1/R where the computed m is strictly inside (0, 1), else 0.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ def distances(Lq: int, Lk: int, q_offset) -> np.ndarray:
 
 
 def soft_mask(d: np.ndarray, span: np.ndarray, ramp: float) -> np.ndarray:
-    """m = clip((R + z - |d|) / R, 0, 1) in float64; span broadcasts against d's leading axes."""
+    """m = clip((z - (|d| - R)) / R, 0, 1) in float64, in that order; span broadcasts against d's
+    leading axes. For z and R of a lower precision every step but the division is exact here."""
     z = np.asarray(span, dtype=np.float64)[..., None, None]
     R = np.float64(ramp)
-    return np.clip((R + z - np.abs(d)) / R, 0.0, 1.0)
+    return np.clip((z - (np.abs(d) - R)) / R, 0.0, 1.0)
 
 
 def mask_slope(m: np.ndarray, ramp: float) -> np.ndarray:

@@ -9,7 +9,7 @@ alpha and span, never recompiles.
 Layout: grouped-query heads are viewed as q [B, Hkv, G, Lq, D] against k [B, Hkv, Lk, D]
 (query head h = g * G + i reads kv head g): K and V are never repeated. Queries are processed
 in tiles of `tile_q` rows (lax.scan), keys in tiles of `tile_k` (lax.fori_loop). The key tiles
-a query tile may read come from the causal bound, the span window |d| < fl(R + z) and
+a query tile may read come from the causal bound, the span window |d| <= fl(R + z) and
 key_lengths, as traced integers: fori_loop with traced bounds is a while_loop, so tiles that
 cannot contribute are never computed. Reverse mode never goes through those loops: the
 backward is our own (jax.custom_vjp).

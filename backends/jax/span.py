@@ -1,5 +1,5 @@
-"""The soft span mask in JAX (SPEC.md section 3): m = clip((R + z - |d|) / R, 0, 1) in the
-compute dtype, in exactly that order; dm/dz = 1/R where the computed m is strictly inside
+"""The soft span mask in JAX (SPEC.md section 3): m = clip((z - (|d| - R)) / R, 0, 1) in the
+compute dtype, in exactly that order (no cancellation near the outer kink); dm/dz = 1/R where the computed m is strictly inside
 (0, 1). The gradient is written by hand (`mask_slope`), never taken by autodiff through clip
 (frameworks disagree at the kinks)."""
 
@@ -28,7 +28,7 @@ def soft_mask(d, span, ramp, dtype):
     """d [B, T, W] integers, span [Hkv, G] (heads), ramp a scalar -> m [B, Hkv, G, T, W]."""
     z = span.astype(dtype)[None, :, :, None, None]
     absd = jnp.abs(d).astype(dtype)[:, None, None]
-    return jnp.clip(((ramp + z) - absd) / ramp, 0.0, 1.0)
+    return jnp.clip((z - (absd - ramp)) / ramp, 0.0, 1.0)
 
 
 def mask_slope(m, ramp):
@@ -37,16 +37,22 @@ def mask_slope(m, ramp):
 
 
 def ramp_slope(m, ramp):
-    """dm/dR = (1 - m)/R strictly inside (0, 1), else 0: m = (R + z - |d|)/R = 1 + (z - |d|)/R."""
+    """dm/dR = (1 - m)/R strictly inside (0, 1), else 0: m = (z - (|d| - R))/R = 1 + (z - |d|)/R."""
     return jnp.where((m > 0) & (m < 1), (1 - m) / ramp, 0.0).astype(m.dtype)
 
 
 def reach(span, ramp, dtype, limit):
-    """attnspec.geometry.reach, traced: ceil of the largest fl(R + z) over heads, formed as
-    soft_mask forms it (keys at |d| >= it have m = 0 exactly), clamped to `limit` (see
-    geometry.POSITION_LIMITS) and returned in `dtype`, the positions' integer dtype."""
-    total = jnp.max(ramp + span.astype(ramp.dtype))
-    return jnp.ceil(jnp.clip(total, 0, limit)).astype(dtype)
+    """attnspec.geometry.reach, traced: the ceiling of the exact R + max_h z_h. fl(R + z) and its
+    rounding error e (Knuth's two-sum: fl(R + z) + e = R + z exactly) give it: ceil(fl(R + z)),
+    plus one where fl(R + z) is an integer that rounding brought down onto (e > 0). Clamped to
+    `limit` (geometry.POSITION_LIMITS) and returned in `dtype`, the positions' integer dtype."""
+    z = jnp.max(span.astype(ramp.dtype))
+    total = ramp + z
+    back = total - ramp
+    error = (ramp - (total - back)) + (z - back)
+    total = jnp.clip(total, 0, limit)
+    up = jnp.ceil(total)
+    return (up + jnp.where((up == total) & (error > 0), 1, 0)).astype(dtype)
 
 
 def key_window(first_row, stop_row, Lk, positions, causal, reach, lengths):
@@ -85,7 +91,7 @@ def span_mask(Lq, Lk, span, ramp, q_offset=None):
     d = d.reshape(d.shape[:-2] + (1,) * z.ndim + d.shape[-2:])  # the head axis before [Lq, Lk]
     z = z.reshape(z.shape + (1, 1))
     R = jnp.asarray(ramp).astype(dtype)
-    m = jnp.clip(((R + z) - jnp.abs(d).astype(dtype)) / R, 0.0, 1.0)
+    m = jnp.clip((z - (jnp.abs(d).astype(dtype) - R)) / R, 0.0, 1.0)  # SPEC.md 3's order
     m = lax.stop_gradient(m)
     dz = z - lax.stop_gradient(z)  # 0 in value, the identity for derivatives
     dR = R - lax.stop_gradient(R)

@@ -1,5 +1,5 @@
-"""The soft span mask in torch (SPEC.md section 3): m = clip((R + z - |d|) / R, 0, 1) in the
-compute dtype, in that order; dm/dz = 1/R strictly inside (0, 1). Gradients are computed by
+"""The soft span mask in torch (SPEC.md section 3): m = clip((z - (|d| - R)) / R, 0, 1) in the
+compute dtype, in that order (no cancellation near the outer kink); dm/dz = 1/R strictly inside (0, 1). Gradients are computed by
 hand (`mask_slope`), never by autodiff through clamp."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def distances(Lq: int, Lk: int, q_offset: torch.Tensor) -> torch.Tensor:
 def soft_mask(d: torch.Tensor, span: torch.Tensor, ramp: float, dtype) -> torch.Tensor:
     """d [B, 1, Lq, Lk], span [H] -> m [B, H, Lq, Lk] in dtype."""
     z = span.to(dtype)[None, :, None, None]
-    return torch.clamp((ramp + z - d.abs().to(dtype)) / ramp, 0.0, 1.0)
+    return torch.clamp((z - (d.abs().to(dtype) - ramp)) / ramp, 0.0, 1.0)
 
 
 def mask_slope(m: torch.Tensor, ramp: float) -> torch.Tensor:
@@ -38,7 +38,7 @@ def _mask(Lq, Lk, span, ramp, q_offset):
         d = d[0]
     d = d.reshape(d.shape[:-2] + (1,) * span.dim() + d.shape[-2:])
     z = span.reshape(span.shape + (1, 1))
-    return torch.clamp((ramp + z - d.abs().to(span.dtype)) / ramp, 0.0, 1.0)
+    return torch.clamp((z - (d.abs().to(span.dtype) - ramp)) / ramp, 0.0, 1.0)
 
 
 class _SpanMask(torch.autograd.Function):

@@ -1,11 +1,12 @@
 """The soft span mask (SPEC.md section 3) and the key / query windows a tile can reach, as
 Triton device functions.
 
-m = clip(((R + z) - |d|) / R, 0, 1) in float32, in that order (the division correctly rounded,
-as the reference's); dm/dz = 1/R strictly inside (0, 1). `reach`, `key_window` and
-`query_window` are attnspec.geometry's functions of the same names, with the same formulas,
-on the kernels' int32 positions. The launch code clamps q_offset to +-POSITION_LIMIT and
-`reach` clamps R + z to it, far beyond any context length, so that no sum below overflows.
+m = clip((z - (|d| - R)) / R, 0, 1) in float32, in that order (no cancellation near the outer
+kink; the division correctly rounded, as the reference's); dm/dz = 1/R strictly inside (0, 1).
+`reach`, `key_window` and `query_window` are attnspec.geometry's functions of the same names,
+with the same formulas, on the kernels' int32 positions. The launch code clamps q_offset to
++-POSITION_LIMIT and `reach` clamps R + z to it, far beyond any context length, so that no sum
+below overflows.
 """
 
 from __future__ import annotations
@@ -22,11 +23,17 @@ POSITION_LIMIT = geometry.POSITION_LIMITS["int32"]
 
 @device_function
 def reach(z, ramp):
-    """geometry.reach: ceil(fl(R + z)) as an int32, with R + z formed as mask_block forms it, so
-    that m = 0 for every |d| >= it; R + z is clamped to POSITION_LIMIT (2^29, the literal)."""
-    total = tl.minimum(ramp + z, 536870912.0)
+    """geometry.reach as an int32: the ceiling of the exact R + z (m > 0 needs |d| < R + z
+    exactly). fl(R + z) and its rounding error e (two-sum: fl(R + z) + e = R + z) give it:
+    ceil(fl(R + z)), plus one where fl(R + z) is an integer that rounding brought down onto
+    (e > 0). R + z is clamped to POSITION_LIMIT (2^29, the literal)."""
+    total = ramp + z
+    back = total - ramp
+    error = (ramp - (total - back)) + (z - back)
+    total = tl.minimum(total, 536870912.0)
     r = total.to(tl.int32)  # floor: total >= 0
-    return r + (r.to(tl.float32) < total).to(tl.int32)
+    r = r + (r.to(tl.float32) < total).to(tl.int32)  # ceil
+    return r + ((r.to(tl.float32) == total) & (error > 0)).to(tl.int32)
 
 
 @device_function
@@ -75,7 +82,7 @@ def mask_block(offs_m, offs_n, offset, kv_len, Lq, z, ramp, HAS_SPAN: tl.constex
         allowed = allowed & (d >= 0)
     if HAS_SPAN:
         dist = tl.abs(d).to(tl.float32)
-        m = tl.math.div_rn((ramp + z) - dist, dist * 0.0 + ramp)
+        m = tl.math.div_rn(z - (dist - ramp), dist * 0.0 + ramp)
         m = tl.minimum(tl.maximum(m, 0.0), 1.0)
         allowed = allowed & (m > 0.0)
         m = tl.where(allowed, m, 0.0)
