@@ -29,11 +29,13 @@ CASES = [
     ("float32-halo-and-ring", dict(H=4, Hkv=2, alpha=[1.0, 1.5, 1.3, 1.0], span=[3.0, 30.0, 2.0, 4.0], ramp=2.0,
                                    causal=True, max_span=4.0, dtype="float32")),
     ("float32-ring-entmax", dict(H=2, Hkv=2, alpha=[1.7, 1.2], span=None, causal=False, dtype="float32")),
+    ("bfloat16-halo-and-ring", dict(H=2, Hkv=1, alpha=[1.5, 1.0], span=[2.0, 30.0], ramp=2.0, causal=True,
+                                    max_span=3.0, dtype="bfloat16", key_lengths=[20, 24])),
 ]
 
 L = 24
 LENGTHS = {1: [24], 2: [10, 14], 3: [9, 7, 8], 4: [5, 7, 6, 6]}
-EPS = {"float32": 2.0**-23, "float64": 2.0**-52}
+EPS_INPUT = {"bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
 
 
 def _inputs(settings, seed):
@@ -45,6 +47,10 @@ def _inputs(settings, seed):
     k = (1.5 * torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64)).to(dtype)
     v = torch.randn(B, Hkv, L, Dv, generator=g, dtype=torch.float64).to(dtype)
     w = torch.randn(B, H, L, Dv, generator=g, dtype=torch.float64)  # the loss's weights
+    if settings.get("key_lengths") is not None:  # padding may hold anything (SPEC.md 5.3)
+        for b, n in enumerate(settings["key_lengths"]):
+            k[b, :, n:] = float("nan")
+            v[b, :, n:] = float("inf")
     return q, k, v, w
 
 
@@ -84,10 +90,13 @@ def run_case(name, settings, rank, world, seed=0):
                  q[:, :, sl], k[:, :, sl], v[:, :, sl], w[:, :, sl], settings, dtype)
     names = ["out", "dq", "dk", "dv", "dalpha", "dspan"]
     local = [expected[0][:, :, sl], expected[1][:, :, sl], expected[2][:, :, sl], expected[3][:, :, sl]] + expected[4:]
-    eps = EPS[settings.get("dtype", "float64")]
-    max_s = float((q.double().abs().amax() * k.double().abs().amax() * q.shape[-1] ** 0.5))
-    rel = 8 * eps + 64 * eps * (1 + max_s)
-    max_v = float(v.double().abs().max())
+    eps_input = EPS_INPUT[settings.get("dtype", "float64")]
+    eps_compute = 2.0**-52 if dtype == torch.float64 else 2.0**-23
+    finite_k = torch.nan_to_num(k.double(), nan=0.0, posinf=0.0)
+    finite_v = torch.nan_to_num(v.double(), nan=0.0, posinf=0.0)
+    max_s = float((q.double().abs().amax() * finite_k.abs().amax() * q.shape[-1] ** 0.5))
+    rel = 8 * eps_input + 64 * eps_compute * (1 + max_s)
+    max_v = float(finite_v.abs().max())
     failures = []
     for n, e, a in zip(names, local, got):
         err = float((a.double() - e.double()).abs().max()) if e.numel() else 0.0
