@@ -201,7 +201,7 @@ class _Ring:
         def shape_k(owner):
             return (B, Hkv, cfg.layout.lengths[owner], D)
 
-        if not bool((eps > 0).any()):  # softmax heads only: one pass, online merge
+        if cfg.ring_softmax_only:  # alpha = 1 on every ring head: one pass, online merge
             state = {"lse": torch.full(row, -torch.inf, dtype=dtype, device=q.device),
                      "out": torch.zeros((B, H, Lr, Dv), dtype=dtype, device=q.device)}
 
@@ -386,7 +386,7 @@ class _ContextParallel(torch.autograd.Function):
                     leaves.append(span.index_select(0, qi_t).detach().requires_grad_())
                 from attnspec import api
 
-                with torch.enable_grad():
+                with torch.set_grad_enabled(cfg.need_graph):
                     w = leaves[1]
                     out_h = api.attention(
                         leaves[0], w[..., :D], w[..., D:], alpha=leaves[2],
@@ -522,13 +522,15 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     reach = torch.zeros(H, dtype=torch.int64, device=device)
     if span_h is not None:
         reach = (torch.ceil(ramp + span_h.detach()) - 1).clamp_min(0).to(torch.int64)
-    meta = torch.cat([torch.tensor([Lr], dtype=torch.int64, device=device), reach])
+    entmax_heads = (alpha_h.detach() > 1).to(torch.int64)
+    meta = torch.cat([torch.tensor([Lr], dtype=torch.int64, device=device), reach, entmax_heads])
     gathered = [torch.empty_like(meta) for _ in range(world)]
     _TRAFFIC["allreduce_bytes"] += meta.numel() * meta.element_size()
     dist.all_gather(gathered, meta, group=group)
     gathered = torch.stack(gathered).cpu()
     layout = geometry.Layout(tuple(int(x) for x in gathered[:, 0].tolist()))
-    head_reach = gathered[:, 1:].amax(0).tolist()
+    head_reach = gathered[:, 1:H + 1].amax(0).tolist()
+    entmax_heads = gathered[:, H + 1:].amax(0).tolist()
 
     offsets = _offsets(q_offset, B, device)
     lengths = None
@@ -550,12 +552,17 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     cfg.q_offset = torch.tensor(offsets, dtype=torch.int64, device=device)
     cfg.offset_max = max(offsets)
     cfg.backend = backend
+    # A graph for the halo call only when a gradient can be asked for (not under no_grad).
+    cfg.need_graph = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, alpha_h, span_h))
     halo = None
     if span_h is not None and max_span is not None:
         bound = float(ramp + torch.tensor(float(max_span), dtype=dtype))
         halo = geometry.reach_keys(bound)
     cfg.halo_heads = [h for h in range(H) if halo is not None and head_reach[h] <= halo]
     cfg.ring_heads = [h for h in range(H) if h not in cfg.halo_heads]
+    # Every rank picks the same ring algorithm (online merge when every ring head has alpha = 1).
+    cfg.ring_softmax_only = not any(entmax_heads[h] for h in cfg.ring_heads)
     cfg.halo = halo
     if cfg.halo_heads:
         windows = [geometry.window(layout, r, halo, cfg.causal, min(offsets), max(offsets)) for r in range(world)]
