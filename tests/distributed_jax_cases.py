@@ -26,10 +26,12 @@ CASES = [
     ("halo-two-blocks-both-sides-lengths-offset", dict(alpha=[1.3, 1.0, 1.7, 1.5], span=[9.0, 4.0, 1.0, 7.0],
                                                        causal=False, max_span=9.0, key_lengths=[29, 32],
                                                        q_offset=[1, 0], expect="ppermute")),
-    ("head-beyond-bound-takes-all-keys", dict(alpha=1.5, span=[3.0, 20.0, 2.0, 2.0], causal=True, max_span=4.0,
+    ("head-beyond-bound-takes-the-ring", dict(alpha=1.5, span=[3.0, 20.0, 2.0, 2.0], causal=True, max_span=4.0,
                                               expect="cond")),
-    ("no-span-all-keys-float32", dict(alpha=[1.0, 1.6, 1.0, 1.2], span=None, causal=True, dtype="float32",
-                                      expect="all_gather")),
+    ("no-span-ring-float32", dict(alpha=[1.0, 1.6, 1.0, 1.2], span=None, causal=True, dtype="float32",
+                                  expect="while")),
+    ("no-span-ring-both-sides-lengths", dict(alpha=[1.0, 1.6, 1.2, 2.0], span=None, causal=False,
+                                             key_lengths=[29, 32], expect="while")),
 ]
 
 
