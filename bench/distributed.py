@@ -2,7 +2,7 @@
 forward + backward, for span heads through the halo against the same heads through the ring
 over all keys (max_span=None), on `world` processes over gloo on this machine (CPU).
 
-    python -m attnspec.bench.distributed --world 4 --lengths 1024 4096 8192 \\
+    python -m attnspec.bench.distributed --world 4 --lengths 1024 2048 4096 \\
         --out bench/results/distributed_cpu
 
 Each rank runs one thread. Bytes are counted at the calls into torch.distributed
@@ -69,6 +69,7 @@ def _worker(rank, world, init_file, out_file, configs, repeats):
             p2p = [int(x[0]) for x in everyone]
             rows.append(dict(cfg, seconds=statistics.median(times), p2p_bytes_per_rank=p2p,
                              collective_bytes_per_rank=[int(x[1]) for x in everyone]))
+            print(json.dumps(rows[-1]), flush=True)
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump(rows, f)
@@ -100,7 +101,7 @@ def _markdown(rows, meta):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=4)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 1.5])
     parser.add_argument("--span", type=float, default=64.0)
     parser.add_argument("--ramp", type=float, default=32.0)
