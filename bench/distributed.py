@@ -83,7 +83,9 @@ def _markdown(rows, meta):
              "Causal, B = 1, H = Hkv = 4, D = Dv = 32, float32, span z = "
              f"{rows[0]['span']} and ramp R = {rows[0]['ramp']} on every head; forward + backward.",
              "Bytes: point-to-point bytes sent by the busiest rank (all-reduce/all-gather bytes: the small "
-             "metadata and stop flags, listed apart). Time: median over repeats, slowest rank.", "",
+             "metadata and stop flags, listed apart; exact). Time: median over repeats, slowest rank; with more "
+             "processes than free cores (see the load) it includes waiting for a core, so the time ratios "
+             "are indicative, the byte ratios exact.", "",
              "| L | alpha | path | p2p bytes sent (max rank) | collective bytes | time (s) | ring / halo bytes | ring / halo time |",
              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     by_key = {(r["L"], r["alpha"], r["path"]): r for r in rows}
