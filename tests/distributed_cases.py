@@ -118,6 +118,32 @@ def run_case(name, settings, rank, world, seed=0):
     return failures
 
 
+def refusals(rank, world):
+    """Malformed calls raise a clear error on every rank (before any rank waits on another)."""
+    from attnspec.distributed import torch as cp
+
+    q = torch.zeros(1, 2, LENGTHS[world][rank], 4)
+    checks = [
+        (dict(k=q[:, :, :-1] if q.shape[2] > 1 else torch.zeros(1, 2, 2, 4)), "one length"),
+        (dict(span=2.0, max_span=-1.0), "max_span"),
+        (dict(key_lengths=torch.tensor([L + 1])), "key_lengths"),
+        (dict(alpha=torch.tensor([1.5, 1.5, 1.5])), "alpha"),
+    ]
+    failures = []
+    for change, words in checks:
+        kwargs = dict(k=q)
+        kwargs.update(change)
+        k = kwargs.pop("k")
+        try:
+            cp.attention(q, k, k, **kwargs)
+        except (ValueError, TypeError) as error:
+            if words not in str(error):
+                failures.append(f"refusal {change}: the error does not name {words!r}: {error}")
+        else:
+            failures.append(f"refusal {change}: no error")
+    return failures
+
+
 def worker(rank, world, init_file, result_dir, only):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -131,6 +157,8 @@ def worker(rank, world, init_file, result_dir, only):
             except Exception:
                 failures.append(f"{name}: raised\n{traceback.format_exc()}")
                 raise
+        if not only:
+            failures += refusals(rank, world)
     finally:
         with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
             f.write("\n".join(failures))
