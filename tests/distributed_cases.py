@@ -146,6 +146,9 @@ def refusals(rank, world):
 
 def worker(rank, world, init_file, result_dir, only):
     torch.set_num_threads(1)
+    from attnspec.distributed import torch as cp
+
+    cp.RING_TILE_ELEMENTS, cp.RING_MIN_TILE = 1, 4  # many query tiles per ring block (uneven last tiles)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     failures = []
     try:

@@ -163,6 +163,13 @@ def _ring(first, shape_of, step, group, rank, world):
             block, owner = buffer, nxt
 
 
+#: Elements of one ring block's score buffers [B, H, tile, L_s]: queries are processed in tiles
+#: of rows small enough for it (at least RING_MIN_TILE rows), so memory does not grow with
+#: L_r * L_s. Tests lower both to exercise many tiles.
+RING_TILE_ELEMENTS = 1 << 20
+RING_MIN_TILE = 16
+
+
 class _Ring:
     """The ring path for a set of heads: forward state and backward."""
 
@@ -170,14 +177,21 @@ class _Ring:
         self.cfg = cfg
         self.eps = eps  # [1, H', 1, 1]
 
-    def _block(self, q, kv, owner, D, span):
+    def _tiles(self, q, owner):
+        B, H, Lr, _ = q.shape
+        per_row = max(1, B * H * self.cfg.layout.lengths[owner])
+        tile = max(RING_MIN_TILE, RING_TILE_ELEMENTS // per_row)
+        for i0 in range(0, Lr, tile):
+            yield i0, min(Lr, i0 + tile)
+
+    def _block(self, q, kv, owner, D, span, i0, i1):
         from attnspec.backends.torch import partial
 
         cfg = self.cfg
         k = kv[..., :D]
         v = kv[..., D:] if kv.shape[-1] > D else k[..., :0]
-        return partial.block_scores(q, k, v, cfg.start, cfg.layout.starts[owner], span, cfg.ramp, cfg.causal,
-                                    cfg.key_lengths, cfg.q_offset, cfg.scale)
+        return partial.block_scores(q[:, :, i0:i1], k, v, cfg.start + i0, cfg.layout.starts[owner], span, cfg.ramp,
+                                    cfg.causal, cfg.key_lengths, cfg.q_offset, cfg.scale)
 
     def _needed(self, owner):
         cfg = self.cfg
@@ -185,6 +199,7 @@ class _Ring:
 
     def forward(self, q, k, v, span):
         """out [B, H', L_r, Dv] in the compute dtype; keeps c, sum w v and sum w."""
+        from attnspec.backends.torch import entmax as _entmax
         from attnspec.backends.torch import partial
 
         cfg = self.cfg
@@ -201,95 +216,98 @@ class _Ring:
         def shape_k(owner):
             return (B, Hkv, cfg.layout.lengths[owner], D)
 
+        def full(value):
+            return torch.full(row, value, dtype=dtype, device=q.device)
+
         if cfg.ring_softmax_only:  # alpha = 1 on every ring head: one pass, online merge
-            state = {"lse": torch.full(row, -torch.inf, dtype=dtype, device=q.device),
-                     "out": torch.zeros((B, H, Lr, Dv), dtype=dtype, device=q.device)}
+            lse, out = full(-torch.inf), torch.zeros((B, H, Lr, Dv), dtype=dtype, device=q.device)
 
             def merge(owner, block):
                 if not self._needed(owner):
                     return
-                lse_b, out_b = partial.softmax_block(self._block(q, block, owner, D, span))
-                state["lse"], state["out"] = partial.merge_softmax(state["lse"], state["out"], lse_b, out_b)
+                for i0, i1 in self._tiles(q, owner):
+                    lse_b, out_b = partial.softmax_block(self._block(q, block, owner, D, span, i0, i1))
+                    lse[..., i0:i1, :], out[..., i0:i1, :] = partial.merge_softmax(
+                        lse[..., i0:i1, :], out[..., i0:i1, :], lse_b, out_b)
 
             _ring(kv, shape_kv, merge, cfg.group, cfg.rank, cfg.world)
-            lse = state["lse"]
             nonempty = torch.isfinite(lse)
             self.c = torch.where(nonempty, lse, 0.0)
-            self.wv = state["out"]
+            self.wv = out
             self.wsum = nonempty.to(dtype)
-            return state["out"]
+            return out
 
         kk = k.to(dtype).contiguous()
-        acc = {"top": torch.full(row, -torch.inf, dtype=dtype, device=q.device),
-               "mass": torch.zeros(row, dtype=dtype, device=q.device),
-               "lone": torch.full(row, -torch.inf, dtype=dtype, device=q.device),
-               "lse": torch.full(row, -torch.inf, dtype=dtype, device=q.device)}
+        top, mass, lone, lse = full(-torch.inf), full(0.0), full(-torch.inf), full(-torch.inf)
 
         def bounds(owner, block):
             if not self._needed(owner):
                 return
-            top, mass, lone, lse = partial.row_bounds(self._block(q, block, owner, D, span), eps)
-            acc["top"] = torch.maximum(acc["top"], top)
-            acc["mass"] = acc["mass"] + mass
-            acc["lone"] = torch.maximum(acc["lone"], lone)
-            acc["lse"] = torch.logaddexp(acc["lse"], lse)
+            for i0, i1 in self._tiles(q, owner):
+                t_b, m_b, l_b, e_b = partial.row_bounds(self._block(q, block, owner, D, span, i0, i1), eps)
+                rows = (Ellipsis, slice(i0, i1), slice(None))
+                top[rows] = torch.maximum(top[rows], t_b)
+                mass[rows] += m_b
+                lone[rows] = torch.maximum(lone[rows], l_b)
+                lse[rows] = torch.logaddexp(lse[rows], e_b)
 
         _ring(kk, shape_k, bounds, cfg.group, cfg.rank, cfg.world)
-        nonempty = torch.isfinite(acc["top"])
-        top = torch.where(nonempty, acc["top"], 0.0)
+        nonempty = torch.isfinite(top)
+        top = torch.where(nonempty, top, 0.0)
         safe = torch.where(eps > 0, eps, 1.0)
-        lo = torch.where(nonempty, acc["lone"], 0.0)
-        hi = top - torch.expm1(-safe * torch.log(torch.where(nonempty, acc["mass"], 1.0))) / safe
+        lo = torch.where(nonempty, lone, 0.0)
+        hi = top - torch.expm1(-safe * torch.log(torch.where(nonempty, mass, 1.0))) / safe
         hi = torch.maximum(hi, lo)
         solving = nonempty & (eps > 0)
         c = lo
         tolerance = 4 * torch.finfo(dtype).eps
         self.newton_steps = 0
-        from attnspec.backends.torch import entmax as _entmax
-
         for _ in range(_entmax.ITERATIONS[dtype]):
-            sums = {"p": torch.zeros(row, dtype=dtype, device=q.device),
-                    "w": torch.zeros(row, dtype=dtype, device=q.device)}
+            sum_p, sum_w = full(0.0), full(0.0)
 
             def newton_sums(owner, block, c=c):
                 if not self._needed(owner):
                     return
-                sp, sw = partial.row_sums(self._block(q, block, owner, D, span), eps, c)
-                sums["p"] += sp
-                sums["w"] += sw
+                for i0, i1 in self._tiles(q, owner):
+                    sp, sw = partial.row_sums(self._block(q, block, owner, D, span, i0, i1), eps,
+                                              c[..., i0:i1, :])
+                    sum_p[..., i0:i1, :] += sp
+                    sum_w[..., i0:i1, :] += sw
 
             _ring(kk, shape_k, newton_sums, cfg.group, cfg.rank, cfg.world)
             self.newton_steps += 1
             # Newton on h = log sum p, safeguarded as the single-device solve (SPEC.md 2.4).
-            with torch.no_grad():
-                h = torch.log(sums["p"])
-                slope = -sums["w"] / sums["p"]
-                lo = torch.where(h >= 0, c, lo)
-                hi = torch.where(h <= 0, c, hi)
-                newton = c - h / slope
-                inside = torch.isfinite(newton) & (newton >= lo) & (newton <= hi)
-                convex = c + torch.expm1(-h) / slope
-                convex_inside = torch.isfinite(convex) & (convex >= lo) & (convex <= hi)
-                proposal = torch.where(inside, newton, torch.where(convex_inside, convex, (lo + hi) / 2))
-                c_new = torch.where(solving & (h != 0), proposal, c)
-                moving = solving & ((c_new - c).abs() > tolerance * (1 + (c_new - top).abs()))
-                c = c_new
-                flag = torch.tensor([1.0 if bool(moving.any()) else 0.0], dtype=torch.float64, device=q.device)
-                _all_reduce(flag, cfg.group, dist.ReduceOp.MAX)  # every rank stops after the same step
-                if flag.item() == 0:
-                    break
-        c = torch.where(eps > 0, c, torch.where(torch.isfinite(acc["lse"]), acc["lse"], 0.0))
+            h = torch.log(sum_p)
+            slope = -sum_w / sum_p
+            lo = torch.where(h >= 0, c, lo)
+            hi = torch.where(h <= 0, c, hi)
+            newton = c - h / slope
+            inside = torch.isfinite(newton) & (newton >= lo) & (newton <= hi)
+            convex = c + torch.expm1(-h) / slope
+            convex_inside = torch.isfinite(convex) & (convex >= lo) & (convex <= hi)
+            proposal = torch.where(inside, newton, torch.where(convex_inside, convex, (lo + hi) / 2))
+            c_new = torch.where(solving & (h != 0), proposal, c)
+            moving = solving & ((c_new - c).abs() > tolerance * (1 + (c_new - top).abs()))
+            c = c_new
+            flag = torch.tensor([1.0 if bool(moving.any()) else 0.0], dtype=torch.float64, device=q.device)
+            _all_reduce(flag, cfg.group, dist.ReduceOp.MAX)  # every rank stops after the same step
+            if flag.item() == 0:
+                break
+        c = torch.where(eps > 0, c, torch.where(torch.isfinite(lse), lse, 0.0))
         c = torch.where(nonempty, c, 0.0)
         out = torch.zeros((B, H, Lr, Dv), dtype=dtype, device=q.device)
         wv = torch.zeros_like(out)
-        wsum = torch.zeros(row, dtype=dtype, device=q.device)
+        wsum = full(0.0)
 
         def values(owner, block):
-            nonlocal out, wv, wsum
             if not self._needed(owner):
                 return
-            pv, wv_b, ws = partial.weighted_values(self._block(q, block, owner, D, span), eps, c)
-            out, wv, wsum = out + pv, wv + wv_b, wsum + ws
+            for i0, i1 in self._tiles(q, owner):
+                pv, wv_b, ws = partial.weighted_values(self._block(q, block, owner, D, span, i0, i1), eps,
+                                                       c[..., i0:i1, :])
+                out[..., i0:i1, :] += pv
+                wv[..., i0:i1, :] += wv_b
+                wsum[..., i0:i1, :] += ws
 
         _ring(kv, shape_kv, values, cfg.group, cfg.rank, cfg.world)
         self.c, self.wv, self.wsum = c, wv, wsum
@@ -313,19 +331,19 @@ class _Ring:
         payload = torch.cat([k.to(dtype), v.to(dtype), torch.zeros((B, Hkv, Lr, width), dtype=dtype,
                                                                       device=q.device)], -1)
         owner = cfg.rank
-        nxt_rank = dist.get_global_rank(cfg.group, (cfg.rank + 1) % cfg.world)
-        prev_rank = dist.get_global_rank(cfg.group, (cfg.rank - 1) % cfg.world)
         for t in range(cfg.world):
             if self._needed(owner):
-                block = self._block(q, payload[..., :width], owner, D, span)
-                dq_b, dk_b, dv_b, deps_b, dspan_b = partial.backward_block(
-                    block, self.eps, self.c, gbar, dout, cfg.scale, cfg.ramp, need_eps)
-                dq += dq_b
-                payload[..., width:width + D] += dk_b
-                payload[..., width + D:] += dv_b
-                deps += deps_b
-                if dspan is not None:
-                    dspan += dspan_b
+                for i0, i1 in self._tiles(q, owner):
+                    block = self._block(q, payload[..., :width], owner, D, span, i0, i1)
+                    rows = (Ellipsis, slice(i0, i1), slice(None))
+                    dq_b, dk_b, dv_b, deps_b, dspan_b = partial.backward_block(
+                        block, self.eps, self.c[rows], gbar[rows], dout[rows], cfg.scale, cfg.ramp, need_eps)
+                    dq[rows] += dq_b
+                    payload[..., width:width + D] += dk_b
+                    payload[..., width + D:] += dv_b
+                    deps += deps_b
+                    if dspan is not None:
+                        dspan += dspan_b
             nxt = (cfg.rank - t - 1) % cfg.world
             if t < cfg.world - 1:
                 send = payload
@@ -338,9 +356,7 @@ class _Ring:
             else:
                 buffer = send
             payload, owner = buffer, nxt
-        del nxt_rank, prev_rank
-        dkv = payload
-        return dq, dkv[..., :D], dkv[..., D:], deps, dspan
+        return dq, payload[..., :D], payload[..., D:], deps, dspan
 
 
 # ---------------------------------------------------------------------------------------------
