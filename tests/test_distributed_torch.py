@@ -1,0 +1,128 @@
+"""Context-parallel attention on torch.distributed (gloo, CPU): every value and gradient of
+the sharded call equals the single-device call on the whole sequence (float64 to 1e-12,
+float32 within SPEC.md section 9), with 2 and 4 processes on uneven blocks."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from attnspec.distributed import geometry  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import distributed_cases  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def _spawn(world, tmp_path, only=()):
+    mp.spawn(distributed_cases.worker, args=(world, str(tmp_path / "init"), str(tmp_path), list(only)),
+             nprocs=world, join=True)
+    failures = []
+    for rank in range(world):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        failures += [f"rank {rank}: {line}" for line in text.splitlines() if line]
+    return failures
+
+
+def test_two_processes_match_the_single_device_call(tmp_path):
+    failures = _spawn(2, tmp_path)
+    assert not failures, "\n".join(failures)
+
+
+def test_four_processes_match_the_single_device_call(tmp_path):
+    failures = _spawn(4, tmp_path)
+    assert not failures, "\n".join(failures)
+
+
+# --- geometry -----------------------------------------------------------------------------------
+
+
+def test_reach_is_the_largest_readable_distance():
+    # |d| < fl(R + z): R + z = 5 reads d = 4 at most; 5.5 reads d = 5.
+    assert geometry.reach_keys(5.0) == 4
+    assert geometry.reach_keys(5.5) == 5
+    assert geometry.reach_keys(0.5) == 0
+    with pytest.raises(ValueError, match="R \\+ z"):
+        geometry.reach_keys(float("nan"))
+
+
+def test_windows_and_pieces_cover_several_shards():
+    layout = geometry.Layout((5, 7, 6, 6))
+    assert layout.starts == (0, 5, 12, 18) and layout.total == 24
+    # causal, halo 9: rank 2 (positions 12..17) reads keys 3..17, from ranks 0, 1 and itself
+    assert geometry.window(layout, 2, 9, True, 0, 0) == (3, 18)
+    # both sides: up to 9 after position 17, clipped at the end
+    assert geometry.window(layout, 2, 9, False, 0, 0) == (3, 24)
+    windows = [geometry.window(layout, r, 9, True, 0, 0) for r in range(4)]
+    pieces = [p for p in geometry.exchange(layout, windows) if p.reader == 2]
+    assert [(p.owner, p.lo, p.hi) for p in pieces] == [(0, 3, 5), (1, 5, 12), (2, 12, 18)]
+    with pytest.raises(ValueError, match="at least one position"):
+        geometry.Layout((3, 0))
+
+
+# --- per-block operations -----------------------------------------------------------------------
+
+
+def test_partial_row_statistics_combine_to_the_reference():
+    """The per-block sums of backends/torch/partial.py, added over two key blocks, give the
+    reference's row statistics: sum p = 1 at the reference's c, the log-sum-exp, P V, and gbar."""
+    from attnspec.backends.torch import partial
+    import importlib
+
+    ref_entmax = importlib.import_module("attnspec.reference.entmax")
+
+    rng = np.random.default_rng(0)
+    B, H, Lq, Lk, D, Dv = 1, 2, 5, 9, 3, 2
+    q = torch.tensor(rng.normal(size=(B, H, Lq, D)))
+    k = torch.tensor(rng.normal(size=(B, H, Lk, D)))
+    v = torch.tensor(rng.normal(size=(B, H, Lk, Dv)))
+    dout = torch.tensor(rng.normal(size=(B, H, Lq, Dv)))
+    span = torch.tensor([3.0, 6.0], dtype=torch.float64)
+    alpha = np.array([1.0, 1.6])
+    offset = torch.tensor([4])
+    eps = torch.tensor(alpha - 1)[None, :, None, None]
+    whole = partial.block_scores(q, k, v, 0, 0, span, 2.0, True, None, offset, 0.5)
+    rows = whole.s.reshape(-1, Lk).numpy()
+    m = whole.m.reshape(-1, Lk).numpy()
+    sol = ref_entmax.solve_rows(rows, m, np.repeat(alpha - 1, Lq))
+    p = sol.p.reshape(B, H, Lq, Lk)
+    # c from the reference's t = s - c on the support
+    t = np.where(sol.p > 0, sol.t, np.nan)
+    c = np.nanmean(rows - t, axis=-1).reshape(B, H, Lq, 1)
+    c_t = torch.tensor(c)
+    blocks = [partial.block_scores(q, k[:, :, j0:j1], v[:, :, j0:j1], 0, j0, span, 2.0, True, None, offset, 0.5)
+              for j0, j1 in ((0, 4), (4, Lk))]
+    sum_p = sum(partial.row_sums(b, eps, c_t)[0] for b in blocks)
+    np.testing.assert_allclose(sum_p.numpy(), 1.0, rtol=0, atol=1e-13)
+    pv = sum(partial.weighted_values(b, eps, c_t)[0] for b in blocks)
+    np.testing.assert_allclose(pv.numpy(), np.einsum("bhij,bhjd->bhid", p, v.numpy()), atol=1e-13)
+    wv = sum(partial.weighted_values(b, eps, c_t)[1] for b in blocks)
+    wsum = sum(partial.weighted_values(b, eps, c_t)[2] for b in blocks)
+    gbar = partial.gbar(dout, wv, wsum).numpy()[..., 0]
+    w = np.where(p > 0, p / np.where(p > 0, sol.u.reshape(p.shape), 1), 0)
+    g = np.einsum("bhid,bhjd->bhij", dout.numpy(), v.numpy())
+    np.testing.assert_allclose(gbar, (w * g).sum(-1) / w.sum(-1), atol=1e-13)
+    # alpha = 1's log-normaliser, merged online from the two blocks
+    lse, out = partial.softmax_block(blocks[0])
+    lse2, out2 = partial.softmax_block(blocks[1])
+    lse, out = partial.merge_softmax(lse, out, lse2, out2)
+    np.testing.assert_allclose(lse.numpy()[:, 0], c[:, 0], atol=1e-13)
+    np.testing.assert_allclose(out.numpy()[:, 0], np.einsum("bij,bjd->bid", p[:, 0], v.numpy()[:, 0]), atol=1e-13)
+
+
+def test_refuses_without_a_process_group():
+    from attnspec.distributed import torch as cp
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    q = torch.zeros(1, 1, 4, 2)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        cp.attention(q, q, q)
