@@ -5,15 +5,17 @@ A sequence of L positions is split into contiguous blocks, one per rank (rank r 
 starts[r] .. starts[r] + lengths[r] - 1, for its queries and its keys alike). Query i (global)
 sits at i + o_b, key j at j, d = i + o_b - j (SPEC.md section 1).
 
-A span head reads key j only where m > 0, i.e. |d| < fl(R + z) (SPEC.md section 3, in the
-compute dtype): at most ceil(fl(R + z)) - 1 keys away. A shard's queries therefore need a halo
-of that many keys on each side (causal: before them only) beyond their own positions.
+A span head reads key j only where m > 0, i.e. |d| < attnspec.geometry.reach(z, R) (SPEC.md
+section 3, in the compute dtype): at most reach - 1 keys away. A shard's queries therefore need
+a halo of that many keys on each side (causal: before them only) beyond their own positions.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from .. import geometry as spec_geometry
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,12 @@ class Layout:
         return start, start + self.lengths[rank]
 
 
-def reach_keys(ramp_plus_span: float) -> int:
-    """The largest |d| a head may read: |d| < x with x = fl(R + z) in the compute dtype, so
-    ceil(x) - 1 (0 when only d = 0 is readable)."""
-    if not math.isfinite(ramp_plus_span) or ramp_plus_span <= 0:
-        raise ValueError(f"R + z must be finite and > 0; got {ramp_plus_span}")
-    return max(0, math.ceil(ramp_plus_span) - 1)
+def reach_keys(span, ramp: float, dtype: str) -> int:
+    """The largest |d| a head of span z may read (0 when only d = 0 is readable): the spec's
+    reach (attnspec.geometry.reach, z and R in the compute dtype `dtype`) minus one."""
+    if not math.isfinite(float(span)) or not math.isfinite(float(ramp)) or float(ramp) <= 0:
+        raise ValueError(f"span and ramp must be finite (ramp > 0); got span={span}, ramp={ramp}")
+    return max(0, spec_geometry.reach(span, ramp, dtype) - 1)
 
 
 def window(layout: Layout, rank: int, halo: int, causal: bool, offset_min: int, offset_max: int) -> tuple:

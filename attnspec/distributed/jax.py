@@ -32,6 +32,7 @@ import numpy as np
 from jax import lax
 from functools import partial
 
+from .. import geometry as spec_geometry
 from . import geometry
 
 
@@ -252,7 +253,7 @@ def attention(q, k, v, *, axis_name, alpha=1.0, span=None, ramp=32.0, causal=Fal
     if span is None or max_span is None:
         return ring_path()
     dtype = _compute_dtype(q.dtype)
-    halo = geometry.reach_keys(float(dtype(ramp) + dtype(max_span)))
+    halo = geometry.reach_keys(float(max_span), float(ramp), np.dtype(dtype).name)
     need_before = max(0, halo - o_min)
     need_after = max(0, o_max if causal else o_max + halo)
     W = Lb + need_before + need_after
@@ -281,6 +282,10 @@ def attention(q, k, v, *, axis_name, alpha=1.0, span=None, ramp=32.0, causal=Fal
         lengths = None if kl is None else jnp.clip(kl - a, 0, W)
         return attnspec.attention(q, window[..., :D], window[..., D:], key_lengths=lengths, q_offset=qo, **common)
 
-    reach = jnp.ceil(jnp.asarray(ramp, dtype) + jnp.asarray(span, dtype)) - 1
-    fits = jnp.all(reach <= halo)
+    from attnspec.backends.jax import span as _span  # the spec's reach, traced
+
+    pdt = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+    reach = _span.reach(jnp.atleast_1d(jnp.asarray(span, dtype)), jnp.asarray(ramp, dtype), pdt,
+                        spec_geometry.POSITION_LIMITS[jnp.dtype(pdt).name]) - 1
+    fits = reach <= halo
     return lax.cond(fits, halo_path, ring_path)

@@ -537,7 +537,9 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     # ranks decides, so that every rank takes the same path even if spans drifted apart).
     reach = torch.zeros(H, dtype=torch.int64, device=device)
     if span_h is not None:
-        reach = (torch.ceil(ramp + span_h.detach()) - 1).clamp_min(0).to(torch.int64)
+        name = str(dtype).removeprefix("torch.")
+        reach = torch.tensor([geometry.reach_keys(z, ramp, name) for z in span_h.detach().tolist()],
+                             dtype=torch.int64, device=device)
     entmax_heads = (alpha_h.detach() > 1).to(torch.int64)
     meta = torch.cat([torch.tensor([Lr], dtype=torch.int64, device=device), reach, entmax_heads])
     gathered = [torch.empty_like(meta) for _ in range(world)]
@@ -573,8 +575,7 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
         isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, alpha_h, span_h))
     halo = None
     if span_h is not None and max_span is not None:
-        bound = float(ramp + torch.tensor(float(max_span), dtype=dtype))
-        halo = geometry.reach_keys(bound)
+        halo = geometry.reach_keys(float(max_span), ramp, str(dtype).removeprefix("torch."))
     cfg.halo_heads = [h for h in range(H) if halo is not None and head_reach[h] <= halo]
     cfg.ring_heads = [h for h in range(H) if h not in cfg.halo_heads]
     # Every rank picks the same ring algorithm (online merge when every ring head has alpha = 1).
