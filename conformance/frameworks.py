@@ -2,7 +2,10 @@
 
 One adapter per framework, imported lazily. NumPy has no autograd, so a NumPy kernel's
 gradients come from its declared `vjp` (the reference's signature); frameworks with autograd
-(torch, jax) differentiate the kernel's function itself.
+(torch, jax) differentiate the op called through the dispatcher with `backend=`, so that a
+call asking for a gradient the kernel does not declare is refused as it would be for a user.
+Only the inputs named in `wrt` (the kernel's declared gradients) are differentiated; a
+gradient the framework leaves as None comes back as None (a declared gradient missing).
 """
 
 from __future__ import annotations
