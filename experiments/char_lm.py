@@ -261,11 +261,13 @@ def attention_cost(spans, ramp: float, context: int):
     full-attention query reads; in_window averages over the causal positions i = 0 .. L-1 of a
     training window, min(i + 1, ceil(z + R)) against i + 1. Both are 1 for full attention.
     """
+    from attnspec import geometry
+
     positions = np.arange(1, context + 1)
     at_context, in_window = [], []
     for layer in spans:
         for z in layer:
-            reach = math.ceil(z + ramp)
+            reach = geometry.reach(z, ramp)  # ceil(z + R)
             at_context.append(min(reach, context) / context)
             in_window.append(np.minimum(positions, reach).sum() / positions.sum())
     return float(np.mean(at_context)), float(np.mean(in_window))
