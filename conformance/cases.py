@@ -49,13 +49,17 @@ class AttentionCase:
     scale: object = None
     gradients: bool = True
     note: str = ""
+    key_padding_mask: object = None  # None or a bool array [B, Lk] (True: readable)
 
     op = "attention"
 
     @property
     def kwargs(self) -> dict:
-        return dict(alpha=self.alpha, span=self.span, ramp=self.ramp, causal=self.causal,
-                    key_lengths=self.key_lengths, q_offset=self.q_offset, scale=self.scale)
+        kw = dict(alpha=self.alpha, span=self.span, ramp=self.ramp, causal=self.causal,
+                  key_lengths=self.key_lengths, q_offset=self.q_offset, scale=self.scale)
+        if self.key_padding_mask is not None:
+            kw["key_padding_mask"] = self.key_padding_mask
+        return kw
 
     def rounded(self, dtype: str) -> "AttentionCase":
         return replace(
