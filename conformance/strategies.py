@@ -53,7 +53,7 @@ ATTENTION_CELLS = [
     _cell("key_lengths", "attention", {"key_lengths"}, {"entmax", "causal"}),
     _cell("q_offset", "attention", {"q_offset"}, {"causal", "span", "span_per_head", "entmax"}),
     _cell("gqa", "attention", {"gqa"}, {"entmax", "alpha_per_head", "causal"}),
-    _cell("key_padding_mask", "attention", {"key_padding_mask"},
+    _cell("padding_mask", "attention", {"key_padding_mask"},  # a name as wide as the report column
           {"entmax", "causal", "span", "key_lengths", "q_offset", "gqa"}),
     _cell("combined", "attention", set(), {"entmax", "alpha_per_head", "span", "span_per_head", "causal",
                                            "key_lengths", "q_offset", "gqa"}),

@@ -187,7 +187,8 @@ def test_pytest_plugin_runs_the_suite_on_a_third_party_package(pytester, tmp_pat
     pytester.makepyfile(test_own="def test_own_things():\n    assert True\n")
 
     result = pytester.runpytest_subprocess("--attnspec-backend=examplekernel", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=7, skipped=3)  # 6 cells + its own test; span, entmax op, span_mask op
+    # 6 cells + its own test; skipped: span, padding_mask, entmax op, span_mask op
+    result.assert_outcomes(passed=7, skipped=4)
     result.stdout.fnmatch_lines(["*attnspec conformance: backends examplekernel, profile ci*"])
 
     monkeypatch.setenv("ATTNSPEC_EXAMPLE_BUG", "scale")

@@ -170,3 +170,24 @@ def test_what_attnspec_cannot_express_is_refused():
         windowed(input_ids=ids, attention_mask=mask)
     with pytest.raises(TypeError, match="unknown attnspec settings"):
         ats.configure(_config("llama"), spam=1)
+
+
+@pytest.mark.parametrize("settings", [dict(max_span=3.0, span_init=0.5, ramp=2.0),
+                                      dict(alpha=1.3, learn_alpha=True, max_span=4.0, span_init=0.6, ramp=1.5)])
+def test_span_trimmed_cache_generates_the_same_tokens_and_stays_bounded(settings):
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    _, model = _pair("llama", **settings)
+    ids, mask = _batch(4, L=7)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    cache = ats.span_cache(model)
+    bound = max(m.attnspec.cache_bound() for m in ats._attention_modules(model))
+    assert bound < 7 and all(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)
+    with torch.no_grad():
+        trimmed = model.generate(ids, past_key_values=cache, **kw)
+        uncached = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(trimmed, uncached)
+    assert all(layer.keys.shape[2] == bound - 1 for layer in cache.layers)
+    # Without a span nothing can be dropped.
+    _, plain = _pair("llama")
+    assert not any(layer.is_sliding for layer in ats.span_cache(plain).layers)

@@ -44,7 +44,7 @@ import attnspec
 from attnspec.layers.torch import HeadParameters
 
 __all__ = ["NAME", "AttnspecHeads", "AttnspecMask", "add_heads", "attention_forward", "configure", "mask_forward",
-           "register"]
+           "register", "span_cache"]
 
 #: The attn_implementation name.
 NAME = "attnspec"
@@ -115,6 +115,31 @@ def _add_heads(model):
         device = None if reference is None else reference.device
         dtype = None if reference is None or not reference.is_floating_point() else reference.dtype
         module.attnspec = AttnspecHeads(n_heads, device=device, dtype=dtype, **settings)
+
+
+def span_cache(model):
+    """A transformers DynamicCache for `model.generate(..., past_key_values=span_cache(model))`
+    that keeps only the keys a span can still reach.
+
+    A query reaches at most cache_bound() = ceil(max_h z_h + R) keys, its own included (keys
+    further back have m = 0 for it and for every later query), so between steps a layer keeps
+    the last cache_bound() - 1 positions, as attnspec.layers.torch.KVCache does. transformers
+    builds one mask for all layers, so every layer keeps the longest bound of the model's
+    layers. The mask function then receives the cache's first kept position (kv_offset) and the
+    padding mask sliced to the kept keys, from which q_offset follows. Without a span on every
+    layer nothing can be dropped: a plain DynamicCache. The spans must not change while the
+    cache is in use."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    modules = list(_attention_modules(model))
+    bounds = [m.attnspec.cache_bound() if isinstance(getattr(m, "attnspec", None), AttnspecHeads) else None
+              for m in modules]
+    cache = DynamicCache(config=model.config)
+    if not bounds or any(b is None for b in bounds) or any(layer.is_sliding for layer in cache.layers):
+        return cache
+    cache.layers = [DynamicSlidingWindowLayer(sliding_window=max(bounds)) for _ in modules]
+    return cache
 
 
 # --- the mask ----------------------------------------------------------------------------------
