@@ -108,7 +108,7 @@ def test_learned_alpha_and_span_train():
         total = loss + span_regularisation(model, 1e-4)
         optimiser.zero_grad()
         total.backward()
-        heads = [m.attnspec for m in ats._attention_modules(model)]
+        heads = [m.attnspec for m in ats.attention_layers(model)]
         assert all(h.alpha_logit.grad.abs().sum() > 0 and h.span_theta.grad.abs().sum() > 0 for h in heads)
         optimiser.step()
         project_spans(model)
@@ -120,14 +120,14 @@ def test_learned_alpha_and_span_train():
 def test_save_and_load_round_trip_alpha_and_span(tmp_path):
     _, model = _pair("qwen3", alpha=1.4, learn_alpha=True, max_span=6.0, span_init=0.25)
     with torch.no_grad():
-        for i, module in enumerate(ats._attention_modules(model)):
+        for i, module in enumerate(ats.attention_layers(model)):
             module.attnspec.span_theta.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]) + 0.05 * i)
             module.attnspec.alpha_logit.copy_(torch.tensor([-1.0, 0.0, 1.0, 2.0]) * (i + 1))
     model.save_pretrained(tmp_path)
     loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert loaded.config._attn_implementation == "attnspec"
-    for a, b in zip(ats._attention_modules(model), ats._attention_modules(loaded)):
+    for a, b in zip(ats.attention_layers(model), ats.attention_layers(loaded)):
         assert torch.equal(a.attnspec.span_theta, b.attnspec.span_theta)
         assert torch.equal(a.attnspec.alpha_logit, b.attnspec.alpha_logit)
         assert b.attnspec.max_span == 6.0
@@ -144,7 +144,7 @@ def test_add_heads_to_an_existing_model():
         before = sdpa(input_ids=ids, attention_mask=mask).logits
     model = ats.add_heads(sdpa, alpha=1.0, max_span=1000.0, span_init=1.0)  # a span beyond the input: no change
     assert model.config._attn_implementation == "attnspec"
-    assert len(list(ats._attention_modules(model))) == 2
+    assert len(list(ats.attention_layers(model))) == 2
     with torch.no_grad():
         after = model(input_ids=ids, attention_mask=mask).logits
     assert (after - before)[mask.bool()].abs().max().item() <= 1e-4
@@ -154,7 +154,7 @@ def test_what_attnspec_cannot_express_is_refused():
     _, model = _pair("llama")
     ids, mask = _batch()
     model.config.attention_dropout = 0.1
-    for module in ats._attention_modules(model):
+    for module in ats.attention_layers(model):
         module.attention_dropout = 0.1
     model.train()
     with pytest.raises(NotImplementedError, match="no attention dropout; got dropout=0.1 while training"):
@@ -181,10 +181,10 @@ def test_span_trimmed_cache_generates_the_same_tokens_and_stays_bounded(settings
     ids, mask = _batch(4, L=7)
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     cache = ats.span_cache(model)
-    bound = max(m.attnspec.cache_bound() for m in ats._attention_modules(model))
+    bound = max(m.attnspec.cache_bound() for m in ats.attention_layers(model))
     assert bound < 7 and all(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)
     with torch.no_grad():
-        trimmed = model.generate(ids, past_key_values=cache, **kw)
+        trimmed = model.generate(ids, cache=cache, **kw)
         uncached = model.generate(ids, use_cache=False, **kw)
     assert torch.equal(trimmed, uncached)
     assert all(layer.keys.shape[2] == bound - 1 for layer in cache.layers)

@@ -43,8 +43,8 @@ from torch import Tensor
 import attnspec
 from attnspec.layers.torch import HeadParameters
 
-__all__ = ["NAME", "AttnspecHeads", "AttnspecMask", "add_heads", "attention_forward", "configure", "mask_forward",
-           "register", "span_cache"]
+__all__ = ["NAME", "AttnspecHeads", "AttnspecMask", "add_heads", "attention_forward", "attention_layers", "configure",
+           "mask_forward", "register", "span_cache"]
 
 #: The attn_implementation name.
 NAME = "attnspec"
@@ -83,7 +83,7 @@ def configure(config, **settings):
     return config
 
 
-def _attention_modules(model):
+def attention_layers(model):
     """The attention modules of a transformers model: those with a layer index, a head dim and
     the config's head counts (LlamaAttention, Qwen2Attention, MistralAttention, ...)."""
     for module in model.modules():
@@ -107,7 +107,7 @@ def add_heads(model, **settings):
 
 def _add_heads(model):
     settings = dict(DEFAULTS, **model.config.attnspec)
-    for module in _attention_modules(model):
+    for module in attention_layers(model):
         if isinstance(getattr(module, "attnspec", None), AttnspecHeads):
             continue
         n_heads = module.config.num_attention_heads
@@ -118,7 +118,7 @@ def _add_heads(model):
 
 
 def span_cache(model):
-    """A transformers DynamicCache for `model.generate(..., past_key_values=span_cache(model))`
+    """A transformers DynamicCache for `model.generate(..., cache=span_cache(model))`
     that keeps only the keys a span can still reach.
 
     A query reaches at most cache_bound() = ceil(max_h z_h + R) keys, its own included (keys
@@ -132,7 +132,7 @@ def span_cache(model):
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
-    modules = list(_attention_modules(model))
+    modules = list(attention_layers(model))
     bounds = [m.attnspec.cache_bound() if isinstance(getattr(m, "attnspec", None), AttnspecHeads) else None
               for m in modules]
     cache = DynamicCache(config=model.config)
