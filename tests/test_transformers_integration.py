@@ -191,3 +191,23 @@ def test_span_trimmed_cache_generates_the_same_tokens_and_stays_bounded(settings
     # Without a span nothing can be dropped.
     _, plain = _pair("llama")
     assert not any(layer.is_sliding for layer in ats.span_cache(plain).layers)
+
+
+def test_the_finetune_example_runs(tmp_path, capsys):
+    """examples/transformers_finetune.py at a tiny size: it trains, reports alpha and span per
+    layer and head, and draws them."""
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "transformers_finetune.py"
+    spec = importlib.util.spec_from_file_location("transformers_finetune", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--pretrain-steps", "2", "--steps", "2", "--context", "16", "--batch", "2", "--width", "16",
+                           "--heads", "2", "--layers", "1", "--eval-chars", "64", "--max-span", "8", "--ramp", "2",
+                           "--plot", str(tmp_path / "spans.png")])
+    assert (tmp_path / "spans.png").stat().st_size > 0
+    (layer, alpha, span), = result["rows"]
+    assert alpha.shape == (2,) and span.shape == (2,) and ((alpha > 1) & (alpha < 2)).all()
+    assert "layer 0: alpha [" in capsys.readouterr().out
