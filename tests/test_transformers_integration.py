@@ -211,3 +211,14 @@ def test_the_finetune_example_runs(tmp_path, capsys):
     (layer, alpha, span), = result["rows"]
     assert alpha.shape == (2,) and span.shape == (2,) and ((alpha > 1) & (alpha < 2)).all()
     assert "layer 0: alpha [" in capsys.readouterr().out
+
+
+def test_the_bench_measures_every_arm_against_sdpa(tmp_path):
+    from attnspec.bench import transformers_bench
+
+    rows = transformers_bench.main(["--length", "16", "--decode", "3", "--layers", "1", "--width", "16", "--heads",
+                                    "2", "--kv-heads", "1", "--repeats", "1", "--json", str(tmp_path / "t.json")])
+    assert [r["arm"] for r in rows] == list(transformers_bench.ARMS)
+    assert rows[0]["prefill_vs_sdpa"] == 1.0
+    assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+    assert (tmp_path / "t.json").stat().st_size > 0
