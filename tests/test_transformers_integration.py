@@ -222,3 +222,16 @@ def test_the_bench_measures_every_arm_against_sdpa(tmp_path):
     assert rows[0]["prefill_vs_sdpa"] == 1.0
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
     assert (tmp_path / "t.json").stat().st_size > 0
+
+
+def test_heads_missing_from_a_checkpoint_start_at_their_initial_values(tmp_path):
+    sdpa, _ = _pair("llama")
+    sdpa.save_pretrained(tmp_path)
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    ats.configure(config, alpha=1.5, learn_alpha=True, max_span=8.0, span_init=0.25)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, config=config, output_loading_info=True)
+    assert info["missing_keys"] and all(".attnspec." in k for k in info["missing_keys"])
+    for layer in ats.attention_layers(model):
+        assert torch.equal(layer.attnspec.span_theta, torch.full((4,), 0.25))
+        assert torch.equal(layer.attnspec.alpha_logit, torch.zeros(4))  # alpha = 1 + sigmoid(0) = 1.5
+    assert torch.equal(model.model.embed_tokens.weight, sdpa.model.embed_tokens.weight)

@@ -62,6 +62,17 @@ class AttnspecHeads(HeadParameters):
         self._init_heads(n_heads, max_span=max_span, ramp=ramp, span_init=span_init, alpha=alpha,
                          learn_alpha=learn_alpha, device=device, dtype=dtype)
         self.backend = backend
+        self._initial = self.initial_values(n_heads, max_span=max_span, span_init=span_init, alpha=alpha,
+                                            learn_alpha=learn_alpha)
+
+    def initialise_(self, copy=None):
+        """Set the parameters to their initial values (span_init, alpha). transformers calls this
+        through the model's _init_weights for heads a checkpoint does not have; `copy` is its
+        copy_, which leaves parameters already loaded alone."""
+        copy = copy or (lambda param, value: param.data.copy_(value))
+        for name, value in self._initial.items():
+            param = getattr(self, name)
+            copy(param, value.to(device=param.device, dtype=param.dtype))
 
     def extra_repr(self) -> str:
         span = "none" if self.max_span is None else f"max_span={self.max_span:g}, ramp={self.ramp:g}"
@@ -265,6 +276,19 @@ def _post_init_adds_heads():
         return
 
     def post_init(self, *args, **kwargs):
+        if getattr(self.config, "attnspec", None) is not None and not getattr(self, "_inits_attnspec_heads", False):
+            _init_weights = self._init_weights
+
+            def init_weights(module):  # heads missing from a checkpoint start at their initial values
+                if isinstance(module, AttnspecHeads):
+                    from transformers import initialization
+
+                    module.initialise_(initialization.copy_)
+                else:
+                    _init_weights(module)
+
+            self._init_weights = init_weights
+            self._inits_attnspec_heads = True
         result = original(self, *args, **kwargs)
         if getattr(self.config, "attnspec", None) is not None:
             _add_heads(self)

@@ -111,6 +111,18 @@ class HeadParameters(nn.Module):
     Subclasses call `_init_heads` in their __init__.
     """
 
+    @staticmethod
+    def initial_values(n_heads: int, *, max_span: Optional[float], span_init, alpha, learn_alpha: bool) -> dict:
+        """{parameter name: its initial value [H]}, float64 on the CPU (whatever device context
+        a model is being built under): theta = span_init, a = logit(alpha - 1)."""
+        values = {}
+        if max_span is not None:
+            values["span_theta"] = torch.as_tensor(span_init, dtype=torch.float64, device="cpu").expand(n_heads).clone()
+        if learn_alpha:
+            a0 = torch.as_tensor(alpha, dtype=torch.float64, device="cpu").expand(n_heads).clone()
+            values["alpha_logit"] = torch.log(a0 - 1) - torch.log1p(-(a0 - 1))
+        return values
+
     def _init_heads(self, n_heads: int, *, max_span: Optional[float], ramp: float, span_init, alpha,
                     learn_alpha: bool, device=None, dtype=None):
         if not (ramp > 0 and math.isfinite(ramp)):
@@ -124,7 +136,6 @@ class HeadParameters(nn.Module):
             if not (max_span > 0 and math.isfinite(max_span)):
                 raise ValueError(f"max_span={max_span} must be a finite number > 0 (or None for no span)")
             self.max_span = float(max_span)
-            # Validated on the CPU, whatever device context the model is being built under (meta).
             theta = torch.as_tensor(span_init, dtype=torch.float64, device="cpu").expand(n_heads).clone()
             if not bool(((theta >= 0) & (theta <= 1)).all()):
                 raise ValueError(f"span_init={span_init} must lie in [0, 1] (a fraction of max_span)")
@@ -136,7 +147,7 @@ class HeadParameters(nn.Module):
             if not bool(((a0 > 1) & (a0 < 2)).all()):
                 raise ValueError(f"learn_alpha=True needs an initial alpha in (1, 2) (alpha = 1 + sigmoid(a)); "
                                  f"got alpha={alpha}")
-            a = torch.log(a0 - 1) - torch.log1p(-(a0 - 1))
+            a = self.initial_values(n_heads, max_span=None, span_init=None, alpha=alpha, learn_alpha=True)["alpha_logit"]
             self.alpha_logit = nn.Parameter(a.to(device=device, dtype=dtype or torch.get_default_dtype()))
             self.fixed_alpha = None
         else:
