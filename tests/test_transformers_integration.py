@@ -24,10 +24,16 @@ def _config(family, **extra):
         return transformers.Qwen3Config(**SMALL, head_dim=8, **extra)
     if family == "mistral":  # a window shorter than the inputs: the hard window z = W - 1, R = 1
         return transformers.MistralConfig(**SMALL, sliding_window=4, **extra)
-    raise ValueError(family)
+    if family == "gemma":
+        return transformers.GemmaConfig(**SMALL, head_dim=8, **extra)
+    if family == "phi3":
+        return transformers.Phi3Config(**SMALL, pad_token_id=0, **extra)
+    others = dict(olmo2=transformers.Olmo2Config, granite=transformers.GraniteConfig,
+                  mixtral=transformers.MixtralConfig)
+    return others[family](**SMALL, **extra)
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "olmo2", "granite", "mixtral"]
 
 
 def _batch(seed=0, B=3, L=11):

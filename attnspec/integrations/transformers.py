@@ -7,7 +7,7 @@
 Importing this module registers an "attnspec" function in transformers' `AttentionInterface`
 and a mask function of the same name in its `AttentionMaskInterface`, so every decoder that
 builds its masks with `transformers.masking_utils` and calls its attention through the
-interface (Llama, Qwen2, Qwen3, Mistral and the models written like them) runs
+interface (tested: Llama, Qwen2, Qwen3, Mistral, Gemma, Phi-3, OLMo 2, Granite, Mixtral) runs
 `attnspec.attention`:
 
 - the mask function receives what transformers knows (batch, query and key lengths, the
