@@ -127,3 +127,20 @@ def test_numpy_backend_and_explain():
     assert "feature 'key_padding_mask' is not supported" in str(decision)
     with pytest.raises(attnspec.UnsupportedCallError, match="key_padding_mask"):
         attnspec.attention(tq, tk, tv, key_padding_mask=torch.tensor(mask), backend="triton")
+
+
+def test_torch_compile_fullgraph_with_a_mask():
+    """The mask is an optional tensor argument of the custom op: it traces without graph breaks."""
+    torch = pytest.importorskip("torch")
+    q, k, v, mask, go = _inputs(7)
+    tq = torch.tensor(q, requires_grad=True)
+    tk, tv, tmask = torch.tensor(k), torch.tensor(v), torch.tensor(mask)
+
+    def f(q, k, v, mask):
+        return attnspec.attention(q, k, v, alpha=1.5, causal=True, key_padding_mask=mask, backend="torch")
+
+    out = torch.compile(f, fullgraph=True)(tq, tk, tv, tmask)
+    expected, grads = _expected(q, k, v, mask, go, dict(alpha=1.5, causal=True))
+    np.testing.assert_allclose(out.detach().numpy(), expected, atol=1e-12)
+    out.backward(torch.tensor(go))
+    np.testing.assert_allclose(tq.grad.numpy(), grads.dq, atol=1e-11)
