@@ -187,13 +187,32 @@ def test_span_trimmed_cache_generates_the_same_tokens_and_stays_bounded(settings
     ids, mask = _batch(4, L=7)
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     cache = ats.span_cache(model)
-    bound = max(m.attnspec.cache_bound() for m in ats.attention_layers(model))
-    assert bound < 7 and all(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)
+    bounds = [m.attnspec.cache_bound() for m in ats.attention_layers(model)]
+    assert max(bounds) < 7 and all(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)
     with torch.no_grad():
         trimmed = model.generate(ids, cache=cache, **kw)
         uncached = model.generate(ids, use_cache=False, **kw)
     assert torch.equal(trimmed, uncached)
-    assert all(layer.keys.shape[2] == bound - 1 for layer in cache.layers)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [b - 1 for b in bounds]
+
+
+@pytest.mark.parametrize("thetas", [(0.1, 0.9), (0.9, 0.1)])
+def test_span_cache_keeps_each_layers_own_bound(thetas):
+    """Layers with different spans keep different numbers of keys (the longer first or last)."""
+    _, model = _pair("llama", alpha=1.4, learn_alpha=True, max_span=6.0, span_init=0.5, ramp=1.5)
+    with torch.no_grad():
+        for layer, theta in zip(ats.attention_layers(model), thetas):
+            layer.attnspec.span_theta.copy_(torch.tensor([theta, theta / 2, theta, theta / 3]))
+    bounds = [m.attnspec.cache_bound() for m in ats.attention_layers(model)]
+    assert bounds[0] != bounds[1]
+    ids, mask = _batch(5, L=9)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    cache = ats.span_cache(model)
+    with torch.no_grad():
+        trimmed = model.generate(ids, cache=cache, **kw)
+        uncached = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(trimmed, uncached)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [b - 1 for b in bounds]
     # Without a span nothing can be dropped.
     _, plain = _pair("llama")
     assert not any(layer.is_sliding for layer in ats.span_cache(plain).layers)

@@ -134,12 +134,15 @@ def span_cache(model):
 
     A query reaches at most cache_bound() = ceil(max_h z_h + R) keys, its own included (keys
     further back have m = 0 for it and for every later query), so between steps a layer keeps
-    the last cache_bound() - 1 positions, as attnspec.layers.torch.KVCache does. transformers
-    builds one mask for all layers, so every layer keeps the longest bound of the model's
-    layers. The mask function then receives the cache's first kept position (kv_offset) and the
-    padding mask sliced to the kept keys, from which q_offset follows. Without a span on every
-    layer nothing can be dropped: a plain DynamicCache. The spans must not change while the
-    cache is in use."""
+    the last cache_bound() - 1 positions of its own, as attnspec.layers.torch.KVCache does.
+
+    transformers builds one mask for all layers, sized by the first layer it takes for a full
+    one: the layers with the longest bound are marked so (they keep the most keys), the mask
+    function receives their first kept position (kv_offset) and the padding mask sliced to
+    their keys, and a layer that keeps fewer takes the last of them (every layer keeps the
+    most recent positions, so its keys are the tail of those). Without a span on every layer
+    nothing can be dropped: a plain DynamicCache. The spans must not change while the cache is
+    in use."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
@@ -149,7 +152,10 @@ def span_cache(model):
     cache = DynamicCache(config=model.config)
     if not bounds or any(b is None for b in bounds) or any(layer.is_sliding for layer in cache.layers):
         return cache
-    cache.layers = [DynamicSlidingWindowLayer(sliding_window=max(bounds)) for _ in modules]
+    cache.layers = [DynamicSlidingWindowLayer(sliding_window=bound) for bound in bounds]
+    for layer, bound in zip(cache.layers, bounds):
+        if bound == max(bounds):
+            layer.is_sliding = False  # the mask is sized by these layers
     return cache
 
 
@@ -239,6 +245,10 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
             "attn_implementation='attnspec' received an explicit attention mask of shape "
             f"{list(getattr(attention_mask, 'shape', []))} (an arbitrary 4-D mask or bias); it takes the 2-D padding "
             "mask transformers builds its masks from, not a prepared one")
+    if mask.kv_length > Lk:  # a layer of span_cache that keeps fewer keys: the tail of the mask's
+        drop = mask.kv_length - Lk
+        kpm = None if mask.key_padding_mask is None else mask.key_padding_mask[:, drop:]
+        mask = AttnspecMask(kpm, mask.q_offset - drop, mask.causal, mask.window, Lk)
     if mask.kv_length != Lk:
         raise NotImplementedError(f"attn_implementation='attnspec': the mask covers {mask.kv_length} keys but the "
                                   f"layer has {Lk} (a cache layout it does not support)")
