@@ -19,7 +19,7 @@ def _dispatch(op, args, kwargs, backend):
 
 
 def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
-              q_offset=None, scale=None, backend=None):
+              q_offset=None, scale=None, backend=None, key_padding_mask=None):
     """Adaptive-span alpha-entmax attention (SPEC.md).
 
     Shapes: q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] -> out [B, H, Lq, Dv], with
@@ -30,12 +30,17 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
       m = clip((R + z - |d|) / R, 0, 1) over the distance d = i + q_offset - j weights the keys
       inside the entmax (not after it), so the output is continuous in z.
     causal: allow only keys with d >= 0. key_lengths [B]: allow only keys j < key_lengths[b].
+    key_padding_mask: None, or a boolean [B, Lk] array (True: key j of batch b may be read); a
+      masked key is excluded as one beyond key_lengths is (left padding); distances still count
+      slots, d = i + q_offset - j.
     q_offset: int or [B]; default Lk - Lq (bottom-right alignment, as for a KV cache).
     scale: default 1/sqrt(D).
     backend: run on this backend (by name) or raise; None lets the dispatcher choose.
     """
     kwargs = dict(alpha=alpha, span=span, ramp=ramp, causal=causal, key_lengths=key_lengths,
                   q_offset=q_offset, scale=scale)
+    if key_padding_mask is not None:  # only kernels that declare the feature ever receive it
+        kwargs["key_padding_mask"] = key_padding_mask
     return _dispatch("attention", (q, k, v), kwargs, backend)
 
 

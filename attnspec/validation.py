@@ -63,6 +63,7 @@ FEATURES = {
         "span_per_head",
         "causal",
         "key_lengths",
+        "key_padding_mask",  # a boolean [B, Lk] mask of readable keys (SPEC.md 5.1)
         "q_offset",
         "gqa",
         "grad",  # some input asks for a gradient (frameworks with requires_grad)
@@ -399,6 +400,27 @@ def _fast_attention(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, s
     )
 
 
+def _check_key_padding_mask(mask, array_type, q, B, Lk):
+    """A boolean [B, Lk] array of q's framework, on q's device (True: the key may be read)."""
+    if not _arrays.is_array(mask):
+        raise TypeError(f"key_padding_mask must be a boolean {array_type} array [B, Lk]; got {type(mask).__name__}")
+    kind = _array_type(mask)
+    if kind != array_type:
+        raise TypeError(f"key_padding_mask must be a {array_type} array like q; got a {kind} array")
+    dtype = _arrays.dtype_name(mask)
+    if dtype != "bool":
+        raise TypeError(f"key_padding_mask.dtype={dtype}: key_padding_mask must hold booleans "
+                        "(True: the key may be read)")
+    if _shape(mask) != (B, Lk):
+        raise ValueError(f"key_padding_mask must have shape [B, Lk]=[{B}, {Lk}]; got shape {list(_shape(mask))}")
+    if array_type == "torch":  # the index matters too (cuda:0 vs cuda:1)
+        device, q_device = str(mask.device), str(q.device)
+    else:
+        device, q_device = _arrays.device_of(mask), _arrays.device_of(q)
+    if device != q_device:
+        raise ValueError(f"key_padding_mask must be on q's device ({q_device}); got device {device}")
+
+
 def validate_attention(
     q,
     k,
@@ -411,11 +433,13 @@ def validate_attention(
     key_lengths=None,
     q_offset=None,
     scale=None,
+    key_padding_mask=None,
 ) -> CallInfo:
     """Check an attention call against SPEC.md; raise ValueError/TypeError or describe it."""
-    info = _fast_attention(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
-    if info is not None:
-        return info
+    if key_padding_mask is None:
+        info = _fast_attention(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
+        if info is not None:
+            return info
     for name, x in (("q", q), ("k", k), ("v", v)):
         _require_array(name, x)
     kinds = {name: _array_type(x) for name, x in (("q", q), ("k", k), ("v", v))}
@@ -489,6 +513,8 @@ def validate_attention(
                 f"got shape {list(_shape(q_offset))}"
             )
         _check_offset_range(q_offset)
+    if key_padding_mask is not None:
+        _check_key_padding_mask(key_padding_mask, array_type, q, B, Lk)
 
     features = set()
     alpha_value = _alpha_value(alpha)
@@ -504,6 +530,8 @@ def validate_attention(
         features.add("causal")
     if key_lengths is not None:
         features.add("key_lengths")
+    if key_padding_mask is not None:
+        features.add("key_padding_mask")
     if q_offset is not None:
         features.add("q_offset")
     if Hkv != H:

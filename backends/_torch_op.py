@@ -70,6 +70,19 @@ def normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     return q, k, v, alpha_h, span_h, float(ramp), bool(causal), lengths, offsets, scale
 
 
+def padding_mask(key_padding_mask, q):
+    """key_padding_mask as the custom op takes it: None, or a bool [B, Lk] tensor on q's device."""
+    if key_padding_mask is None:
+        return None
+    return torch.as_tensor(key_padding_mask, device=q.device).to(torch.bool)
+
+
+def _mask_kwargs(key_padding_mask):
+    """A backend's forward/backward sees key_padding_mask only when there is one, so backends
+    that do not declare the feature keep their signatures."""
+    return {} if key_padding_mask is None else {"key_padding_mask": key_padding_mask}
+
+
 def _no_autocast(tensor):
     """Inside the op everything runs in the dtypes we chose (autocast is applied at its entry)."""
     device_type = tensor.device.type
@@ -89,43 +102,49 @@ def define_attention_op(name: str, forward, backward, fake_saved):
 
     @torch.library.custom_op(f"attnspec::{name}_forward", mutates_args=())
     def forward_op(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, span: Optional[Tensor], ramp: float,
-                   causal: bool, key_lengths: Optional[Tensor], q_offset: Tensor, scale: float) -> list[Tensor]:
+                   causal: bool, key_lengths: Optional[Tensor], q_offset: Tensor, scale: float,
+                   key_padding_mask: Optional[Tensor] = None) -> list[Tensor]:
         if _empty(q, k):  # SPEC.md 5.3: no row, or no key (every row empty): zeros
             out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
             saved = fake_saved(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
             return [out] + [x.zero_() for x in saved]
         with torch.no_grad(), _no_autocast(q):
-            return [x.contiguous() for x in forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)]
+            return [x.contiguous() for x in forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale,
+                                                    **_mask_kwargs(key_padding_mask))]
 
     @forward_op.register_fake
-    def _(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+    def _(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, key_padding_mask=None):
         out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
         return [out] + list(fake_saved(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
 
     @torch.library.custom_op(f"attnspec::{name}_backward", mutates_args=())
     def backward_op(grad_out: Tensor, saved: list[Tensor], q: Tensor, k: Tensor, v: Tensor, alpha: Tensor,
                     span: Optional[Tensor], ramp: float, causal: bool, key_lengths: Optional[Tensor],
-                    q_offset: Tensor, scale: float, alpha_grad: bool) -> list[Tensor]:
+                    q_offset: Tensor, scale: float, alpha_grad: bool,
+                    key_padding_mask: Optional[Tensor] = None) -> list[Tensor]:
         if _empty(q, k):  # empty rows pass zero gradient to everything
             span_like = alpha if span is None else span
             return [torch.zeros_like(x) for x in (q, k, v, alpha, span_like)]
         with torch.no_grad(), _no_autocast(q):
             grads = backward(grad_out, *saved, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale,
-                             alpha_grad)
+                             alpha_grad, **_mask_kwargs(key_padding_mask))
         return [g.contiguous() for g in grads]
 
     @backward_op.register_fake
-    def _(grad_out, saved, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alpha_grad):
+    def _(grad_out, saved, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alpha_grad,
+          key_padding_mask=None):
         span_like = alpha if span is None else span
         return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(alpha),
                 torch.empty_like(span_like)]
 
     def setup_context(ctx, inputs, output):
-        q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale = inputs
+        q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale = inputs[:10]
+        key_padding_mask = inputs[10] if len(inputs) > 10 else None
         ctx.has_span, ctx.has_lengths = span is not None, key_lengths is not None
+        ctx.has_mask = key_padding_mask is not None
         ctx.ramp, ctx.causal, ctx.scale = ramp, causal, scale
         ctx.n_saved = len(output) - 1
-        extra = [x for x in (span, key_lengths) if x is not None]
+        extra = [x for x in (span, key_lengths, key_padding_mask) if x is not None]
         ctx.save_for_backward(*output[1:], q, k, v, alpha, q_offset, *extra)
 
     def backward_fn(ctx, grads):
@@ -135,13 +154,15 @@ def define_attention_op(name: str, forward, backward, fake_saved):
         extra = rest[5:]
         span = extra.pop(0) if ctx.has_span else None
         key_lengths = extra.pop(0) if ctx.has_lengths else None
+        key_padding_mask = extra.pop(0) if ctx.has_mask else None
         grad_out = grads[0]
         if grad_out is None:
             grad_out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
         alpha_grad = bool(ctx.needs_input_grad[3])  # dalpha (psi) is skipped when nobody asks
         dq, dk, dv, dalpha, dspan = backward_op(grad_out, saved, q, k, v, alpha, span, ctx.ramp, ctx.causal,
-                                                key_lengths, q_offset, ctx.scale, alpha_grad)
-        return dq, dk, dv, dalpha, (dspan if ctx.has_span else None), None, None, None, None, None
+                                                key_lengths, q_offset, ctx.scale, alpha_grad, key_padding_mask)
+        grads = (dq, dk, dv, dalpha, (dspan if ctx.has_span else None), None, None, None, None, None, None)
+        return grads[: len(ctx.needs_input_grad)]  # the defaulted mask may be left out of the inputs
 
     forward_op.register_autograd(backward_fn, setup_context=setup_context)
 
@@ -153,7 +174,7 @@ def define_attention_op(name: str, forward, backward, fake_saved):
 
     backward_op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
-    def attention(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
-        return forward_op(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)[0]
+    def attention(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, key_padding_mask=None):
+        return forward_op(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, key_padding_mask)[0]
 
     return attention

@@ -32,6 +32,8 @@ def _call(ctx: Context, case: AttentionCase, *, gradients: bool):
     static = dict(ramp=case.ramp, causal=case.causal, scale=case.scale,
                   key_lengths=fw.integers(case.key_lengths, ctx.device),
                   q_offset=fw.integers(case.q_offset, ctx.device))
+    if case.key_padding_mask is not None:  # only kernels declaring the feature see the argument
+        static["key_padding_mask"] = _booleans(fw, case.key_padding_mask, ctx.device)
     ctx.admit(validation.validate_attention(**args, **static))
     # Only the gradients the kernel provides are asked for (and so checked).
     wrt = [n for n in ("q", "k", "v", "alpha", "span") if n in ctx.gradient_names and (n != "span" or case.span is not None)]
@@ -40,6 +42,28 @@ def _call(ctx: Context, case: AttentionCase, *, gradients: bool):
     cotangent = fw.array(case.grad_out, ctx.dtype, ctx.device)
     out, grads = fw.vjp(ctx.kernel, args, static, cotangent, wrt, ctx.backend)
     return fw.to_numpy(out), {name: None if g is None else fw.to_numpy(g) for name, g in grads.items()}
+
+
+def _booleans(fw, mask, device):
+    """A bool numpy array as an array of the framework under test."""
+    if fw.name == "torch":
+        return fw.torch.tensor(mask, dtype=fw.torch.bool, device=device)
+    if fw.name == "jax":
+        out = fw.jnp.asarray(mask, dtype=bool)
+        target = fw._device(device)
+        return out if target is None else fw.jax.device_put(out, target)
+    return np.asarray(mask, dtype=bool)
+
+
+def _excluded(case: AttentionCase) -> np.ndarray:
+    """[B, Lk]: keys beyond key_lengths or masked by key_padding_mask (they may hold NaN)."""
+    B, Lk = case.k.shape[0], case.k.shape[2]
+    excluded = np.zeros((B, Lk), dtype=bool)
+    if case.key_lengths is not None:
+        excluded |= np.arange(Lk)[None, :] >= np.asarray(case.key_lengths)[:, None]
+    if case.key_padding_mask is not None:
+        excluded |= ~np.asarray(case.key_padding_mask, dtype=bool)
+    return excluded
 
 
 def _reference(case: AttentionCase, v=None):
@@ -112,15 +136,14 @@ def _allowed(case: AttentionCase) -> np.ndarray:
 
 
 def check_masked_keys(ctx: Context, case: AttentionCase) -> None:
-    """Keys no row of a kv head may read can hold any finite values, and keys beyond key_lengths
-    even NaN/Inf, without changing the output or the gradients of the others."""
+    """Keys no row of a kv head may read can hold any finite values, and excluded keys (beyond
+    key_lengths, or masked by key_padding_mask) even NaN/Inf, without changing the output or the
+    gradients of the others."""
     rc = case.rounded(ctx.dtype)
     B, H, Lq, _ = rc.q.shape
     Hkv, Lk = rc.k.shape[1], rc.k.shape[2]
     allowed = _allowed(rc).reshape(B, Hkv, H // Hkv, Lq, Lk).any(axis=(2, 3))  # [B, Hkv, Lk]
-    padding = np.zeros((B, Lk), dtype=bool)
-    if rc.key_lengths is not None:
-        padding = np.arange(Lk)[None, :] >= np.asarray(rc.key_lengths)[:, None]
+    padding = _excluded(rc)
     unused = ~allowed & ~padding[:, None, :]
     if not (unused.any() or padding.any()):
         return
@@ -148,13 +171,16 @@ def check_masked_keys(ctx: Context, case: AttentionCase) -> None:
 
 
 def check_key_permutation(ctx: Context, case: AttentionCase) -> None:
-    """Without causal, span or key_lengths, permuting keys and values together changes nothing."""
+    """Without causal, span or key_lengths, permuting keys and values together (and the
+    key_padding_mask with them) changes nothing."""
     if case.causal or case.span is not None or case.key_lengths is not None:
         return
     rc = case.rounded(ctx.dtype)
     perm = np.random.default_rng(0).permutation(rc.k.shape[2])
     out, _ = _call(ctx, rc, gradients=False)
-    permuted, _ = _call(ctx, replace(rc, k=rc.k[:, :, perm], v=rc.v[:, :, perm]), gradients=False)
+    mask = None if rc.key_padding_mask is None else np.asarray(rc.key_padding_mask)[:, perm]
+    permuted, _ = _call(ctx, replace(rc, k=rc.k[:, :, perm], v=rc.v[:, :, perm], key_padding_mask=mask),
+                        gradients=False)
     assert_close("key permutation", "out", permuted, out, 2 * _forward_atol(ctx, rc), nan_where=_reference_nan(rc))
 
 
@@ -178,14 +204,14 @@ def softmax_span_attention(case: AttentionCase) -> np.ndarray:
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     heads = np.arange(H) // (H // Hkv)
-    lengths = np.full(B, Lk) if case.key_lengths is None else np.asarray(case.key_lengths)
-    k = np.where((np.arange(Lk)[None, :] < lengths[:, None])[:, None, :, None], k, 0.0)[:, heads]
-    v = np.where((np.arange(Lk)[None, :] < lengths[:, None])[:, None, :, None], v, 0.0)[:, heads]
+    readable = ~_excluded(case)  # [B, Lk]
+    k = np.where(readable[:, None, :, None], k, 0.0)[:, heads]
+    v = np.where(readable[:, None, :, None], v, 0.0)[:, heads]
     scale = 1.0 / np.sqrt(D) if case.scale is None else case.scale
     s = scale * np.einsum("bhid,bhjd->bhij", q, k)
     offset = np.broadcast_to(np.asarray(Lk - Lq if case.q_offset is None else case.q_offset), (B,))
     d = (np.arange(Lq)[:, None] - np.arange(Lk)[None, :])[None] + offset[:, None, None]  # [B, Lq, Lk]
-    allowed = (np.arange(Lk)[None, None, :] < lengths[:, None, None])[:, None]
+    allowed = readable[:, None, None, :]
     if case.causal:
         allowed = allowed & (d >= 0)[:, None]
     m = np.ones((B, H, Lq, Lk))
@@ -235,6 +261,8 @@ def check_refusal(backend: str, case: AttentionCase, dtype: str, framework, devi
                 span=framework.param(rc.span, dtype, device), ramp=rc.ramp, causal=rc.causal, scale=rc.scale,
                 key_lengths=framework.integers(rc.key_lengths, device),
                 q_offset=framework.integers(rc.q_offset, device))
+    if rc.key_padding_mask is not None:
+        args["key_padding_mask"] = _booleans(framework, rc.key_padding_mask, device)
     try:
         api.attention(**args, backend=backend)
     except UnsupportedCallError as exc:

@@ -53,13 +53,17 @@ class AttentionCase:
     gradients: bool = True
     note: str = ""
     large: bool = False  # tile-crossing sizes: the values and masked-key checks run on it
+    key_padding_mask: object = None  # None or a bool array [B, Lk] (True: readable)
 
     op = "attention"
 
     @property
     def kwargs(self) -> dict:
-        return dict(alpha=self.alpha, span=self.span, ramp=self.ramp, causal=self.causal,
-                    key_lengths=self.key_lengths, q_offset=self.q_offset, scale=self.scale)
+        kw = dict(alpha=self.alpha, span=self.span, ramp=self.ramp, causal=self.causal,
+                  key_lengths=self.key_lengths, q_offset=self.q_offset, scale=self.scale)
+        if self.key_padding_mask is not None:
+            kw["key_padding_mask"] = self.key_padding_mask
+        return kw
 
     def rounded(self, dtype: str) -> "AttentionCase":
         return replace(

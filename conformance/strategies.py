@@ -62,6 +62,8 @@ ATTENTION_CELLS = [
     _cell("key_lengths", "attention", {"key_lengths"}, {"entmax", "causal"}),
     _cell("q_offset", "attention", {"q_offset"}, {"causal", "span", "span_per_head", "entmax"}),
     _cell("gqa", "attention", {"gqa"}, {"entmax", "alpha_per_head", "causal"}),
+    _cell("padding_mask", "attention", {"key_padding_mask"},  # a name as wide as the report column
+          {"entmax", "causal", "span", "key_lengths", "q_offset", "gqa"}),
     _cell("combined", "attention", set(), {"entmax", "alpha_per_head", "span", "span_per_head", "causal",
                                            "key_lengths", "q_offset", "gqa"}),
 ]
@@ -319,6 +321,8 @@ def attention_cases(draw, cell: Cell, supported, caps=None, dtype=None, sizes=No
         kw["causal"] = True if "causal" in cell.required else draw(st.booleans())
     if "key_lengths" in features and ("key_lengths" in cell.required or draw(st.booleans())):
         kw["key_lengths"] = np.array([draw(st.integers(0, Lk)) for _ in range(B)], dtype=np.int64)
+    if "key_padding_mask" in features and ("key_padding_mask" in cell.required or draw(st.booleans())):
+        kw["key_padding_mask"] = draw(key_padding_masks(B, Lk, rng))
     if "q_offset" in features and ("q_offset" in cell.required or draw(st.booleans())):
         if draw(st.booleans()):
             kw["q_offset"] = np.array([draw(st.integers(-Lq, Lk)) for _ in range(B)], dtype=np.int64)
@@ -385,6 +389,20 @@ def _ramp_key(q, k, kw, odd):
     z = dist - ramp + delta
     kw["span"] = np.full(np.shape(kw["span"]), z) if np.ndim(kw["span"]) else z
     return m
+
+
+@st.composite
+def key_padding_masks(draw, B, Lk, rng):
+    """[B, Lk] bool: left padding (a prefix masked, as batched generation pads), random holes,
+    or a row with no readable key."""
+    pattern = draw(st.sampled_from(["left", "holes", "none readable"]))
+    if pattern == "left":
+        pads = np.array([draw(st.integers(0, Lk)) for _ in range(B)])
+        return np.arange(Lk)[None, :] >= pads[:, None]
+    mask = rng.random((B, Lk)) > 0.35
+    if pattern == "none readable":
+        mask[0] = False
+    return mask
 
 
 @st.composite

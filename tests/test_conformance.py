@@ -190,9 +190,9 @@ def test_pytest_plugin_runs_the_suite_on_a_third_party_package(pytester, tmp_pat
     pytester.makepyfile(test_own="def test_own_things():\n    assert True\n")
 
     result = pytester.runpytest_subprocess("--attnspec-backend=examplekernel", "-p", "no:cacheprovider", "-rs")
-    result.assert_outcomes(passed=7, skipped=3)  # 6 cells + its own test; span, entmax op, span_mask op
+    result.assert_outcomes(passed=7, skipped=4)  # 6 cells + its own test; span, padding_mask, entmax op, span_mask op
     result.stdout.fnmatch_lines(["*attnspec conformance: backends examplekernel, profile ci*",
-                                 "*attnspec conformance: 9 items*"])
+                                 "*attnspec conformance: 10 items*"])
     result.stdout.fnmatch_lines(["*not checked: dtype not declared (float16, bfloat16); "
                                  "does not declare span (float32, float64)*"])
 

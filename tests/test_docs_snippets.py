@@ -10,7 +10,7 @@ What runs: blocks fenced as ```python. Blocks fenced as ```sh, ```toml or ```tex
 not run; a fence without a language is an error (it would escape this test unnoticed).
 
 Skip rule (one place: `missing_requirements`): a block needs the optional packages it imports
-(torch, jax, flax, triton, entmax, matplotlib), and whatever it names in a comment line
+(torch, jax, flax, triton, entmax, matplotlib, transformers), and whatever it names in a comment line
 `# requires: cuda` (also: torch, jax, flax, triton, entmax, matplotlib). A block whose needs
 are not met here is skipped with the reason; everything else must pass.
 """
@@ -32,7 +32,7 @@ SHOW = {"sh", "toml", "text", "json"}
 
 # Optional packages a block may need: a block needs one when a part of a module name it imports
 # names it.
-OPTIONAL_MODULES = ("torch", "jax", "flax", "triton", "entmax", "matplotlib")
+OPTIONAL_MODULES = ("torch", "jax", "flax", "triton", "entmax", "matplotlib", "transformers")
 _FENCE = re.compile(r"^(\s*)```\s*([^`\s]*)\s*$")
 _REQUIRES = re.compile(r"^\s*#\s*requires:\s*(.+)$")
 

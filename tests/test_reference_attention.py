@@ -279,3 +279,96 @@ def test_zero_size_shapes_have_gradients_too():
     assert grads.dk.shape == (1, 2, 0, 4) and (grads.dq == 0).all()
     grads = ref.attention_vjp(z((0, 2, 3, 4)), z((0, 1, 5, 4)), z((0, 1, 5, 2)), z((0, 2, 3, 2)), span=2.0)
     assert grads.dv.shape == (0, 1, 5, 2) and grads.dspan == 0
+
+
+# --- key_padding_mask (SPEC.md 1.1, sections 5.1 and 5.3) -------------------------------------
+
+def _prefix_mask(lengths, Lk):
+    return np.arange(Lk)[None, :] < np.asarray(lengths)[:, None]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.5, np.array([1.05, 1.3, 1.5, 1.9]), 2.0])
+def test_key_padding_mask_of_a_prefix_is_key_lengths(alpha):
+    """A mask that allows exactly the keys below key_lengths gives key_lengths' values and VJPs."""
+    q, k, v = make_inputs(21)
+    lengths = np.array([6, 3])
+    kw = dict(FULL, alpha=alpha)
+    del kw["key_lengths"]
+    go = np.random.default_rng(2).normal(size=(2, 4, 5, 2))
+    by_lengths = ref.attention(q, k, v, **kw, key_lengths=lengths)
+    by_mask = ref.attention(q, k, v, **kw, key_padding_mask=_prefix_mask(lengths, 7))
+    np.testing.assert_array_equal(by_mask, by_lengths)
+    g_lengths = ref.attention_vjp(q, k, v, go, **kw, key_lengths=lengths)
+    g_mask = ref.attention_vjp(q, k, v, go, **kw, key_padding_mask=_prefix_mask(lengths, 7))
+    for a, b in zip(g_mask, g_lengths):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.5, 2.0])
+def test_left_padding_equals_the_unpadded_call(alpha):
+    """Left padding: keys 0 .. pad_b - 1 masked. Independent construction: batch b alone, its
+    keys sliced from pad_b (slot j becomes j - pad_b, so q_offset drops by pad_b), span and
+    causal included. Masked keys hold NaN and get dk = dv = 0 exactly."""
+    B, H, Hkv, Lq, Lk = 2, 4, 2, 3, 8
+    q, k, v = make_inputs(22, B=B, Lq=Lq, Lk=Lk)
+    pads = [3, 0]
+    mask = np.arange(Lk)[None, :] >= np.array(pads)[:, None]
+    k[0, :, :3], v[0, :, :3] = np.nan, np.inf
+    kw = dict(alpha=alpha, span=SPAN, ramp=RAMP, causal=True)
+    offsets = np.array([5, 4])
+    out = ref.attention(q, k, v, **kw, q_offset=offsets, key_padding_mask=mask)
+    assert np.isfinite(out).all()
+    go = np.random.default_rng(3).normal(size=out.shape)
+    grads = ref.attention_vjp(q, k, v, go, **kw, q_offset=offsets, key_padding_mask=mask)
+    assert (grads.dk[0, :, :3] == 0).all() and (grads.dv[0, :, :3] == 0).all()
+    dalpha = np.zeros_like(grads.dalpha)
+    dspan = np.zeros_like(grads.dspan)
+    for b, pad in enumerate(pads):
+        sl = (slice(b, b + 1),)
+        kb, vb = k[sl][:, :, pad:], v[sl][:, :, pad:]
+        alone = ref.attention(q[sl], kb, vb, **kw, q_offset=int(offsets[b]) - pad)
+        np.testing.assert_allclose(out[sl], alone, rtol=0, atol=1e-14)
+        g = ref.attention_vjp(q[sl], kb, vb, go[sl], **kw, q_offset=int(offsets[b]) - pad)
+        np.testing.assert_allclose(grads.dq[sl], g.dq, atol=1e-13)
+        np.testing.assert_allclose(grads.dk[sl][:, :, pad:], g.dk, atol=1e-13)
+        np.testing.assert_allclose(grads.dv[sl][:, :, pad:], g.dv, atol=1e-13)
+        dalpha = dalpha + np.asarray(g.dalpha)
+        dspan = dspan + g.dspan
+    np.testing.assert_allclose(grads.dalpha, dalpha, atol=1e-12)
+    np.testing.assert_allclose(grads.dspan, dspan, atol=1e-12)
+
+
+def test_key_padding_mask_holes_match_finite_differences_and_empty_rows_are_zero():
+    """Masked keys in the middle (not a prefix or suffix), together with key_lengths; a batch
+    with no readable key has zero rows and zero gradients whatever q holds."""
+    q, k, v = make_inputs(23)
+    mask = np.ones((2, 7), bool)
+    mask[0, [1, 4]] = False
+    mask[1, :] = False
+    k2, v2 = k.copy(), v.copy()
+    k2[0, :, [1, 4]] = np.nan
+    kw = dict(FULL, key_padding_mask=mask)  # with key_lengths [7, 5]
+    out = ref.attention(q, k2, v2, **kw)
+    assert (out[1] == 0).all() and np.isfinite(out).all()
+    go = np.random.default_rng(4).normal(size=out.shape)
+    grads = ref.attention_vjp(q, k2, v2, go, **kw)
+    assert (grads.dk[0, :, [1, 4]] == 0).all() and (grads.dv[0, :, [1, 4]] == 0).all()
+    assert (grads.dq[1] == 0).all() and (grads.dk[1] == 0).all() and (grads.dv[1] == 0).all()
+    for name, x, analytic in (("q", q, grads.dq), ("k", k, grads.dk), ("v", v, grads.dv)):
+        def f(value, name=name):
+            args = dict(q=q, k=k, v=v)
+            args[name] = value
+            return _loss(args["q"], args["k"], args["v"], go, **kw)
+        np.testing.assert_allclose(analytic, central_difference(f, x), atol=2e-8, err_msg=name)
+    # A masked key is one whose weight is zero: the span weights of the others do not move.
+    P = probabilities(q, k, **dict(FULL, key_lengths=None, alpha=1.0, key_padding_mask=mask))
+    m = ref.span_mask(5, 7, SPAN, RAMP, q_offset=FULL["q_offset"])  # [B, H, Lq, Lk]
+    scores = np.einsum("bhid,bhjd->bhij", q, np.repeat(k, 2, axis=1)) / np.sqrt(3)
+    d = distances(5, 7, FULL["q_offset"])[:, None]
+    allowed = mask[:, None, None, :] & (d >= 0) & (m > 0)
+    logits = np.where(allowed, scores + np.log(np.where(m > 0, m, 1)), -np.inf)
+    expected = np.exp(logits - logits.max(-1, keepdims=True, initial=-1e300))
+    expected = np.where(allowed, expected, 0)
+    sums = expected.sum(-1, keepdims=True)
+    expected = np.where(sums > 0, expected / np.where(sums > 0, sums, 1), 0)
+    np.testing.assert_allclose(P, expected, atol=1e-13)

@@ -47,13 +47,15 @@ def test_conformance_suite_under_the_interpreter(backend, tmp_path):
                                sizes=INTERPRETER_SIZES)
     assert report.passed, str(report) + "\n" + "\n".join(f.message for f in report.failures)
     passed = {(c.cell, c.dtype) for c in report.cells if c.status == "pass"}
-    cells = {c.name for c in conformance.strategies.ATTENTION_CELLS}
+    # Every attention cell but padding_mask: the kernels do not implement key_padding_mask yet.
+    cells = {c.name for c in conformance.strategies.ATTENTION_CELLS} - {"padding_mask"}
     assert passed == {(cell, dtype) for cell in cells for dtype in ("float16", "bfloat16", "float32")}
     # Every attention cell ran examples that cross the interpreter's tiles, with gradients.
     attention = [c for c in report.cells if c.cell in cells and c.status == "pass"]
     assert all(c.tile_crossing >= 1 and "dq dk dv" in c.coverage for c in attention)
     refused = {c.cell: c.reason for c in report.cells if c.status == "unsupported"}
     assert refused.get("entmax op", "").startswith("does not implement")
+    assert "key_padding_mask" in refused.get("padding_mask", "")
     assert any(c.dtype == "float64" and c.status == "unsupported" for c in report.cells)
 
 

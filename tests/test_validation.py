@@ -125,3 +125,28 @@ def test_values_are_not_read_from_meta_tensors():
 def test_malformed_standalone_calls(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("mask, error, message", [
+    (np.ones((2, 4), bool), ValueError, r"key_padding_mask must have shape \[B, Lk\]=\[2, 5\]; got shape \[2, 4\]"),
+    (np.ones((2, 5), np.int64), TypeError, "key_padding_mask.dtype=int64: key_padding_mask must hold booleans"),
+    ([[True] * 5] * 2, TypeError, "key_padding_mask must be a boolean numpy array"),
+])
+def test_malformed_key_padding_mask(mask, error, message):
+    q, k, v = qkv()
+    with pytest.raises(error, match=message):
+        attnspec.attention(q, k, v, key_padding_mask=mask)
+    with pytest.raises(error, match=message):
+        attnspec.reference.attention(q, k, v, key_padding_mask=mask)
+
+
+def test_key_padding_mask_is_a_feature_and_of_q_framework():
+    torch = pytest.importorskip("torch")
+    q, k, v = qkv()
+    info = attnspec.validation.validate_attention(q, k, v, key_padding_mask=np.ones((2, 5), bool))
+    assert "key_padding_mask" in info.features
+    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+    with pytest.raises(TypeError, match="key_padding_mask must be a torch array like q; got a numpy array"):
+        attnspec.attention(tq, tk, tv, key_padding_mask=np.ones((2, 5), bool))
+    with pytest.raises(ValueError, match=r"key_padding_mask must be on q's device \(cpu\); got device meta"):
+        attnspec.attention(tq, tk, tv, key_padding_mask=torch.ones((2, 5), dtype=torch.bool, device="meta"))

@@ -34,6 +34,7 @@ import attnspec
 from attnspec import geometry, precision
 
 __all__ = [
+    "HeadParameters",
     "KVCache",
     "SpanAttention",
     "apply_rope",
@@ -102,49 +103,34 @@ class KVCache:
         self.max_length = max(self.max_length, len(self))
 
 
-class SpanAttention(nn.Module):
-    """Causal multi-head self-attention with learnable per-head span and alpha.
+class HeadParameters(nn.Module):
+    """The span and alpha of H heads, fixed or learned: what SpanAttention and the transformers
+    integration (attnspec.integrations.transformers) share, so both have one parametrisation,
+    one regulariser (span_loss) and one cache bound.
 
-    Args:
-      d_model: width of the input and output.
-      n_heads: query heads H. n_kv_heads: key/value heads (a divisor of H; default H).
-      head_dim: per-head width (default d_model // n_heads; even when rope=True).
-      max_span: the largest span in tokens; None gives full causal attention (no span).
-      ramp: R, the width of the soft edge of the span mask.
-      span_init: the initial theta = z / max_span, a number or [H] values in [0, 1] (the
-        paper starts at 0: spans grow only where the loss asks for it).
-      alpha: the fixed alpha in [1, 2], or with learn_alpha=True the initial alpha (then in
-        the open interval (1, 2), alpha = 1 + sigmoid(a)).
-      rope, rope_base: rotary position embeddings on q and k.
-      backend: passed to attnspec.attention (None: the dispatcher chooses).
+    - span: z_h = max_span * theta_h (parameter `span_theta`, kept in [0, 1] by project_());
+    - alpha: fixed, or alpha_h = 1 + sigmoid(a_h) (parameter `alpha_logit`).
+    Subclasses call `_init_heads` in their __init__.
     """
 
-    def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: Optional[int] = None,
-                 head_dim: Optional[int] = None, max_span: Optional[float] = None, ramp: float = 32.0,
-                 span_init=0.0, alpha=1.0, learn_alpha: bool = False, rope: bool = True,
-                 rope_base: float = 10000.0, bias: bool = False, backend: Optional[str] = None,
-                 device=None, dtype=None):
-        super().__init__()
-        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
-            raise ValueError(f"n_heads={n_heads} must be a positive multiple of n_kv_heads={n_kv_heads}")
-        head_dim = d_model // n_heads if head_dim is None else head_dim
-        if head_dim < 1:
-            raise ValueError(f"head_dim={head_dim} must be positive (d_model={d_model}, n_heads={n_heads})")
-        if rope and head_dim % 2:
-            raise ValueError(f"rope=True needs an even head_dim; got head_dim={head_dim}")
+    @staticmethod
+    def initial_values(n_heads: int, *, max_span: Optional[float], span_init, alpha, learn_alpha: bool) -> dict:
+        """{parameter name: its initial value [H]}, float64 on the CPU (whatever device context
+        a model is being built under): theta = span_init, a = logit(alpha - 1)."""
+        values = {}
+        if max_span is not None:
+            values["span_theta"] = torch.as_tensor(span_init, dtype=torch.float64, device="cpu").expand(n_heads).clone()
+        if learn_alpha:
+            a0 = torch.as_tensor(alpha, dtype=torch.float64, device="cpu").expand(n_heads).clone()
+            values["alpha_logit"] = torch.log(a0 - 1) - torch.log1p(-(a0 - 1))
+        return values
+
+    def _init_heads(self, n_heads: int, *, max_span: Optional[float], ramp: float, span_init, alpha,
+                    learn_alpha: bool, device=None, dtype=None):
         if not (ramp > 0 and math.isfinite(ramp)):
             raise ValueError(f"ramp={ramp} must be a finite number > 0")
-        factory = dict(device=device, dtype=dtype)
-        self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
+        self.n_heads = n_heads
         self.ramp = float(ramp)
-        self.rope, self.rope_base = rope, float(rope_base)
-        self.backend = backend
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias, **factory)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias, **factory)
-
         if max_span is None:
             self.max_span = None
             self.register_parameter("span_theta", None)
@@ -152,18 +138,18 @@ class SpanAttention(nn.Module):
             if not (max_span > 0 and math.isfinite(max_span)):
                 raise ValueError(f"max_span={max_span} must be a finite number > 0 (or None for no span)")
             self.max_span = float(max_span)
-            theta = torch.as_tensor(span_init, dtype=torch.float64).expand(n_heads).clone()
+            theta = torch.as_tensor(span_init, dtype=torch.float64, device="cpu").expand(n_heads).clone()
             if not bool(((theta >= 0) & (theta <= 1)).all()):
                 raise ValueError(f"span_init={span_init} must lie in [0, 1] (a fraction of max_span)")
             self.span_theta = nn.Parameter(theta.to(device=device, dtype=dtype or torch.get_default_dtype()))
 
         self.learn_alpha = bool(learn_alpha)
         if self.learn_alpha:
-            a0 = torch.as_tensor(alpha, dtype=torch.float64).expand(n_heads).clone()
+            a0 = torch.as_tensor(alpha, dtype=torch.float64, device="cpu").expand(n_heads).clone()
             if not bool(((a0 > 1) & (a0 < 2)).all()):
                 raise ValueError(f"learn_alpha=True needs an initial alpha in (1, 2) (alpha = 1 + sigmoid(a)); "
                                  f"got alpha={alpha}")
-            a = torch.log(a0 - 1) - torch.log1p(-(a0 - 1))
+            a = self.initial_values(n_heads, max_span=None, span_init=None, alpha=alpha, learn_alpha=True)["alpha_logit"]
             self.alpha_logit = nn.Parameter(a.to(device=device, dtype=dtype or torch.get_default_dtype()))
             self.fixed_alpha = None
         else:
@@ -213,6 +199,49 @@ class SpanAttention(nn.Module):
             spans = self.span.tolist()
         return max(1, geometry.reach(spans, self.ramp, dtype))
 
+
+class SpanAttention(HeadParameters):
+    """Causal multi-head self-attention with learnable per-head span and alpha.
+
+    Args:
+      d_model: width of the input and output.
+      n_heads: query heads H. n_kv_heads: key/value heads (a divisor of H; default H).
+      head_dim: per-head width (default d_model // n_heads; even when rope=True).
+      max_span: the largest span in tokens; None gives full causal attention (no span).
+      ramp: R, the width of the soft edge of the span mask.
+      span_init: the initial theta = z / max_span, a number or [H] values in [0, 1] (the
+        paper starts at 0: spans grow only where the loss asks for it).
+      alpha: the fixed alpha in [1, 2], or with learn_alpha=True the initial alpha (then in
+        the open interval (1, 2), alpha = 1 + sigmoid(a)).
+      rope, rope_base: rotary position embeddings on q and k.
+      backend: passed to attnspec.attention (None: the dispatcher chooses).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, max_span: Optional[float] = None, ramp: float = 32.0,
+                 span_init=0.0, alpha=1.0, learn_alpha: bool = False, rope: bool = True,
+                 rope_base: float = 10000.0, bias: bool = False, backend: Optional[str] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be a positive multiple of n_kv_heads={n_kv_heads}")
+        head_dim = d_model // n_heads if head_dim is None else head_dim
+        if head_dim < 1:
+            raise ValueError(f"head_dim={head_dim} must be positive (d_model={d_model}, n_heads={n_heads})")
+        if rope and head_dim % 2:
+            raise ValueError(f"rope=True needs an even head_dim; got head_dim={head_dim}")
+        factory = dict(device=device, dtype=dtype)
+        self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
+        self.rope, self.rope_base = rope, float(rope_base)
+        self.backend = backend
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias, **factory)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias, **factory)
+        self._init_heads(n_heads, max_span=max_span, ramp=ramp, span_init=span_init, alpha=alpha,
+                         learn_alpha=learn_alpha, device=device, dtype=dtype)
+
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
@@ -256,9 +285,10 @@ class SpanAttention(nn.Module):
 
 # --- helpers for a model made of such layers ----------------------------------------------------
 
-def span_layers(model: nn.Module) -> Iterable[SpanAttention]:
-    """The SpanAttention layers of a model that have a span."""
-    return [m for m in model.modules() if isinstance(m, SpanAttention) and m.span_theta is not None]
+def span_layers(model: nn.Module) -> Iterable[HeadParameters]:
+    """The layers of a model that have a span: SpanAttention layers, and the heads that
+    attnspec.integrations.transformers adds to a transformers model."""
+    return [m for m in model.modules() if isinstance(m, HeadParameters) and m.span_theta is not None]
 
 
 def project_spans(model: nn.Module) -> None:

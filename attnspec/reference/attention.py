@@ -46,10 +46,21 @@ def _float64(x):
     return np.asarray(x, dtype=np.float64)
 
 
-def _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, check_finite):
+def _key_valid(B, Lk, key_lengths, key_padding_mask):
+    """[B, Lk]: keys that exist for every row (below key_lengths and not masked by
+    key_padding_mask); the others are excluded alike (SPEC.md 5.1, 5.3)."""
+    lengths = np.full(B, Lk) if key_lengths is None else np.asarray(key_lengths, np.int64)
+    valid = np.arange(Lk)[None, :] < lengths[:, None]
+    if key_padding_mask is not None:
+        valid = valid & np.asarray(key_padding_mask, dtype=bool)
+    return valid
+
+
+def _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, check_finite,
+             key_padding_mask=None):
     info = validation.validate_attention(
         q, k, v, alpha=alpha, span=span, ramp=ramp, causal=causal,
-        key_lengths=key_lengths, q_offset=q_offset, scale=scale,
+        key_lengths=key_lengths, q_offset=q_offset, scale=scale, key_padding_mask=key_padding_mask,
     )
     if info.array_type != "numpy":
         raise TypeError(f"the NumPy reference takes numpy arrays; got {info.array_type} arrays")
@@ -57,9 +68,9 @@ def _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, c
     scale = 1.0 / np.sqrt(D) if scale is None else float(scale)
     ramp = float(ramp)
 
-    # Allowed keys: j < key_lengths_b, causal d >= 0, span weight m > 0 (SPEC.md section 5.1).
-    lengths = np.full(B, Lk) if key_lengths is None else np.asarray(key_lengths, np.int64)
-    key_valid = np.arange(Lk)[None, :] < lengths[:, None]  # [B, Lk]
+    # Allowed keys: j < key_lengths_b, key_padding_mask_bj, causal d >= 0, span weight m > 0
+    # (SPEC.md section 5.1).
+    key_valid = _key_valid(B, Lk, key_lengths, key_padding_mask)  # [B, Lk]
     offsets = np.broadcast_to(np.asarray(Lk - Lq if q_offset is None else q_offset, np.int64), (B,))
     d = _span.distances(Lq, Lk, offsets)[:, None]  # [B, 1, Lq, Lk]
     allowed = np.broadcast_to(key_valid[:, None, None, :], (B, 1, Lq, Lk))
@@ -75,7 +86,7 @@ def _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, c
     m = np.where(allowed, m, 0.0)
     row_empty = ~allowed.any(-1)  # [B, H, Lq]
 
-    # Keys beyond key_lengths may hold garbage (NaN/Inf); rows with no allowed key may too.
+    # Keys beyond key_lengths or masked by key_padding_mask may hold garbage (NaN/Inf); rows with no allowed key may too.
     # Neither may reach any output or gradient, so both are replaced by zeros here. Other
     # non-finite values make NaN of exactly the rows that read them (SPEC.md section 5.3).
     kv_head = np.arange(H) // (H // Hkv)
@@ -89,7 +100,8 @@ def _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, c
         for name, rows in reads.items():
             if rows.any():
                 raise ValueError(f"{name} holds non-finite values where a row reads them (check_finite=True; "
-                                 "keys beyond key_lengths and rows with no allowed key are never read)")
+                                 "keys beyond key_lengths or masked by key_padding_mask, and rows with no allowed key, "
+                                 "are never read)")
     q64, k64, v64 = (np.where(bad[n][..., None], 0.0, x) for n, x in (("q", q64), ("k", k64), ("v", v64)))
 
     scores = scale * np.einsum("bhid,bhjd->bhij", q64, k64)
@@ -102,13 +114,14 @@ def _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, c
 
 
 def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
-              q_offset=None, scale=None, check_finite=False):
+              q_offset=None, scale=None, check_finite=False, key_padding_mask=None):
     """out [B, H, Lq, Dv] = P V with P the weighted alpha-entmax of the scores (SPEC.md).
 
     Computes in float64 and returns q's dtype. check_finite=True raises a ValueError when q, k
     or v hold NaN/Inf where some row reads them, instead of returning NaN there.
     """
-    fwd = _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, check_finite)
+    fwd = _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, check_finite,
+                   key_padding_mask)
     p = fwd.sol.p.reshape(fwd.shape)
     out = np.einsum("bhij,bhjd->bhid", p, fwd.v)
     out[fwd.reads_non_finite] = np.nan
@@ -116,11 +129,11 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
 
 
 def support_gap(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
-                q_offset=None, scale=None):
+                q_offset=None, scale=None, key_padding_mask=None):
     """[B, H, Lq]: per row, the distance in score units from the nearest allowed key to the
     entmax support boundary (inf for alpha = 1 rows). Gradients are defined only where it is > 0;
     finite differences and low-precision comparisons need it larger than their score error."""
-    fwd = _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, False)
+    fwd = _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, False, key_padding_mask)
     return fwd.sol.gap.reshape(fwd.shape[:3])
 
 
@@ -135,14 +148,15 @@ def _dtype_of(x):
 
 
 def attention_vjp(q, k, v, grad_out, *, alpha=1.0, span=None, ramp=32.0, causal=False,
-                  key_lengths=None, q_offset=None, scale=None, check_finite=False):
+                  key_lengths=None, q_offset=None, scale=None, check_finite=False, key_padding_mask=None):
     """AttentionGrads(dq, dk, dv, dalpha, dspan) for the upstream gradient grad_out [B, H, Lq, Dv].
 
     With g_ij = grad_out_i . v_j the gradient reaching p, on the support (SPEC.md section 4):
     dS = w (g - gbar), dm = (p/m)(g - gbar), dalpha = sum (g - gbar) p psi; dz = sum dm / R
     where 0 < m < 1. Each gradient has its input's dtype; dalpha and dspan their input's shape.
     """
-    fwd = _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, check_finite)
+    fwd = _forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, check_finite,
+                   key_padding_mask)
     B, H, Lq, Lk = fwd.shape
     Hkv = np.shape(k)[1]
     group = H // Hkv
@@ -160,8 +174,8 @@ def attention_vjp(q, k, v, grad_out, *, alpha=1.0, span=None, ramp=32.0, causal=
     # Head h reads kv head h // group, so kv head g collects heads g*group ... (g+1)*group - 1.
     dk = dk_heads.reshape(B, Hkv, group, Lk, dk_heads.shape[-1]).sum(2)
     dv = dv_heads.reshape(B, Hkv, group, Lk, dv_heads.shape[-1]).sum(2)
-    if key_lengths is not None:  # keys beyond key_lengths never matter: exactly zero
-        key_valid = np.arange(Lk)[None, :] < np.asarray(key_lengths)[:, None]
+    if key_lengths is not None or key_padding_mask is not None:  # excluded keys never matter: exactly 0
+        key_valid = _key_valid(B, Lk, key_lengths, key_padding_mask)
         dk = np.where(key_valid[:, None, :, None], dk, 0.0)
         dv = np.where(key_valid[:, None, :, None], dv, 0.0)
 

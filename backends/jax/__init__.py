@@ -26,9 +26,10 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def tiled_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None, q_offset=None,
-                    scale=None):
+                    scale=None, key_padding_mask=None):
     return _attention.attention(q, k, v, alpha=alpha, span=span, ramp=ramp, causal=causal,
-                                key_lengths=key_lengths, q_offset=q_offset, scale=scale)
+                                key_lengths=key_lengths, q_offset=q_offset, scale=scale,
+                                key_padding_mask=key_padding_mask)
 
 
 def _extra_reasons(call):

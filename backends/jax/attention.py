@@ -154,6 +154,7 @@ class _Call(NamedTuple):
     positions: object  # [B] q_offset, positions dtype
     Lq: object  # the real number of query rows (traced: padded shapes share a kernel)
     Lk: int  # padded
+    mask: object = None  # key_padding_mask [B, Lk] bool (padded with False), or None
 
 
 def _key_tiles(i0, call: _Call, static: StaticArgs):
@@ -179,6 +180,8 @@ def _kv_tile(x, kt, call: _Call, static: StaticArgs):
     tile = lax.dynamic_slice_in_dim(x, j0, Tk, axis=2)
     keys = (j0 + jnp.arange(Tk, dtype=jnp.int32)).astype(call.positions.dtype)
     valid = keys[None, :] < call.lengths[:, None]  # [B, Tk]
+    if call.mask is not None:  # masked keys are excluded as keys beyond key_lengths are
+        valid = valid & lax.dynamic_slice_in_dim(call.mask, j0, Tk, axis=1)
     return jnp.where(valid[:, None, :, None], tile, 0), keys, valid
 
 
@@ -294,7 +297,7 @@ def _forward_entmax_tile(qt, kp, vp, i0, call, static):
     return jnp.where(nonempty[..., None], out, 0.0), c
 
 
-def _layout(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
+def _layout(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask=None):
     """Inputs (padded to whole tiles, in the compute dtype) in the kernel's layout:
     (qg, kp, vp, call, sizes)."""
     B, H, Lq, D = q.shape
@@ -306,14 +309,14 @@ def _layout(static, q, k, v, alpha, span, causal, ramp, scale, lengths, position
     eps = None if static.softmax_only else (alpha.astype(dtype) - 1).reshape(1, Hkv, G, 1, 1)
     z = span.astype(dtype).reshape(Hkv, G) if static.has_span else None
     call = _Call(eps=eps, span=z, causal=causal, ramp=ramp.astype(dtype), scale=scale.astype(dtype), lengths=lengths,
-                 positions=positions, Lq=n_rows, Lk=Lk)
+                 positions=positions, Lq=n_rows, Lk=Lk, mask=mask)
     return qg, kp, vp, call, (B, H, Hkv, G, Lq, Lk, D, v.shape[3], nq, nk)
 
 
-def _forward(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
+def _forward(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask=None):
     """(out [B, H, Lq, Dv], c [B, Hkv, G, Lq]) on padded inputs in the compute dtype."""
     qg, kp, vp, call, (B, H, Hkv, G, Lq, Lk, D, Dv, nq, nk) = _layout(
-        static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows)
+        static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask)
     tile = _forward_softmax_tile if static.softmax_only else _forward_entmax_tile
 
     def body(_, qi):
@@ -329,9 +332,9 @@ def _forward(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positio
 
 
 def _backward(static, residuals, dout):
-    c, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows = residuals
+    c, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask = residuals
     qg, kp, vp, call, (B, H, Hkv, G, Lq, Lk, D, Dv, nq, nk) = _layout(
-        static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows)
+        static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask)
     dtype = qg.dtype
     Tq, Tk = static.tile_q, static.tile_k
     dog = dout.astype(dtype).reshape(B, Hkv, G, Lq, Dv)
@@ -415,23 +418,24 @@ _backward_jit = jax.jit(_backward, static_argnums=0)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
+def _core(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask):
     return _forward_jit(static.forward_part(), q, k, v, alpha, span, causal, ramp, scale, lengths, positions,
-                        n_rows)[0]
+                        n_rows, mask)[0]
 
 
-def _core_fwd(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows):
+def _core_fwd(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask):
     out, c = _forward_jit(static.forward_part(), q, k, v, alpha, span, causal, ramp, scale, lengths, positions,
-                          n_rows)
-    return out, (c, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows)
+                          n_rows, mask)
+    return out, (c, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask)
 
 
 def _core_bwd(static, residuals, dout):
-    _, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows = residuals
+    _, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask = residuals
     dq, dk, dv, dalpha, dspan, dscale, dramp = _backward_jit(static, residuals, dout)
     # ramp and scale given as Python numbers are constants: their cotangents are dropped.
     return (dq, dk, dv, dalpha, None if span is None else dspan, _integer_zeros(causal), dramp.astype(ramp.dtype),
-            dscale.astype(scale.dtype), _integer_zeros(lengths), _integer_zeros(positions), _integer_zeros(n_rows))
+            dscale.astype(scale.dtype), _integer_zeros(lengths), _integer_zeros(positions), _integer_zeros(n_rows),
+            None if mask is None else _integer_zeros(mask))
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -481,7 +485,7 @@ def _offsets(q_offset, B, Lq, Lk, pdt):
 
 
 def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None, q_offset=None,
-              scale=None, tile_q=None, tile_k=None):
+              scale=None, tile_q=None, tile_k=None, key_padding_mask=None):
     """SPEC.md's attention on jax arrays (already validated by attnspec.attention)."""
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -508,6 +512,9 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
                else jnp.clip(jnp.asarray(key_lengths).astype(pdt).reshape(B), 0, Lk))
     positions = _offsets(q_offset, B, Lq, Lk, pdt)
     qp, kp, vp = _prepare(q, k, v, jnp.dtype(dtype).name, padded)
+    mask = None
+    if key_padding_mask is not None:  # padding keys (beyond Lk) are excluded by lengths too
+        mask = jnp.pad(jnp.asarray(key_padding_mask, bool), ((0, 0), (0, padded[1] - Lk)))
     out = _core(static, qp, kp, vp, alpha_h, span_h, jnp.asarray(bool(causal)), jnp.asarray(ramp, dtype),
-                jnp.asarray(scale, dtype), lengths, positions, jnp.asarray(Lq, jnp.int32))
+                jnp.asarray(scale, dtype), lengths, positions, jnp.asarray(Lq, jnp.int32), mask)
     return _finish(out, (B, H, Lq, Dv), jnp.dtype(q.dtype).name)

@@ -33,7 +33,7 @@ EAGER_MAX_SCORES = 1 << 24
 EAGER_AUTOMATIC_MAX_SCORES = 1 << 12
 
 
-def _fake_saved(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+def _fake_saved(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, key_padding_mask=None):
     B, H, Lq, _ = q.shape
     shape = (B, H, Lq, k.shape[2])
     dtype = _torch_op.compute_dtype(q.dtype)
@@ -44,11 +44,12 @@ _eager_op = _torch_op.define_attention_op("eager_attention", _attention.forward,
 
 
 def eager_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
-                    q_offset=None, scale=None):
-    return _eager_op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
+                    q_offset=None, scale=None, key_padding_mask=None):
+    return _eager_op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale),
+                _torch_op.padding_mask(key_padding_mask, q))
 
 
-def _fake_c(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+def _fake_c(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, key_padding_mask=None):
     return [q.new_empty(q.shape[:3] + (1,), dtype=_torch_op.compute_dtype(q.dtype))]
 
 
@@ -57,8 +58,9 @@ _tiled_op = _torch_op.define_attention_op("tiled_attention", _attention.tiled_fo
 
 
 def tiled_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
-                    q_offset=None, scale=None):
-    return _tiled_op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
+                    q_offset=None, scale=None, key_padding_mask=None):
+    return _tiled_op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale),
+                _torch_op.padding_mask(key_padding_mask, q))
 
 
 def _devices():

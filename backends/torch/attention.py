@@ -26,13 +26,15 @@ def _grouped(x, Hkv):
     return x.reshape(B, Hkv, H // Hkv, L, D)
 
 
-def _masks(q, k, span, ramp, causal, key_lengths, q_offset, dtype):
+def _masks(q, k, span, ramp, causal, key_lengths, q_offset, dtype, key_padding_mask=None):
     """allowed [B, H|1, Lq, Lk], m [B, H|1, Lq, Lk], key_valid [B, Lk]."""
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     device = q.device
     lengths = key_lengths if key_lengths is not None else torch.full((B,), Lk, device=device)
     key_valid = torch.arange(Lk, device=device)[None, :] < lengths.to(device)[:, None]
+    if key_padding_mask is not None:  # masked keys are excluded as keys beyond key_lengths are
+        key_valid = key_valid & key_padding_mask.to(device)
     d = _span.distances(Lq, Lk, q_offset.to(device))[:, None]  # [B, 1, Lq, Lk]
     allowed = key_valid[:, None, None, :].expand(B, 1, Lq, Lk)
     if causal:
@@ -56,12 +58,12 @@ def _clean(q, k, v, allowed, key_valid, dtype):
     return q, k, v
 
 
-def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, key_padding_mask=None):
     """(out in q's dtype, p, t, m) with p, t, m [B, H, Lq, Lk] in the compute dtype."""
     dtype = compute_dtype(q.dtype)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    allowed, m, key_valid = _masks(q, k, span, ramp, causal, key_lengths, q_offset, dtype)
+    allowed, m, key_valid = _masks(q, k, span, ramp, causal, key_lengths, q_offset, dtype, key_padding_mask)
     qc, kc, vc = _clean(q, k, v, allowed, key_valid, dtype)
     scores = scale * torch.matmul(_grouped(qc, Hkv), kc[:, :, None].transpose(-1, -2)).reshape(B, H, Lq, Lk)
     allowed = allowed.expand(B, H, Lq, Lk)
@@ -72,12 +74,13 @@ def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     return out.to(q.dtype), p, t, m
 
 
-def backward(grad_out, p, t, m, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alpha_grad=True):
+def backward(grad_out, p, t, m, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alpha_grad=True,
+             key_padding_mask=None):
     """(dq, dk, dv, dalpha [H], dspan [H]) in the inputs' dtypes; dspan is zeros without span."""
     dtype = p.dtype
     B, H, Lq, Lk = p.shape
     Hkv = k.shape[1]
-    _, _, key_valid = _masks(q, k, None, ramp, False, key_lengths, q_offset, dtype)
+    _, _, key_valid = _masks(q, k, None, ramp, False, key_lengths, q_offset, dtype, key_padding_mask)
     row_reads = (m > 0).any(-1, keepdim=True)
     kc = torch.where(key_valid[:, None, :, None], k.to(dtype), torch.zeros((), dtype=dtype, device=k.device))
     vc = torch.where(key_valid[:, None, :, None], v.to(dtype), torch.zeros((), dtype=dtype, device=v.device))
@@ -156,7 +159,7 @@ def _sum_groups(x):
     return x[:, :, 0] if x.shape[2] == 1 else x.sum(2)
 
 
-def _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset, softmax=False):
+def _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset, softmax=False, padded=False):
     """(i0, i1, j0, j1, masked_from) for each query tile: rows i0..i1-1 and the keys j0..j1-1
     they may read (masked_from: see _masked_from); tiles with no key in reach are left out.
 
@@ -165,7 +168,8 @@ def _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset, softmax=Fals
     MIN_TILE rows): causal rows near the start and span heads read few keys, so their tiles
     are taller. Every tile costs fixed Python and dispatch work, so fewer, fuller tiles are
     faster (about half as many as tiles sized for Lk on a causal call). Under torch.compile
-    (no data-dependent shapes) the tiles are fixed and read every key."""
+    (no data-dependent shapes) the tiles are fixed and read every key. padded: a
+    key_padding_mask may exclude any key, so every key of the window is masked."""
     elements = max(1, (SOFTMAX_BLOCK_ELEMENTS if softmax else BLOCK_ELEMENTS) // max(1, B * H))
     if torch.compiler.is_compiling():
         tile = max(MIN_TILE, elements // max(1, Lk))
@@ -187,7 +191,7 @@ def _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset, softmax=Fals
                 high = middle - 1
         j0, j1 = _window_within(i0, i0 + T, Lk, causal, bounds)
         if j1 > j0:
-            yield i0, i0 + T, j0, j1, _masked_from(i0, j0, j1, span, causal, bounds)
+            yield i0, i0 + T, j0, j1, (j0 if padded else _masked_from(i0, j0, j1, span, causal, bounds))
         i0 += T
 
 
@@ -206,21 +210,27 @@ def _masked_from(i0, j0, j1, span, causal, bounds):
     return max(j0, bound)
 
 
-def _prepare(k, v, key_lengths, dtype, transpose_v):
+def _prepare(k, v, key_lengths, dtype, transpose_v, key_padding_mask=None):
     """Once per call: k and v in the compute dtype with padding keys zeroed (they may hold NaN,
     SPEC.md 5.3), and kT (and vT, for the backward) [B, Hkv, D, Lk] transposed into
     contiguous copies: transposed views slow the products of small heads (D = 16) down, and
     the copies are not what sets the peak memory."""
     zero = torch.zeros((), dtype=dtype, device=k.device)
     kc, vc = k.to(dtype), v.to(dtype)
-    if key_lengths is not None:
-        key_valid = (torch.arange(k.shape[2], device=k.device)[None, :] < key_lengths.to(k.device)[:, None])
+    if key_lengths is not None or key_padding_mask is not None:
+        if key_lengths is None:
+            key_valid = key_padding_mask.to(k.device)
+        else:
+            key_valid = (torch.arange(k.shape[2], device=k.device)[None, :] < key_lengths.to(k.device)[:, None])
+            if key_padding_mask is not None:
+                key_valid = key_valid & key_padding_mask.to(k.device)
         kc = torch.where(key_valid[:, None, :, None], kc, zero)
         vc = torch.where(key_valid[:, None, :, None], vc, zero)
     return kc, kc.transpose(-1, -2).contiguous(), vc, vc.transpose(-1, -2).contiguous() if transpose_v else None
 
 
-def _tile_scores(q, kT, i0, i1, j0, j1, masked_from, span, ramp, causal, key_lengths, q_offset, scale, dtype):
+def _tile_scores(q, kT, i0, i1, j0, j1, masked_from, span, ramp, causal, key_lengths, q_offset, scale, dtype,
+                 key_padding_mask=None):
     """Rows i0..i1-1 against keys j0..j1-1: (scores [B, H, T, W] holding -inf wherever a key
     is not allowed, m [B, H, T, W] or None without span, the query tile qt).
 
@@ -237,6 +247,9 @@ def _tile_scores(q, kT, i0, i1, j0, j1, masked_from, span, ramp, causal, key_len
     allowed = None  # [B, 1, T, W] from causal and key_lengths
     if key_lengths is not None:
         allowed = (keys[None, :] < key_lengths.to(device)[:, None])[:, None, None, :]
+    if key_padding_mask is not None:  # _tiles gives masked_from = j0 then: a == j0
+        readable = key_padding_mask.to(device)[:, None, None, j0:j1]
+        allowed = readable if allowed is None else allowed & readable
     if causal or span is not None:
         rows = torch.arange(i0, i1, device=device)
         d = (q_offset.to(device)[:, None, None] + rows[None, :, None] - keys[None, None, :])[:, None]  # [B,1,T,W]
@@ -307,42 +320,45 @@ def _softmax_only(eps):
     return not torch.compiler.is_compiling() and not bool((eps > 0).any())
 
 
-def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+def tiled_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, key_padding_mask=None):
     """(out in q's dtype, c [B, H, Lq, 1] in the compute dtype)."""
     dtype = compute_dtype(q.dtype)
     B, H, Lq, _ = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     eps = (alpha.to(dtype) - 1)[None, :, None, None]
-    _, kT, vc, _ = _prepare(k, v, key_lengths, dtype, transpose_v=False)
+    padded = key_padding_mask is not None
+    _, kT, vc, _ = _prepare(k, v, key_lengths, dtype, transpose_v=False, key_padding_mask=key_padding_mask)
     out = torch.zeros((B, H, Lq, Dv), dtype=dtype, device=q.device)
     c = torch.zeros((B, H, Lq, 1), dtype=dtype, device=q.device)
-    tiles = _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset, _softmax_only(eps))
+    tiles = _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset, _softmax_only(eps), padded)
     for i0, i1, j0, j1, masked_from in tiles:
         scores, m, _ = _tile_scores(q, kT, i0, i1, j0, j1, masked_from, span, ramp, causal, key_lengths, q_offset,
-                                    scale, dtype)
+                                    scale, dtype, key_padding_mask)
         p, c_tile = _entmax.solve_masked_rows(scores, m, eps)
         out[:, :, i0:i1] = torch.matmul(_grouped(p, Hkv), vc[:, :, None, j0:j1]).reshape(B, H, i1 - i0, Dv)
         c[:, :, i0:i1] = c_tile
     return out.to(q.dtype), c
 
 
-def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alpha_grad=True):
+def tiled_backward(grad_out, c, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alpha_grad=True,
+                   key_padding_mask=None):
     dtype = c.dtype
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     eps = (alpha.to(dtype) - 1)[None, :, None, None]
-    kc, kT, _, vT = _prepare(k, v, key_lengths, dtype, transpose_v=True)
+    padded = key_padding_mask is not None
+    kc, kT, _, vT = _prepare(k, v, key_lengths, dtype, transpose_v=True, key_padding_mask=key_padding_mask)
     dq = torch.zeros((B, H, Lq, D), dtype=dtype, device=q.device)
     dk = torch.zeros((B, Hkv, Lk, D), dtype=dtype, device=q.device)
     dv = torch.zeros((B, Hkv, Lk, Dv), dtype=dtype, device=q.device)
     dalpha = torch.zeros((H,), dtype=dtype, device=q.device)
     dspan = torch.zeros((H,), dtype=dtype, device=q.device)
     dout = grad_out.to(dtype)
-    tiles = _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset, _softmax_only(eps))
+    tiles = _tiles(B, H, Lq, Lk, span, ramp, causal, key_lengths, q_offset, _softmax_only(eps), padded)
     for i0, i1, j0, j1, masked_from in tiles:
         T, W = i1 - i0, j1 - j0
         scores, m, qt = _tile_scores(q, kT, i0, i1, j0, j1, masked_from, span, ramp, causal, key_lengths, q_offset,
-                                     scale, dtype)
+                                     scale, dtype, key_padding_mask)
         dout_t = dout[:, :, i0:i1]
         g = torch.matmul(_grouped(dout_t, Hkv), vT[:, :, None, :, j0:j1]).reshape(B, H, T, W)
         p, ds, deps, dspan_rows = _rows_vjp(scores, m, eps, c[:, :, i0:i1], g, alpha_grad, ramp)
