@@ -21,10 +21,10 @@ errors are never repaired here.
 | peer-flex | 1 | span (score_mod adding log m, block mask), causal, key_lengths, q_offset, gqa | q, k, v on CUDA; none on CPU (no backward there) |
 | peer-adasplash, peer-adasplash_no_block_mask | (1, 2] | causal, gqa; Lq = Lk, default scale | q, k, v |
 
-The alphas a peer runs are refused through `Kernel.extra_reasons` (and by the kernel function
-itself, which the suite's gradient path calls directly); `ALPHAS` holds them as data for the
-report's strategies (`peers_report`). AdaSplash runs on CUDA; on CPU only
-adasplash_no_block_mask, under TRITON_INTERPRET=1.
+The alphas a peer runs, and AdaSplash's sizes, are refused through `Kernel.extra_reasons` (and
+by the kernel function itself, which the suite's gradient path calls directly); `ALPHAS` holds
+the alphas as data for the report's strategies (`peers_report`). AdaSplash runs on CUDA; on
+CPU only adasplash_no_block_mask, under TRITON_INTERPRET=1, at the sizes it takes there.
 """
 
 from __future__ import annotations
@@ -85,6 +85,28 @@ def _flex_features(features: frozenset) -> frozenset:
     return features | {"grad"} if torch.cuda.is_available() else features
 
 
+#: Sizes AdaSplash's Triton kernels take under the interpreter, as measured there: Lq = Lk a
+#: power of two (it asserts so without varlen) of at least 64, D in {32, 64}; smaller tiles
+#: (D = 16, L = 16) crashed the process.
+_INTERPRETED_ADASPLASH = {"head_dims": (32, 64), "min_length": 64}
+
+
+def _shape_reasons(name: str, sizes: dict) -> list:
+    if not name.startswith("adasplash"):
+        return []
+    Lq, Lk, D, Dv = (sizes.get(n) for n in ("Lq", "Lk", "D", "Dv"))
+    reasons = []
+    if Lq != Lk or Lk < 1 or Lk & (Lk - 1):
+        reasons.append(f"Lq={Lq}, Lk={Lk} (supported: Lq = Lk, a power of two)")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        rule = _INTERPRETED_ADASPLASH
+        if D not in rule["head_dims"] or Dv != D:
+            reasons.append(f"D={D}, Dv={Dv} (supported under the interpreter: D = Dv in {rule['head_dims']})")
+        if Lk is not None and Lk < rule["min_length"]:
+            reasons.append(f"Lk={Lk} (supported under the interpreter: >= {rule['min_length']})")
+    return reasons
+
+
 def _alpha_reasons(name: str, call) -> list:
     """alpha outside what the peer computes. The call information carries alpha where it is
     concrete (a number, or the values of an array); where it does not, the kernel refuses in
@@ -133,7 +155,9 @@ def backend(name: str, gradients: bool = True) -> Backend:
                   scale=None):
         kwargs = dict(alpha=alpha, span=span, ramp=ramp, causal=causal, key_lengths=key_lengths, q_offset=q_offset,
                       scale=scale)
-        reasons = peer.reasons(q, k, v, **dict(kwargs, alpha=_readable(alpha), span=_readable(span)))
+        sizes = dict(Lq=q.shape[2], Lk=k.shape[2], D=q.shape[3], Dv=v.shape[3])
+        reasons = _shape_reasons(name, sizes) or peer.reasons(q, k, v, **dict(kwargs, alpha=_readable(alpha),
+                                                                               span=_readable(span)))
         if reasons:  # what the peer cannot express is a refusal, never a silent substitute
             raise UnsupportedCallError("attention", f"the {label} adapter", {label: reasons})
         if isinstance(peer, _Flex):
@@ -143,7 +167,8 @@ def backend(name: str, gradients: bool = True) -> Backend:
         return peer._bind(peers.describe(q, k, v, **kwargs))(q, k, v)
 
     caps = Capabilities(array_type="torch", devices=_devices(name), dtypes=dtypes, features=features)
-    kernel = Kernel("attention", attention, caps, extra_reasons=lambda call: _alpha_reasons(name, call))
+    kernel = Kernel("attention", attention, caps,
+                    extra_reasons=lambda call: _shape_reasons(name, call.sizes) + _alpha_reasons(name, call))
     return Backend(name=label, version=_version(peer), kernels={"attention": kernel}, priority=-100,
                    automatic=False, description=peer.description)
 

@@ -52,7 +52,9 @@ def _drawing_alphas(name, dtype):
     """Draw only the alphas the peer computes while it is checked. (Capabilities carry no alpha
     rule here; with one, the strategies read it and this does nothing.)"""
     base = getattr(strategies, "alphas", None)
-    if base is None:
+    if base is None or "entmax" not in adapters.ADAPTERS[name][1]:
+        # A softmax-only peer is never drawn an alpha, except by the check that it refuses
+        # alpha != 1, which must keep drawing them.
         yield
         return
     restricted = _alpha_strategy(adapters.ALPHAS[name], dtype, base)
@@ -223,6 +225,12 @@ def markdown(results, command: str) -> str:
             continue
         caps = first.kernels["attention"].capabilities
         full = passes[-1][1]
+        reports = [r for _, _, r, _ in passes]
+        if all(c.status == "unsupported" for r in reports for c in r.cells):
+            reasons = sorted({c.reason for r in reports for c in r.cells if c.dtype != "-"})
+            lines += [f"## {title}", "", f"{first.description} ({first.version}). Not checked here: "
+                      + "; ".join(reasons) + ".", ""]
+            continue
         lines += [f"## {title}", "", f"{first.description} ({first.version}). alpha: {adapters.ALPHAS[name]}; "
                   f"features: {', '.join(sorted(caps.features - {'grad', 'alpha_grad', 'span_grad'}))}; "
                   f"gradients: {_gradients(full)}; devices: {', '.join(caps.devices)}.", ""]

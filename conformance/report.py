@@ -115,7 +115,7 @@ class Report:
         checks skipped near the entmax support boundary (counted per cell)."""
         out = [(c.cell, c.dtype, c.reason) for c in self.cells if c.status == "unsupported"]
         out += [(c.cell, c.dtype, f"{c.gradient_skips} of {c.gradient_skips + c.gradient_checks} gradient checks "
-                 "skipped: example within the support-boundary margin")
+                 "skipped: example within the support-boundary margin (or a gradient beyond the dtype's range)")
                 for c in self.cells if c.gradient_skips]
         return out
 

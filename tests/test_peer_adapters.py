@@ -93,3 +93,23 @@ def test_the_entmax_package_is_flagged_for_its_four_known_failures(tmp_path):
         assert hits, f"the suite missed: {what}"
     text = peers_report.markdown(list(results.items()), "test")
     assert "NOT found" not in text and "deep-spin/entmax #19" in text and "**FAIL**" in text
+
+
+def test_adasplash_declares_cuda_and_refuses_sizes_it_cannot_take(monkeypatch):
+    pytest.importorskip("adasplash")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert adapters.backend("adasplash_no_block_mask").kernels["attention"].capabilities.devices == ("cuda",)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend = adapters.backend("adasplash_no_block_mask")
+    assert backend.kernels["attention"].capabilities.devices == ("cuda", "cpu")
+    assert adapters.backend("adasplash").kernels["attention"].capabilities.devices == ("cuda",)
+    attnspec.register_backend(backend, replace=True)
+    try:
+        small = tuple(torch.randn(1, 2, 16, 16) for _ in range(3))  # crashed the interpreter: refused first
+        with pytest.raises(UnsupportedCallError, match="supported under the interpreter"):
+            attnspec.attention(*small, alpha=1.5, backend=backend.name)
+        ragged = tuple(torch.randn(1, 2, 70, 32) for _ in range(3))
+        with pytest.raises(UnsupportedCallError, match="a power of two"):
+            attnspec.attention(*ragged, alpha=1.5, backend=backend.name)
+    finally:
+        attnspec.unregister_backend(backend.name)
