@@ -42,7 +42,8 @@ def _context(name, kernel, dtype):
     fw = frameworks.framework(kernel.capabilities.array_type)
     if dtype not in kernel.capabilities.dtypes or dtype not in fw.available_dtypes():
         pytest.skip(f"{name} does not run {dtype} here")
-    return Context(backend=name, kernel=kernel, framework=fw, dtype=dtype, device="cpu")
+    return Context(backend=name, kernel=kernel, framework=fw, dtype=dtype, device="cpu",
+                   gradient_names=frozenset(kernel.gradients))
 
 
 def outer_kink_case(D=16) -> AttentionCase:
@@ -148,7 +149,7 @@ def test_nan_where_the_reference_has_a_number_fails_every_check(check):
         for name, fails in (("numpy", False), ("nan row 0", True)):
             kernel = registry.load(name).kernel(op)
             ctx = Context(backend=name, kernel=kernel, framework=frameworks.framework("numpy"), dtype="float32",
-                          device="cpu")
+                          device="cpu", gradient_names=frozenset(kernel.gradients))
             if fails:
                 with pytest.raises(CheckFailed, match="nan"):
                     check(ctx, case)
