@@ -29,10 +29,31 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: Constant tensors the normalised arguments are built from, per (value, size, dtype, device):
+#: a Python-number alpha/span and the default q_offset are the same on every call of a model,
+#: and building them costs microseconds each. They are never written to (the ops take them
+#: as read-only inputs) and never require grad.
+_CONSTANTS: dict = {}
+_CONSTANTS_MAX = 256
+
+
+def _constant(key, make):
+    try:
+        return _CONSTANTS[key]
+    except KeyError:
+        if len(_CONSTANTS) >= _CONSTANTS_MAX:
+            _CONSTANTS.clear()
+        value = _CONSTANTS[key] = make()
+        return value
+
+
 def _per_head(value, H, dtype, device):
     """alpha/span as a [H] tensor of the compute dtype (expanding keeps the autograd link)."""
-    t = value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=dtype, device=device)
-    t = t.to(device=device, dtype=dtype)
+    if not isinstance(value, Tensor):
+        number = float(value)
+        return _constant(("head", number, H, dtype, device),
+                         lambda: torch.full((H,), number, dtype=dtype, device=device))
+    t = value.to(device=device, dtype=dtype)
     return t.expand(H) if t.dim() == 0 else t
 
 
@@ -56,8 +77,11 @@ def normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     dtype = compute_dtype(q.dtype)
     alpha_h = _per_head(alpha, H, dtype, q.device)
     span_h = None if span is None else _per_head(span, H, dtype, q.device)
-    if q_offset is None:
-        offsets = torch.full((B,), Lk - Lq, dtype=torch.int64, device=q.device)
+    if q_offset is None or type(q_offset) is int:
+        offset = Lk - Lq if q_offset is None else q_offset
+        device = q.device
+        offsets = _constant(("offsets", offset, B, device),
+                            lambda: torch.full((B,), offset, dtype=torch.int64, device=device))
     else:
         offsets = torch.as_tensor(q_offset, device=q.device).to(torch.int64).expand(B)
     lengths = None if key_lengths is None else torch.as_tensor(key_lengths, device=q.device).to(torch.int64)
@@ -71,6 +95,19 @@ def _no_autocast(tensor):
     if device_type in ("cpu", "cuda"):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def direct(q, k, v, alpha, span) -> bool:
+    """Whether a call may run the forward function itself rather than the custom op: nothing
+    asks for a gradient, and the tensors are plain (not meta, fake or other subclasses) and not
+    being traced. The op's dispatch and autograd bookkeeping cost tens of microseconds, more
+    than a decode step's work on a small model."""
+    if torch.compiler.is_compiling() or type(q) is not Tensor or q.device.type == "meta":
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not (q.requires_grad or k.requires_grad or v.requires_grad or alpha.requires_grad
+                or (span is not None and span.requires_grad))
 
 
 def define_attention_op(name: str, forward, backward, fake_saved):
@@ -137,6 +174,9 @@ def define_attention_op(name: str, forward, backward, fake_saved):
     backward_op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
     def attention(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+        if direct(q, k, v, alpha, span):
+            with torch.no_grad(), _no_autocast(q):
+                return forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)[0]
         return forward_op(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)[0]
 
     return attention

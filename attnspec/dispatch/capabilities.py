@@ -26,6 +26,8 @@ class Capabilities:
     automatic_max_scores: largest B*H*Lq*Lk that automatic selection gives this kernel (None:
         no limit); named explicitly it runs up to max_scores. For a path that is slower than
         another above some size but useful by name (e.g. an obviously-correct oracle).
+    max_query_length: largest Lq (None: no limit), for paths built for short query blocks
+        (decode steps against a key cache).
     """
 
     array_type: str
@@ -35,6 +37,7 @@ class Capabilities:
     max_head_dim: int | None = None
     max_scores: int | None = None
     automatic_max_scores: int | None = None
+    max_query_length: int | None = None
 
     def automatic_reasons(self, call: CallInfo) -> list[str]:
         """Why automatic selection passes over a call this kernel could run (empty: it does not)."""
@@ -60,6 +63,8 @@ class Capabilities:
             for dim in ("D", "Dv"):
                 if sizes.get(dim, 0) > self.max_head_dim:
                     reasons.append(f"head dim {dim}={sizes[dim]} (supported: <= {self.max_head_dim})")
+        if self.max_query_length is not None and sizes.get("Lq", 0) > self.max_query_length:
+            reasons.append(f"Lq={sizes['Lq']} queries (supported: <= {self.max_query_length})")
         if self.max_scores is not None and sizes.get("scores", 0) > self.max_scores:
             reasons.append(
                 f"B*H*Lq*Lk={sizes['scores']} score entries (supported: <= {self.max_scores})"

@@ -190,6 +190,8 @@ def _size_limits(op: str, backends) -> tuple | None:
             limits.add(("scores", caps.max_scores))
         if caps.automatic_max_scores is not None:
             limits.add(("scores", caps.automatic_max_scores))
+        if caps.max_query_length is not None:
+            limits.add(("Lq", caps.max_query_length))
     return tuple(sorted(limits))
 
 

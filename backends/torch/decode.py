@@ -1,0 +1,123 @@
+"""Short query blocks against long key caches (decode steps, Lq <= a few dozen): the
+`torch-decode` kernel's forward.
+
+Each batch row reads only the key window its queries can reach: positions o_b .. o_b + Lq - 1
+see keys j with |d| < z + R under span, j <= i + o_b under causal, j < key_lengths[b]. The
+window [lo_b, hi_b) is sliced (every row the same: a view) or gathered (one copy of W keys per
+batch row) from the cache, so a span head's cost does not grow with the cache; the
+[B, H, Lq, Lk] score matrix is never built. The G query heads of a kv group are folded into
+the query axis (q as [B, Hkv, G Lq, D]), so K and V are read once per group and never copied
+per head. All rows (every head, batch row and query) solve their entmax threshold together
+(attnspec.backends.torch.entmax.solve_masked_rows). Returns (out, c) with c the per-row
+statistic of SPEC.md 2.2, so the tiled backward rebuilds p from it exactly.
+
+Inputs are normalised (attnspec.backends._torch_op.normalise): alpha/span [H] tensors,
+q_offset int64 [B], key_lengths int64 [B] or None.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import entmax as _entmax
+from . import span as _span
+
+
+def compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def windows(Lq, Lk, offsets, lengths, causal, reach):
+    """[(lo_b, hi_b)] per batch row: the keys rows o_b .. o_b + Lq - 1 may read. m = 0 once
+    |d| >= z + R; one key of slack on each side absorbs the rounding of R + z in the compute
+    dtype (the mask itself decides exactly)."""
+    out = []
+    for b, offset in enumerate(offsets):
+        first, last = offset, offset + Lq - 1
+        lo, hi = 0, Lk
+        if lengths is not None:
+            hi = min(hi, lengths[b])
+        if causal:
+            hi = min(hi, last + 1)
+        if reach is not None:
+            lo = max(lo, int(math.floor(first - reach)))
+            if not causal:
+                hi = min(hi, int(math.ceil(last + reach)) + 1)
+        lo = max(0, min(lo, Lk))
+        out.append((lo, max(lo, min(Lk, hi))))
+    return out
+
+
+def _window_keys(k, v, spans, dtype):
+    """(k_w [B, Hkv, W, D], v_w, starts [B] int64, valid [B, W] bool or None): the window's keys
+    in the compute dtype. Columns past a batch row's own window are zeroed (they may be
+    padding holding NaN) and marked invalid."""
+    B = k.shape[0]
+    starts = [lo for lo, _ in spans]
+    widths = [hi - lo for lo, hi in spans]
+    W = max(widths)
+    device = k.device
+    if len(set(starts)) == 1 and len(set(widths)) == 1:
+        lo = starts[0]
+        return k[:, :, lo:lo + W].to(dtype), v[:, :, lo:lo + W].to(dtype), None, None
+    Lk = k.shape[2]
+    start = torch.tensor(starts, dtype=torch.int64, device=device)
+    width = torch.tensor(widths, dtype=torch.int64, device=device)
+    cols = torch.arange(W, device=device)
+    valid = cols[None, :] < width[:, None]  # [B, W]
+    index = (start[:, None] + cols[None, :]).clamp_max(max(Lk - 1, 0))
+    batch = torch.arange(B, device=device)[:, None]
+    k_w = k[batch, :, index].to(dtype).permute(0, 2, 1, 3)  # [B, W, Hkv, D] -> [B, Hkv, W, D]
+    v_w = v[batch, :, index].to(dtype).permute(0, 2, 1, 3)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    k_w = torch.where(valid[:, None, :, None], k_w, zero)
+    v_w = torch.where(valid[:, None, :, None], v_w, zero)
+    return k_w, v_w, start, valid
+
+
+def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+    """(out [B, H, Lq, Dv] in q's dtype, c [B, H, Lq, 1] in the compute dtype)."""
+    dtype = compute_dtype(q.dtype)
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = H // Hkv
+    device = q.device
+    offsets = q_offset.tolist()
+    lengths = None if key_lengths is None else key_lengths.tolist()
+    reach = None if span is None else float(span.max()) + ramp
+    spans = windows(Lq, Lk, offsets, lengths, causal, reach)
+    W = max(hi - lo for lo, hi in spans)
+    out = torch.zeros((B, H, Lq, Dv), dtype=dtype, device=device)
+    c = torch.zeros((B, H, Lq, 1), dtype=dtype, device=device)
+    if W == 0 or Lq == 0:
+        return out.to(q.dtype), c
+    k_w, v_w, start, valid = _window_keys(k, v, spans, dtype)
+
+    # allowed [B, 1, Lq, W] from the window bounds and causal; m [B, H, Lq, W] from span
+    allowed = None if valid is None else valid[:, None, None, :]
+    m = None
+    if causal or span is not None:
+        if start is None:
+            start = torch.full((B,), spans[0][0], dtype=torch.int64, device=device)
+        rows = torch.arange(Lq, device=device)
+        cols = torch.arange(W, device=device)
+        d = ((q_offset.to(device) - start)[:, None, None] + rows[None, :, None] - cols[None, None, :])[:, None]
+        if causal:
+            allowed = (d >= 0) if allowed is None else allowed & (d >= 0)
+        if span is not None:
+            m = _span.soft_mask(d, span, ramp, dtype)  # [B, H, Lq, W]
+            allowed = (m > 0) if allowed is None else allowed & (m > 0)
+
+    qt = scale * q.to(dtype)
+    if allowed is not None:
+        # rows that may read no key: their query may hold NaN (SPEC.md 5.3)
+        qt = torch.where(allowed.any(-1, keepdim=True), qt, 0.0)
+    scores = torch.matmul(qt.reshape(B, Hkv, G * Lq, D), k_w.transpose(-1, -2)).reshape(B, H, Lq, W)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -torch.inf)
+    eps = (alpha.to(dtype) - 1)[None, :, None, None]
+    p, c = _entmax.solve_masked_rows(scores, m, eps)
+    out = torch.matmul(p.reshape(B, Hkv, G * Lq, W), v_w).reshape(B, H, Lq, Dv)
+    return out.to(q.dtype), c
