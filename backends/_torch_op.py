@@ -110,9 +110,12 @@ def direct(q, k, v, alpha, span) -> bool:
                 or (span is not None and span.requires_grad))
 
 
-def define_attention_op(name: str, forward, backward, fake_saved):
+def define_attention_op(name: str, forward, backward, fake_saved, inference=None):
     """Register attnspec::<name>_forward / _backward custom ops with autograd; return the
-    function (q, k, v, alpha[H], span, ramp, causal, key_lengths, q_offset, scale) -> out."""
+    function (q, k, v, alpha[H], span, ramp, causal, key_lengths, q_offset, scale) -> out.
+    inference (same arguments, returns (out, ...)): runs instead of forward when the op is
+    skipped (see `direct`); default forward."""
+    inference = forward if inference is None else inference
 
     @torch.library.custom_op(f"attnspec::{name}_forward", mutates_args=())
     def forward_op(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, span: Optional[Tensor], ramp: float,
@@ -175,8 +178,12 @@ def define_attention_op(name: str, forward, backward, fake_saved):
 
     def attention(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
         if direct(q, k, v, alpha, span):
-            with torch.no_grad(), _no_autocast(q):
-                return forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)[0]
+            # no input asks for a gradient, so nothing is recorded: no no_grad block needed
+            device_type = q.device.type
+            if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+                with torch.autocast(device_type, enabled=False):
+                    return inference(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)[0]
+            return inference(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)[0]
         return forward_op(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)[0]
 
     return attention

@@ -129,3 +129,25 @@ def test_selection_prefers_sdpa_for_softmax_and_decode_for_short_blocks():
     assert decision.selected == "torch"
     assert dict(decision.considered)["torch-decode"] == ["Lq=65 queries (supported: <= 64)"]
     assert attnspec.explain(q65, k, k, alpha=1.5, backend="torch-decode").selected is None
+
+
+@pytest.mark.parametrize("backend", ["torch-sdpa", "torch-decode"])
+def test_meta_autocast_and_compile(backend):
+    q, k, v = make(2, 4, 3, 8, dtype=torch.float32), make(2, 2, 6, 8, seed=1, dtype=torch.float32), \
+        make(2, 2, 6, 5, seed=2, dtype=torch.float32)
+    kw = dict(causal=True, key_lengths=torch.tensor([6, 2]))
+    meta = attnspec.attention(q.to("meta"), k.to("meta"), v.to("meta"), causal=True, backend=backend)
+    assert meta.device.type == "meta" and meta.shape == (2, 4, 3, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attnspec.attention(q, k, v, backend=backend, **kw)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, attnspec.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend=backend, **kw))
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+
+    def loss(q, k, v):
+        return attnspec.attention(q, k, v, backend=backend, **kw).square().sum()
+
+    expected = torch.autograd.grad(loss(*leaves), leaves)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    for a, b in zip(torch.autograd.grad(compiled(*leaves), leaves), expected):
+        torch.testing.assert_close(a, b)

@@ -67,7 +67,8 @@ def tiled_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, k
     return _tiled_op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
 
 
-_decode_op = _torch_op.define_attention_op("decode_attention", _decode.forward, _attention.tiled_backward, _fake_c)
+_decode_op = _torch_op.define_attention_op("decode_attention", _decode.forward, _attention.tiled_backward, _fake_c,
+                                           inference=_decode.inference)
 
 
 def decode_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,

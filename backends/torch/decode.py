@@ -77,25 +77,20 @@ def _window_keys(k, v, spans, dtype):
     return k_w, v_w, start, valid
 
 
-def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
-    """(out [B, H, Lq, Dv] in q's dtype, c [B, H, Lq, 1] in the compute dtype)."""
-    dtype = compute_dtype(q.dtype)
-    B, H, Lq, D = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    G = H // Hkv
+def _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype):
+    """(k_w, v_w, allowed [B, 1|H, Lq, W] or None (None: every key of the window), m
+    [B, H, Lq, W] or None (no span)), or None when no row may read any key."""
+    B, _, Lq, _ = q.shape
+    Lk = k.shape[2]
     device = q.device
     offsets = q_offset.tolist()
     lengths = None if key_lengths is None else key_lengths.tolist()
     reach = None if span is None else float(span.max()) + ramp
     spans = windows(Lq, Lk, offsets, lengths, causal, reach)
     W = max(hi - lo for lo, hi in spans)
-    out = torch.zeros((B, H, Lq, Dv), dtype=dtype, device=device)
-    c = torch.zeros((B, H, Lq, 1), dtype=dtype, device=device)
     if W == 0 or Lq == 0:
-        return out.to(q.dtype), c
+        return None
     k_w, v_w, start, valid = _window_keys(k, v, spans, dtype)
-
-    # allowed [B, 1, Lq, W] from the window bounds and causal; m [B, H, Lq, W] from span
     allowed = None if valid is None else valid[:, None, None, :]
     m = None
     if causal or span is not None:
@@ -109,7 +104,21 @@ def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
         if span is not None:
             m = _span.soft_mask(d, span, ramp, dtype)  # [B, H, Lq, W]
             allowed = (m > 0) if allowed is None else allowed & (m > 0)
+    return k_w, v_w, allowed, m
 
+
+def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+    """(out [B, H, Lq, Dv] in q's dtype, c [B, H, Lq, 1] in the compute dtype)."""
+    dtype = compute_dtype(q.dtype)
+    B, H, Lq, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    G = H // Hkv
+    setup = _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype)
+    if setup is None:
+        out = torch.zeros((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
+        return out, torch.zeros((B, H, Lq, 1), dtype=dtype, device=q.device)
+    k_w, v_w, allowed, m = setup
+    W = k_w.shape[2]
     qt = scale * q.to(dtype)
     if allowed is not None:
         # rows that may read no key: their query may hold NaN (SPEC.md 5.3)
@@ -121,3 +130,36 @@ def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     p, c = _entmax.solve_masked_rows(scores, m, eps)
     out = torch.matmul(p.reshape(B, Hkv, G * Lq, W), v_w).reshape(B, H, Lq, Dv)
     return out.to(q.dtype), c
+
+
+def inference(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+    """The output alone, for calls that ask for no gradient (no c to keep): alpha = 1 runs
+    torch's scaled_dot_product_attention on the window, the span weight entering as the
+    additive bias log m (softmax(s + log m) = m exp(s - c)); other calls run `forward`."""
+    if bool((alpha != 1).any()):
+        return forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
+    dtype = compute_dtype(q.dtype)
+    B, H, Lq, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    G = H // Hkv
+    setup = _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype)
+    if setup is None:
+        return torch.zeros((B, H, Lq, Dv), dtype=q.dtype, device=q.device), None
+    k_w, v_w, allowed, m = setup
+    W = k_w.shape[2]
+    qc = q.to(dtype).reshape(B, Hkv, G * Lq, D)
+    mask, nonempty = None, None
+    if allowed is not None:
+        allowed = allowed.expand(B, H, Lq, W)
+        nonempty = allowed.any(-1, keepdim=True)  # [B, H, Lq, 1]
+        if m is None:
+            mask = allowed | ~nonempty  # rows with no key read every key (then give 0)
+        else:
+            mask = torch.where(allowed, torch.log(m), torch.where(nonempty, -torch.inf, 0.0))
+        mask = mask.reshape(B, Hkv, G * Lq, W)
+        qc = torch.where(nonempty.reshape(B, Hkv, G * Lq, 1), qc, 0.0)
+    out = torch.nn.functional.scaled_dot_product_attention(qc, k_w, v_w, attn_mask=mask, scale=scale)
+    out = out.reshape(B, H, Lq, Dv)
+    if nonempty is not None:
+        out = torch.where(nonempty, out, 0.0)
+    return out.to(q.dtype), None

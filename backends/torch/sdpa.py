@@ -29,17 +29,9 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _autocast_inputs(q, k, v):
-    """Under torch.autocast, q/k/v are cast to the autocast dtype first (as the other torch
-    backends do); the computation itself then runs in the compute dtype."""
-    device_type = q.device.type
-    if device_type in ("cpu", "cuda") and q.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
-        target = torch.get_autocast_dtype(device_type)
-        q, k, v = q.to(target), k.to(target), v.to(target)
-    return q, k, v
-
-
 def _check_softmax(alpha, span):
+    if type(alpha) is float and alpha == 1.0 and span is None:
+        return
     if span is not None:
         raise ValueError(f"the torch-sdpa kernel computes attention without span; got span={span!r}")
     if isinstance(alpha, Tensor):
@@ -131,44 +123,51 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     """The torch-sdpa kernel: SPEC.md attention for alpha = 1 without span (arguments validated
     by the dispatcher), differentiable in q, k, v (and alpha, at 1)."""
     _check_softmax(alpha, span)
-    q, k, v = _autocast_inputs(q, k, v)
+    device_type = q.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        # as the other torch backends: inputs cast to the autocast dtype, computed in the
+        # compute dtype with autocast off
+        if q.dtype != torch.float64:
+            target = torch.get_autocast_dtype(device_type)
+            q, k, v = q.to(target), k.to(target), v.to(target)
+        with torch.autocast(device_type, enabled=False):
+            return _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale)
+    return _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale)
+
+
+def _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale):
     out_dtype = q.dtype
-    dtype = compute_dtype(q.dtype)
     B, H, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     scale = float(D) ** -0.5 if scale is None else float(scale)
-    device_type = q.device.type
-    context = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else None
-    if context is not None:
-        context.__enter__()
-    try:
-        qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
-        if Lk == 0 or Lq == 0:
-            # no key: every row is empty (zeros); the graph still reaches q, k, v (zero grads)
-            out = torch.zeros((B, H, Lq, Dv), dtype=dtype, device=q.device)
-            if qc.requires_grad or kc.requires_grad or vc.requires_grad:
-                none = torch.zeros((), dtype=torch.bool, device=q.device)
-                out = out + torch.where(none, qc.sum() + kc.sum() + vc.sum(), 0.0)
-        else:
-            allowed, is_causal, nonempty, key_valid = _plan(q, k, causal, key_lengths, q_offset)
-            if key_valid is not None:
-                kv_mask = key_valid[:, None, :, None]
-                kc = torch.where(kv_mask, kc, 0.0)
-                vc = torch.where(kv_mask, vc, 0.0)
-            if nonempty is not None:
-                # empty rows read every (zeroed-query) key instead of none, then give 0
-                qc = torch.where(nonempty, qc, 0.0)
-                allowed = allowed | ~nonempty
-            out = _sdpa(qc, kc, vc, allowed, is_causal, scale)
-            if nonempty is not None:
-                out = torch.where(nonempty, out, 0.0)
-            if isinstance(alpha, Tensor) and alpha.requires_grad:
-                out = _AlphaAtOne.apply(out, alpha, qc.detach(), kc.detach(), vc.detach(), allowed, is_causal,
-                                        nonempty, scale)
-    finally:
-        if context is not None:
-            context.__exit__(None, None, None)
-    return out.to(out_dtype)
+    if out_dtype is torch.float32 or out_dtype is torch.float64:
+        qc, kc, vc = q, k, v
+    else:  # half types compute in float32 (SPEC.md 6)
+        qc, kc, vc = q.float(), k.float(), v.float()
+    dtype = qc.dtype
+    if Lk == 0 or Lq == 0:
+        # no key: every row is empty (zeros); the graph still reaches q, k, v (zero grads)
+        out = torch.zeros((B, H, Lq, Dv), dtype=dtype, device=q.device)
+        if qc.requires_grad or kc.requires_grad or vc.requires_grad:
+            none = torch.zeros((), dtype=torch.bool, device=q.device)
+            out = out + torch.where(none, qc.sum() + kc.sum() + vc.sum(), 0.0)
+        return out.to(out_dtype)
+    allowed, is_causal, nonempty, key_valid = _plan(q, k, causal, key_lengths, q_offset)
+    if key_valid is not None:
+        kv_mask = key_valid[:, None, :, None]
+        kc = torch.where(kv_mask, kc, 0.0)
+        vc = torch.where(kv_mask, vc, 0.0)
+    if nonempty is not None:
+        # empty rows read every (zeroed-query) key instead of none, then give 0
+        qc = torch.where(nonempty, qc, 0.0)
+        allowed = allowed | ~nonempty
+    out = _sdpa(qc, kc, vc, allowed, is_causal, scale)
+    if nonempty is not None:
+        out = torch.where(nonempty, out, 0.0)
+    if type(alpha) is not float and isinstance(alpha, Tensor) and alpha.requires_grad:
+        out = _AlphaAtOne.apply(out, alpha, qc.detach(), kc.detach(), vc.detach(), allowed, is_causal,
+                                nonempty, scale)
+    return out if out.dtype is out_dtype else out.to(out_dtype)
 
 
 def _scores_mask(allowed, is_causal, i0, i1, Lk, device):
