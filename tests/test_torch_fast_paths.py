@@ -151,3 +151,28 @@ def test_meta_autocast_and_compile(backend):
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     for a, b in zip(torch.autograd.grad(compiled(*leaves), leaves), expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sorted_closed_form_matches_the_iterative_solve(alpha, dtype):
+    """Weighted rows with masked keys, ties, an empty row and large logits: the exact sorted
+    solve of torch-decode's short windows agrees with solve_masked_rows (p and c)."""
+    from attnspec.backends.torch import entmax as torch_entmax
+
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(6, 40, generator=g, dtype=torch.float64) * torch.tensor([1, 3, 10, 100, 1e3, 1])[:, None])
+    m = torch.rand(6, 40, generator=g, dtype=torch.float64)
+    s[1, 5:9] = s[1, 4]  # ties
+    s[0, torch.rand(40, generator=g) < 0.3] = -torch.inf
+    s[5] = -torch.inf  # a row with no key
+    m = torch.where(torch.isfinite(s), m, 0.0)
+    s, m = s.to(dtype), m.to(dtype)
+    for weights in (None, m):
+        p, c = torch_decode.sorted_closed_form(s, weights, alpha)
+        p_ref, c_ref = torch_entmax.solve_masked_rows(s, weights, torch.full((6, 1), alpha - 1, dtype=dtype))
+        tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(p, p_ref, **tol)
+        torch.testing.assert_close(c[:5], c_ref[:5], **tol)
+        assert (p[5] == 0).all()
+        torch.testing.assert_close(p[:5].sum(-1), torch.ones(5, dtype=dtype), **tol)

@@ -77,6 +77,76 @@ def _window_keys(k, v, spans, dtype):
     return k_w, v_w, start, valid
 
 
+#: Windows up to this many keys solve alpha = 1.5 and alpha = 2 rows exactly by sorting
+#: (sorted_closed_form); longer ones (decode without span over a long cache) by
+#: solve_masked_rows, whose candidate pruning does not sort the whole row.
+SORT_MAX_KEYS = 1024
+
+
+def sorted_closed_form(s, m, alpha):
+    """(p, c) of weighted alpha-entmax rows for alpha = 1.5 or 2 (one value for every row),
+    exactly, in a fixed number of operations (no iteration, no host sync): the few-op solve
+    for short rows, where each operation's fixed cost is what counts.
+
+    With top the row's largest score, b = 1 + eps (s - top) and x = eps (c - top), a key has
+    p = m (b - x)_+^(1/eps); the support is the keys with b > x, a prefix of the keys sorted
+    by b. For the prefix of the k largest, sum m (b - x)^(1/eps) = 1 is linear (alpha = 2:
+    x = (S1 - 1) / M) or quadratic (alpha = 1.5: M x^2 - 2 S1 x + S2 - 1 = 0, its smaller root)
+    in the cumulative sums M, S1, S2 of m, m b, m b^2; the root is the row's x exactly where
+    it lies in [b_(k+1), b_k) (g(x) = sum m (b - x)_+^(1/eps) - 1 decreases strictly, so one
+    prefix does). One Newton step on g over that support removes the rounding of the
+    cumulative sums. s holds -inf wherever a key is not allowed; m is 0 there or None."""
+    eps = alpha - 1.0
+    top = s.amax(-1, keepdim=True)
+    nonempty = torch.isfinite(top)
+    top = torch.where(nonempty, top, 0.0)
+    b = 1 + eps * (s - top)  # -inf where not allowed
+    b_sorted, order = b.sort(-1, descending=True)
+    finite = torch.isfinite(b_sorted)
+    if m is None:
+        w = finite.to(s.dtype)
+    else:
+        w = torch.where(finite, m.expand(s.shape).gather(-1, order), 0.0)
+    bz = torch.where(finite, b_sorted, 0.0)
+    M = w.cumsum(-1)
+    S1 = (w * bz).cumsum(-1)
+    safe_M = torch.where(M > 0, M, 1.0)
+    if alpha == 2.0:
+        x = (S1 - 1) / safe_M
+    else:
+        S2 = (w * bz * bz).cumsum(-1)
+        x = (S1 - torch.sqrt((S1 * S1 - M * (S2 - 1)).clamp_min(0))) / safe_M
+    below = torch.nn.functional.pad(b_sorted[..., 1:], (0, 1), value=-torch.inf)  # b_(k+1)
+    ok = finite & (M > 0) & (b_sorted > x) & (below <= x)
+    # rounding may leave no prefix (or several) passing: then the last whose b_k > x_k
+    count = (finite & (M > 0) & (b_sorted > x)).sum(-1, keepdim=True)
+    k = torch.where(ok.any(-1, keepdim=True), ok.to(torch.int8).argmax(-1, keepdim=True), (count - 1).clamp_min(0))
+    x = x.gather(-1, k)
+    # one Newton step on g(x) = sum m (b - x)_+^(1/eps) - 1 over the support
+    u = (b - x).clamp_min(0)
+    mu = u if m is None else m * u
+    if alpha == 2.0:
+        g, slope = mu.sum(-1, keepdim=True) - 1, torch.where(u > 0, 1.0 if m is None else m, 0.0).sum(-1, keepdim=True)
+    else:
+        g, slope = (mu * u).sum(-1, keepdim=True) - 1, 2 * mu.sum(-1, keepdim=True)
+    x = x + torch.where(slope > 0, g / torch.where(slope > 0, slope, 1.0), 0.0)
+    u = (b - x).clamp_min(0)
+    p = u if alpha == 2.0 else u * u
+    if m is not None:
+        p = m * p
+    p = torch.where(nonempty & torch.isfinite(b), p, 0.0)
+    return p, torch.where(nonempty, top + x / eps, 0.0)
+
+
+def _solve(scores, m, alpha, eps):
+    """(p, c) of the rows, every head's alpha given by alpha [H] (eps = alpha - 1 broadcast)."""
+    if scores.shape[-1] <= SORT_MAX_KEYS:
+        for value in (1.5, 2.0):
+            if bool((alpha == value).all()):
+                return sorted_closed_form(scores, m, value)
+    return _entmax.solve_masked_rows(scores, m, eps)
+
+
 def _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype):
     """(k_w, v_w, allowed [B, 1|H, Lq, W] or None (None: every key of the window), m
     [B, H, Lq, W] or None (no span)), or None when no row may read any key."""
@@ -127,7 +197,7 @@ def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     if allowed is not None:
         scores = scores.masked_fill(~allowed, -torch.inf)
     eps = (alpha.to(dtype) - 1)[None, :, None, None]
-    p, c = _entmax.solve_masked_rows(scores, m, eps)
+    p, c = _solve(scores, m, alpha, eps)
     out = torch.matmul(p.reshape(B, Hkv, G * Lq, W), v_w).reshape(B, H, Lq, Dv)
     return out.to(q.dtype), c
 
