@@ -114,7 +114,8 @@ def test_decode_without_grad_skips_the_custom_op_and_agrees_with_it():
         fast = attnspec.attention(q, k, v, backend="torch-decode", **kw)
     slow = attnspec.attention(q.requires_grad_(True), k, v, backend="torch-decode", **kw)
     assert slow.grad_fn is not None and fast.grad_fn is None
-    torch.testing.assert_close(fast, slow.detach(), atol=0, rtol=0)
+    # windowed forward (sorted solve) without gradients, the tiled one with them
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-13, rtol=1e-12)
 
 
 def test_selection_prefers_sdpa_for_softmax_and_decode_for_short_blocks():

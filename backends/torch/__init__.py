@@ -67,8 +67,12 @@ def tiled_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, k
     return _tiled_op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
 
 
-_decode_op = _torch_op.define_attention_op("decode_attention", _decode.forward, _attention.tiled_backward, _fake_c,
-                                           inference=_decode.inference)
+# With gradients, torch-decode runs the tiled forward: the backward rebuilds p from c and the
+# scores it recomputes, and only the forward that computes them the same way gives a c exactly
+# consistent with them (at large logits in float32 a key on the support's edge otherwise
+# entered the rebuilt support). Without gradients (decode steps) it runs its windowed forward.
+_decode_op = _torch_op.define_attention_op("decode_attention", _attention.tiled_forward, _attention.tiled_backward,
+                                           _fake_c, inference=_decode.inference)
 
 
 def decode_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
@@ -148,5 +152,5 @@ DECODE = Backend(
     },
     priority=30,
     description=f"PyTorch, Lq <= {DECODE_MAX_QUERIES} queries against the key window each batch row "
-                "reaches (decode steps), all rows solved at once; tiled backward",
+                "reaches (decode steps), all rows solved at once; with gradients the tiled path",
 )

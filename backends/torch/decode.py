@@ -1,5 +1,7 @@
 """Short query blocks against long key caches (decode steps, Lq <= a few dozen): the
-`torch-decode` kernel's forward.
+`torch-decode` kernel's forward for calls that ask for no gradient (with gradients the kernel
+runs the tiled forward and backward, whose c is consistent with the scores the backward
+recomputes).
 
 Each batch row reads only the key window its queries can reach: positions o_b .. o_b + Lq - 1
 see keys j with |d| < z + R under span, j <= i + o_b under causal, j < key_lengths[b]. The
@@ -7,9 +9,9 @@ window [lo_b, hi_b) is sliced (every row the same: a view) or gathered (one copy
 batch row) from the cache, so a span head's cost does not grow with the cache; the
 [B, H, Lq, Lk] score matrix is never built. The G query heads of a kv group are folded into
 the query axis (q as [B, Hkv, G Lq, D]), so K and V are read once per group and never copied
-per head. All rows (every head, batch row and query) solve their entmax threshold together
-(attnspec.backends.torch.entmax.solve_masked_rows). Returns (out, c) with c the per-row
-statistic of SPEC.md 2.2, so the tiled backward rebuilds p from it exactly.
+per head. All rows (every head, batch row and query) solve their entmax threshold together:
+alpha = 1.5 and 2 on short windows exactly by sorting (sorted_closed_form), other rows by
+attnspec.backends.torch.entmax.solve_masked_rows; alpha = 1 runs torch's SDPA on the window.
 
 Inputs are normalised (attnspec.backends._torch_op.normalise): alpha/span [H] tensors,
 q_offset int64 [B], key_lengths int64 [B] or None.
@@ -92,10 +94,13 @@ def sorted_closed_form(s, m, alpha):
     p = m (b - x)_+^(1/eps); the support is the keys with b > x, a prefix of the keys sorted
     by b. For the prefix of the k largest, sum m (b - x)^(1/eps) = 1 is linear (alpha = 2:
     x = (S1 - 1) / M) or quadratic (alpha = 1.5: M x^2 - 2 S1 x + S2 - 1 = 0, its smaller root)
-    in the cumulative sums M, S1, S2 of m, m b, m b^2; the root is the row's x exactly where
-    it lies in [b_(k+1), b_k) (g(x) = sum m (b - x)_+^(1/eps) - 1 decreases strictly, so one
-    prefix does). One Newton step on g over that support removes the rounding of the
-    cumulative sums. s holds -inf wherever a key is not allowed; m is 0 there or None."""
+    in the cumulative sums M, S1, S2 of m, m b, m b^2. The prefixes whose root x_k lies below
+    their own last key (b_k > x_k) are exactly the first k* (the support's size): for k <= k*
+    fewer keys need a lower threshold, x_k <= x* < b_k; for k > k*, sum_{j<=k} m (b_j - b_k)^2
+    >= sum_{j<=k*} m (b_j - x*)^2 = 1 puts b_k at or below the root on the decreasing branch
+    (alpha = 2 alike), or the prefix has no root. So x = x_(k*), k* counted, no search. One
+    Newton step on g(x) = sum m (b - x)_+^(1/eps) - 1 removes the rounding of the cumulative
+    sums. s holds -inf wherever a key is not allowed; m is 0 there or None."""
     eps = alpha - 1.0
     top = s.amax(-1, keepdim=True)
     nonempty = torch.isfinite(top)
@@ -110,18 +115,14 @@ def sorted_closed_form(s, m, alpha):
     bz = torch.where(finite, b_sorted, 0.0)
     M = w.cumsum(-1)
     S1 = (w * bz).cumsum(-1)
-    safe_M = torch.where(M > 0, M, 1.0)
     if alpha == 2.0:
-        x = (S1 - 1) / safe_M
+        x = (S1 - 1) / M
     else:
         S2 = (w * bz * bz).cumsum(-1)
-        x = (S1 - torch.sqrt((S1 * S1 - M * (S2 - 1)).clamp_min(0))) / safe_M
-    below = torch.nn.functional.pad(b_sorted[..., 1:], (0, 1), value=-torch.inf)  # b_(k+1)
-    ok = finite & (M > 0) & (b_sorted > x) & (below <= x)
-    # rounding may leave no prefix (or several) passing: then the last whose b_k > x_k
-    count = (finite & (M > 0) & (b_sorted > x)).sum(-1, keepdim=True)
-    k = torch.where(ok.any(-1, keepdim=True), ok.to(torch.int8).argmax(-1, keepdim=True), (count - 1).clamp_min(0))
-    x = x.gather(-1, k)
+        x = (S1 - torch.sqrt((S1 * S1 - M * (S2 - 1)).clamp_min(0))) / M
+    # M = 0 (no key yet) gives NaN, and b_k > NaN is False
+    k = ((b_sorted > x).sum(-1, keepdim=True) - 1).clamp_min(0)
+    x = torch.where(nonempty, x.gather(-1, k), 0.0)  # an empty row has no root (NaN)
     # one Newton step on g(x) = sum m (b - x)_+^(1/eps) - 1 over the support
     u = (b - x).clamp_min(0)
     mu = u if m is None else m * u
@@ -130,11 +131,10 @@ def sorted_closed_form(s, m, alpha):
     else:
         g, slope = (mu * u).sum(-1, keepdim=True) - 1, 2 * mu.sum(-1, keepdim=True)
     x = x + torch.where(slope > 0, g / torch.where(slope > 0, slope, 1.0), 0.0)
-    u = (b - x).clamp_min(0)
+    u = (b - x).clamp_min(0)  # 0 where not allowed (b = -inf) and in empty rows
     p = u if alpha == 2.0 else u * u
     if m is not None:
         p = m * p
-    p = torch.where(nonempty & torch.isfinite(b), p, 0.0)
     return p, torch.where(nonempty, top + x / eps, 0.0)
 
 
