@@ -32,7 +32,7 @@ def test_rows_are_simple_json_with_their_backend_and_target():
 
 def test_table_and_plot(tmp_path):
     def row(name, family, ratio, target, **extra):
-        return dict(name=name, family=family, shape=[1], attnspec_s=ratio * 1e-3, sdpa_s=1e-3, ratio=ratio,
+        return dict(name=name, family=family, shape=[1], attnspec_s=ratio * 1e-3, sdpa_s=1e-3, ratio=ratio, cpu_ratio=ratio,
                     target_ratio=target, met=None if target is None else ratio <= target, backend="torch", **extra)
 
     rows = [row(n, "decode", 0.5, 1.2, cache=c) for n, _, _ in shapes.DECODE_VARIANTS for c in shapes.CACHES]
