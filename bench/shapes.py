@@ -9,7 +9,7 @@ calls, and the per-call overhead of `attnspec.attention` on a tiny call.
 Each row is plain JSON: name, family, shape, attnspec_s, sdpa_s, ratio, target_ratio, met
 (target_ratio and met are null where the row has no target), plus its backend (the one
 automatic selection chose) and notes. Times are medians of `repeats` calls, attnspec and SDPA
-alternating call by call so that both see the same load; the load average before and after
+alternating in blocks of consecutive calls so that both see the same load; the load average before and after
 the run is recorded. At alpha != 1 SDPA computes softmax, not entmax: the ratio says what the
 entmax costs over the softmax a model would otherwise call.
 
@@ -59,21 +59,27 @@ def _targets(threads):
     }
 
 
-def _median_pair(first, second, repeats, warmup=2):
-    """Medians of two callables timed alternately: ((wall, cpu) of first, (wall, cpu) of
-    second) in seconds. cpu is the process's CPU time (every thread of it): on a shared machine
-    the wall clock also counts the time other processes hold the cores, the CPU time does not."""
+def _median_pair(first, second, repeats, warmup=2, blocks=3):
+    """Medians of two callables timed in alternating blocks of consecutive calls (repeats calls
+    each in all): ((wall, cpu) of first, (wall, cpu) of second) in seconds. Blocks, not call
+    by call: a decode step right after SDPA over a 32k-key cache ran 6x slower than in a row
+    (SDPA's pass over the cache evicts the caches the small call needs), which would measure
+    SDPA's footprint, not attnspec. cpu is the process's CPU time (every thread of it): on a
+    shared machine the wall clock also counts the time other processes hold the cores."""
     for _ in range(warmup):
         first()
         second()
     times = [[], [], [], []]
-    for _ in range(repeats):
+    per_block = max(1, -(-repeats // blocks))
+    for _ in range(blocks):
         for fn, wall, cpu in ((first, times[0], times[1]), (second, times[2], times[3])):
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            c1, w1 = time.process_time(), time.perf_counter()
-            wall.append(w1 - w0)
-            cpu.append(c1 - c0)
+            fn()  # back in this block's steady state
+            for _ in range(per_block):
+                w0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                c1, w1 = time.process_time(), time.perf_counter()
+                wall.append(w1 - w0)
+                cpu.append(c1 - c0)
     a_wall, a_cpu, b_wall, b_cpu = (statistics.median(t) for t in times)
     return (a_wall, a_cpu), (b_wall, b_cpu)
 
@@ -211,7 +217,7 @@ def long_rows(targets, repeats):
         q, k, v = _grad_inputs(1, 4, L, 64)
         sdpa = _step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v)
         ours = _step(lambda q, k, v, kw=kwargs: attnspec.attention(q, k, v, **kw), q, k, v)
-        t_ours, t_sdpa = _median_pair(ours, sdpa, repeats, warmup=1)
+        t_ours, t_sdpa = _median_pair(ours, sdpa, repeats, warmup=1, blocks=1)
         rows.append(_row(name, "long", [1, 4, 4, L, L, 64], t_ours, t_sdpa, targets.get((name, None)),
                          _selected(q, k, v, **kwargs), notes="causal, forward + backward"))
     return rows
