@@ -149,7 +149,8 @@ def _solve(scores, m, alpha, eps):
 
 def _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype):
     """(k_w, v_w, allowed [B, 1|H, Lq, W] or None (None: every key of the window), m
-    [B, H, Lq, W] or None (no span)), or None when no row may read any key."""
+    [B, H, Lq, W] or None (no span), every_row: True when every row certainly reads some key),
+    or None when no row may read any key."""
     B, _, Lq, _ = q.shape
     Lk = k.shape[2]
     device = q.device
@@ -161,6 +162,11 @@ def _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype):
     if W == 0 or Lq == 0:
         return None
     k_w, v_w, start, valid = _window_keys(k, v, spans, dtype)
+    if causal or span is not None:
+        # the key at distance 0 is allowed under causal and has m = 1 under span (z >= 0)
+        every_row = all(lo <= o and o + Lq - 1 < hi for (lo, hi), o in zip(spans, offsets))
+    else:
+        every_row = all(hi > lo for lo, hi in spans)
     allowed = None if valid is None else valid[:, None, None, :]
     m = None
     if causal or span is not None:
@@ -174,7 +180,7 @@ def _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype):
         if span is not None:
             m = _span.soft_mask(d, span, ramp, dtype)  # [B, H, Lq, W]
             allowed = (m > 0) if allowed is None else allowed & (m > 0)
-    return k_w, v_w, allowed, m
+    return k_w, v_w, allowed, m, every_row
 
 
 def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
@@ -187,10 +193,10 @@ def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     if setup is None:
         out = torch.zeros((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
         return out, torch.zeros((B, H, Lq, 1), dtype=dtype, device=q.device)
-    k_w, v_w, allowed, m = setup
+    k_w, v_w, allowed, m, every_row = setup
     W = k_w.shape[2]
     qt = scale * q.to(dtype)
-    if allowed is not None:
+    if allowed is not None and not every_row:
         # rows that may read no key: their query may hold NaN (SPEC.md 5.3)
         qt = torch.where(allowed.any(-1, keepdim=True), qt, 0.0)
     scores = torch.matmul(qt.reshape(B, Hkv, G * Lq, D), k_w.transpose(-1, -2)).reshape(B, H, Lq, W)
@@ -215,11 +221,16 @@ def inference(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     setup = _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype)
     if setup is None:
         return torch.zeros((B, H, Lq, Dv), dtype=q.dtype, device=q.device), None
-    k_w, v_w, allowed, m = setup
+    k_w, v_w, allowed, m, every_row = setup
     W = k_w.shape[2]
     qc = q.to(dtype).reshape(B, Hkv, G * Lq, D)
     mask, nonempty = None, None
-    if allowed is not None:
+    if allowed is not None and every_row:
+        if m is None:
+            mask = allowed.expand(B, H, Lq, W).reshape(B, Hkv, G * Lq, W)
+        else:  # log 0 = -inf where not allowed
+            mask = torch.log(torch.where(allowed, m, 0.0)).reshape(B, Hkv, G * Lq, W)
+    elif allowed is not None:
         allowed = allowed.expand(B, H, Lq, W)
         nonempty = allowed.any(-1, keepdim=True)  # [B, H, Lq, 1]
         if m is None:
