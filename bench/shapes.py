@@ -87,7 +87,9 @@ def _median_pair(first, second, repeats, warmup=2, blocks=3):
 def _per_call(fn, number, rounds):
     """(wall, cpu): the fastest of `rounds` rounds of the mean time of `number` calls
     (seconds), for calls of microseconds, where one clock reading would be most of the
-    measurement; as timeit advises, the minimum is the cost with the least interference."""
+    measurement; as timeit advises, the minimum is the cost with the least interference.
+    Many short rounds (a few ms each): on a shared machine some of them run without being
+    preempted."""
     for _ in range(max(1, number // 10)):
         fn()
     wall, cpu = [], []
@@ -246,7 +248,7 @@ def _kernel_own(backend, q, k, v, kwargs):
     return call
 
 
-def overhead_rows(number=2000, rounds=15):
+def overhead_rows(number=100, rounds=100):
     """The tiny call [1, 1, 4, 16] without gradients: attnspec.attention against the selected
     kernel's own computation (the overhead, target <= 20 us) and against SDPA."""
     import torch
@@ -285,7 +287,7 @@ def run(threads=1, repeats=None, quick=False):
     targets = _targets(threads)
     load_before = os.getloadavg()
     start = time.time()
-    rows = overhead_rows(number=300 if quick else 2000)
+    rows = overhead_rows(rounds=20 if quick else 100)
     rows += decode_rows(targets, max(repeats, 11) if quick else 2 * repeats, caches=(1024, 8192) if quick else CACHES)
     rows += training_rows(targets, max(3, repeats // 2))
     if not quick:
