@@ -138,11 +138,12 @@ def sorted_closed_form(s, m, alpha):
     return p, torch.where(nonempty, top + x / eps, 0.0)
 
 
-def _solve(scores, m, alpha, eps):
-    """(p, c) of the rows, every head's alpha given by alpha [H] (eps = alpha - 1 broadcast)."""
+def _solve(scores, m, alphas, eps):
+    """(p, c) of the rows; alphas: every head's alpha as a list of numbers (eps = alpha - 1
+    broadcasts against the rows)."""
     if scores.shape[-1] <= SORT_MAX_KEYS:
         for value in (1.5, 2.0):
-            if bool((alpha == value).all()):
+            if all(a == value for a in alphas):
                 return sorted_closed_form(scores, m, value)
     return _entmax.solve_masked_rows(scores, m, eps)
 
@@ -183,8 +184,9 @@ def _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype):
     return k_w, v_w, allowed, m, every_row
 
 
-def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
-    """(out [B, H, Lq, Dv] in q's dtype, c [B, H, Lq, 1] in the compute dtype)."""
+def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alphas=None):
+    """(out [B, H, Lq, Dv] in q's dtype, c [B, H, Lq, 1] in the compute dtype). alphas: alpha
+    as a list, when the caller has read it already."""
     dtype = compute_dtype(q.dtype)
     B, H, Lq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
@@ -203,7 +205,7 @@ def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     if allowed is not None:
         scores = scores.masked_fill(~allowed, -torch.inf)
     eps = (alpha.to(dtype) - 1)[None, :, None, None]
-    p, c = _solve(scores, m, alpha, eps)
+    p, c = _solve(scores, m, alpha.tolist() if alphas is None else alphas, eps)
     out = torch.matmul(p.reshape(B, Hkv, G * Lq, W), v_w).reshape(B, H, Lq, Dv)
     return out.to(q.dtype), c
 
@@ -212,8 +214,9 @@ def inference(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     """The output alone, for calls that ask for no gradient (no c to keep): alpha = 1 runs
     torch's scaled_dot_product_attention on the window, the span weight entering as the
     additive bias log m (softmax(s + log m) = m exp(s - c)); other calls run `forward`."""
-    if bool((alpha != 1).any()):
-        return forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
+    alphas = alpha.tolist()  # [H] numbers: one read, cheaper than a reduction and a sync
+    if any(a != 1 for a in alphas):
+        return forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alphas)
     dtype = compute_dtype(q.dtype)
     B, H, Lq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
