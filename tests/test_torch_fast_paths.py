@@ -156,16 +156,18 @@ def test_meta_autocast_and_compile(backend):
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sorted_closed_form_matches_the_iterative_solve(alpha, dtype):
+@pytest.mark.parametrize("n", [40, 300])  # 300: above PRUNE_ABOVE, only the candidates are sorted
+def test_sorted_closed_form_matches_the_iterative_solve(alpha, dtype, n):
     """Weighted rows with masked keys, ties, an empty row and large logits: the exact sorted
     solve of torch-decode's short windows agrees with solve_masked_rows (p and c)."""
     from attnspec.backends.torch import entmax as torch_entmax
 
+    assert torch_decode.PRUNE_ABOVE < 300
     g = torch.Generator().manual_seed(3)
-    s = (torch.randn(6, 40, generator=g, dtype=torch.float64) * torch.tensor([1, 3, 10, 100, 1e3, 1])[:, None])
-    m = torch.rand(6, 40, generator=g, dtype=torch.float64)
+    s = (torch.randn(6, n, generator=g, dtype=torch.float64) * torch.tensor([1, 3, 10, 100, 1e3, 1])[:, None])
+    m = torch.rand(6, n, generator=g, dtype=torch.float64)
     s[1, 5:9] = s[1, 4]  # ties
-    s[0, torch.rand(40, generator=g) < 0.3] = -torch.inf
+    s[0, torch.rand(n, generator=g) < 0.3] = -torch.inf
     s[5] = -torch.inf  # a row with no key
     m = torch.where(torch.isfinite(s), m, 0.0)
     s, m = s.to(dtype), m.to(dtype)
@@ -177,3 +179,17 @@ def test_sorted_closed_form_matches_the_iterative_solve(alpha, dtype):
         torch.testing.assert_close(c[:5], c_ref[:5], **tol)
         assert (p[5] == 0).all()
         torch.testing.assert_close(p[:5].sum(-1), torch.ones(5, dtype=dtype), **tol)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decode_long_windows_match_the_tiled_path(alpha, dtype):
+    """Windows of a few hundred keys (the sorted solve prunes them first; alpha 1.3 takes the
+    iterative one) agree with the tiled path, with and without span."""
+    B, H, Hkv, Lk, D = 2, 4, 2, 1024, 16
+    q, k, v = make(B, H, 3, D, seed=1, dtype=dtype) * 3, make(B, Hkv, Lk, D, seed=2, dtype=dtype), \
+        make(B, Hkv, Lk, D, seed=3, dtype=dtype)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
+    for kw in (dict(span=200.0, ramp=16.0, causal=True), dict(causal=True, key_lengths=torch.tensor([700, 400]))):
+        out = attnspec.attention(q, k, v, alpha=alpha, backend="torch-decode", **kw)
+        torch.testing.assert_close(out, attnspec.attention(q, k, v, alpha=alpha, backend="torch", **kw), **tol)

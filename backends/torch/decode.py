@@ -83,6 +83,8 @@ def _window_keys(k, v, spans, dtype):
 #: (sorted_closed_form); longer ones (decode without span over a long cache) by
 #: solve_masked_rows, whose candidate pruning does not sort the whole row.
 SORT_MAX_KEYS = 1024
+#: Above this many keys the sorted solve first drops the keys that cannot enter the support.
+PRUNE_ABOVE = 128
 
 
 def sorted_closed_form(s, m, alpha):
@@ -106,7 +108,16 @@ def sorted_closed_form(s, m, alpha):
     nonempty = torch.isfinite(top)
     top = torch.where(nonempty, top, 0.0)
     b = 1 + eps * (s - top)  # -inf where not allowed
-    b_sorted, order = b.sort(-1, descending=True)
+    if s.shape[-1] > PRUNE_ABOVE:
+        # Each key alone sets a lower bound of x (more keys only raise it): b_j - m_j^(-eps)
+        # solves m_j (b_j - x)^(1/eps) = 1. Keys at or below the largest such bound never enter
+        # the support, so only the K best are sorted (topk), K the largest count of the rest.
+        alone = b - (1.0 if m is None else m.expand(s.shape).pow(-eps))
+        candidates = b > alone.amax(-1, keepdim=True)
+        K = max(1, int(candidates.sum(-1).max()))
+        b_sorted, order = b.topk(K, -1)
+    else:
+        b_sorted, order = b.sort(-1, descending=True)
     finite = torch.isfinite(b_sorted)
     if m is None:
         w = finite.to(s.dtype)
