@@ -10,6 +10,8 @@ BUILTIN_BACKENDS maps a backend name to (module, attribute holding the Backend, 
 BUILTIN_BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "torch-eager": ("attnspec.backends.torch", "EAGER", ("torch",)),
     "torch": ("attnspec.backends.torch", "TILED", ("torch",)),
+    "torch-sdpa": ("attnspec.backends.torch", "SDPA", ("torch",)),
+    "torch-decode": ("attnspec.backends.torch", "DECODE", ("torch",)),
     "jax": ("attnspec.backends.jax", "BACKEND", ("jax",)),
     "triton": ("attnspec.backends.triton", "TRITON", ("torch",)),
 }

@@ -30,10 +30,31 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: Constant tensors the normalised arguments are built from, per (value, size, dtype, device):
+#: a Python-number alpha/span and the default q_offset are the same on every call of a model,
+#: and building them costs microseconds each. They are never written to (the ops take them
+#: as read-only inputs) and never require grad.
+_CONSTANTS: dict = {}
+_CONSTANTS_MAX = 256
+
+
+def _constant(key, make):
+    try:
+        return _CONSTANTS[key]
+    except KeyError:
+        if len(_CONSTANTS) >= _CONSTANTS_MAX:
+            _CONSTANTS.clear()
+        value = _CONSTANTS[key] = make()
+        return value
+
+
 def _per_head(value, H, dtype, device):
     """alpha/span as a [H] tensor of the compute dtype (expanding keeps the autograd link)."""
-    t = value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=dtype, device=device)
-    t = t.to(device=device, dtype=dtype)
+    if not isinstance(value, Tensor):
+        number = float(value)
+        return _constant(("head", number, H, dtype, device),
+                         lambda: torch.full((H,), number, dtype=dtype, device=device))
+    t = value.to(device=device, dtype=dtype)
     return t.expand(H) if t.dim() == 0 else t
 
 
@@ -57,8 +78,11 @@ def normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     dtype = compute_dtype(q.dtype)
     alpha_h = _per_head(alpha, H, dtype, q.device)
     span_h = None if span is None else _per_head(span, H, dtype, q.device)
-    if q_offset is None:
-        offsets = torch.full((B,), Lk - Lq, dtype=torch.int64, device=q.device)
+    if q_offset is None or type(q_offset) is int:
+        offset = Lk - Lq if q_offset is None else q_offset
+        device = q.device
+        offsets = _constant(("offsets", offset, B, device),
+                            lambda: torch.full((B,), offset, dtype=torch.int64, device=device))
     else:
         offsets = torch.as_tensor(q_offset, device=q.device).to(torch.int64).expand(B)
     lengths = None
@@ -96,9 +120,25 @@ def _empty(q: Tensor, k: Tensor) -> bool:
     return q.numel() == 0 or k.shape[2] == 0
 
 
-def define_attention_op(name: str, forward, backward, fake_saved):
+def direct(q, k, v, alpha, span) -> bool:
+    """Whether a call may run the forward function itself rather than the custom op: nothing
+    asks for a gradient, and the tensors are plain (not meta, fake or other subclasses) and not
+    being traced. The op's dispatch and autograd bookkeeping cost tens of microseconds, more
+    than a decode step's work on a small model."""
+    if torch.compiler.is_compiling() or type(q) is not Tensor or q.device.type == "meta":
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not (q.requires_grad or k.requires_grad or v.requires_grad or alpha.requires_grad
+                or (span is not None and span.requires_grad))
+
+
+def define_attention_op(name: str, forward, backward, fake_saved, inference=None):
     """Register attnspec::<name>_forward / _backward custom ops with autograd; return the
-    function (q, k, v, alpha[H], span, ramp, causal, key_lengths, q_offset, scale) -> out."""
+    function (q, k, v, alpha[H], span, ramp, causal, key_lengths, q_offset, scale) -> out.
+    inference (same arguments, returns (out, ...)): runs instead of forward when the op is
+    skipped (see `direct`); default forward."""
+    inference = forward if inference is None else inference
 
     @torch.library.custom_op(f"attnspec::{name}_forward", mutates_args=())
     def forward_op(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, span: Optional[Tensor], ramp: float,
@@ -175,6 +215,16 @@ def define_attention_op(name: str, forward, backward, fake_saved):
     backward_op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
     def attention(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, key_padding_mask=None):
+        if direct(q, k, v, alpha, span):
+            if _empty(q, k):  # SPEC.md 5.3, as the op's forward
+                return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+            extra = _mask_kwargs(key_padding_mask)
+            # no input asks for a gradient, so nothing is recorded: no no_grad block needed
+            device_type = q.device.type
+            if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+                with torch.autocast(device_type, enabled=False):
+                    return inference(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, **extra)[0]
+            return inference(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, **extra)[0]
         return forward_op(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, key_padding_mask)[0]
 
     return attention

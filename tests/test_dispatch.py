@@ -233,7 +233,7 @@ def test_torch_tensors_go_to_a_torch_backend_never_to_numpy():
     torch = pytest.importorskip("torch")
     q, k, v = (torch.tensor(a) for a in qkv())
     decision = attnspec.explain(q, k, v)
-    assert decision.selected == "torch-eager"
+    assert decision.selected == "torch-sdpa"  # alpha = 1, no span: torch's own SDPA
     assert dict(decision.considered)["numpy"] == ["array type torch (supported: numpy)"]
     with pytest.raises(UnsupportedCallError, match="numpy: array type torch"):
         attnspec.attention(q, k, v, backend="numpy")

@@ -86,32 +86,34 @@ def test_autocast_runs_in_the_autocast_dtype():
     torch.testing.assert_close(out, expected)
 
 
-def test_double_backward_raises_a_clear_error():
+@pytest.mark.parametrize("backend, op", [("torch-eager", "eager_attention"), ("torch-decode", "decode_attention")])
+def test_double_backward_raises_a_clear_error(backend, op):
     q, k, v = inputs(requires_grad=True)
-    out = attnspec.attention(q, k, v, alpha=1.5)
+    out = attnspec.attention(q, k, v, alpha=1.5, backend=backend)
     (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward through attnspec::eager_attention is not supported"):
+    with pytest.raises(RuntimeError, match=f"double backward through attnspec::{op} is not supported"):
         dq.sum().backward()
 
 
 def test_eager_path_declares_a_size_cap():
     q = torch.empty(1, 4, 4096, 8, device="meta")
     k = torch.empty(1, 4, 4096, 8, device="meta")
-    decision = attnspec.explain(q, k, k)
+    decision = attnspec.explain(q, k, k, alpha=1.5)
     assert decision.selected == "torch"  # the tiled path takes what the eager one refuses
     reasons = dict(decision.considered)["torch-eager"]
     assert reasons == ["B*H*Lq*Lk=67108864 score entries (supported: <= 16777216)"]
     assert attnspec.explain(q, k, k, backend="torch-eager").selected is None  # the cap holds by name too
     # automatic selection gives it tiny calls only (the tiled path is faster above); by name
-    # it runs up to its cap
-    small = torch.empty(1, 4, 32, 8, device="meta")
-    assert attnspec.explain(small, small, small).selected == "torch-eager"
-    larger = torch.empty(1, 4, 33, 8, device="meta")
-    decision = attnspec.explain(larger, larger, larger)
+    # it runs up to its cap. (Entmax calls of more than 64 queries: below, torch-decode.)
+    q = torch.empty(1, 1, 65, 8, device="meta")
+    small = torch.empty(1, 1, 63, 8, device="meta")
+    assert attnspec.explain(q, small, small, alpha=1.5).selected == "torch-eager"
+    larger = torch.empty(1, 1, 67, 8, device="meta")
+    decision = attnspec.explain(q, larger, larger, alpha=1.5)
     assert decision.selected == "torch"
     assert dict(decision.considered)["torch-eager"] == [
-        "B*H*Lq*Lk=4356 score entries: automatic selection gives it <= 4096 (runs larger calls when named)"]
-    assert attnspec.explain(larger, larger, larger, backend="torch-eager").selected == "torch-eager"
+        "B*H*Lq*Lk=4355 score entries: automatic selection gives it <= 4096 (runs larger calls when named)"]
+    assert attnspec.explain(q, larger, larger, alpha=1.5, backend="torch-eager").selected == "torch-eager"
 
 
 def test_empty_rows_and_nan_padding_give_zero_not_nan():

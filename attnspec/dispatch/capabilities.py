@@ -158,6 +158,8 @@ class Capabilities:
     automatic_max_scores: largest B*H*Lq*Lk that automatic selection gives this kernel (None:
         no limit); named explicitly it runs up to max_scores. For a path that is slower than
         another above some size but useful by name (e.g. an obviously-correct oracle).
+    max_query_length: largest Lq (None: no limit), for paths built for short query blocks
+        (decode steps against a key cache).
     """
 
     array_type: str
@@ -176,6 +178,8 @@ class Capabilities:
     max_heads: int | None = None
     alphas: frozenset | Interval | None = None
     gradients: frozenset | None = None
+
+    max_query_length: int | None = None
 
     def __post_init__(self):
         for name in ("head_dims", "value_head_dims", "alphas", "gradients"):
@@ -233,6 +237,8 @@ class Capabilities:
             for dim in ("D", "Dv"):
                 if sizes.get(dim, 0) > self.max_head_dim:
                     reasons.append(f"head dim {dim}={sizes[dim]} (supported: <= {self.max_head_dim})")
+        if self.max_query_length is not None and sizes.get("Lq", 0) > self.max_query_length:
+            reasons.append(f"Lq={sizes['Lq']} queries (supported: <= {self.max_query_length})")
         if self.max_scores is not None and sizes.get("scores", 0) > self.max_scores:
             reasons.append(
                 f"B*H*Lq*Lk={sizes['scores']} score entries (supported: <= {self.max_scores})"

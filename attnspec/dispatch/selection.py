@@ -202,6 +202,8 @@ def _size_limits(op: str, backends) -> tuple | None:
         for name, limit in (("B", caps.max_batch), ("H", caps.max_heads)):
             if limit is not None:
                 limits.add((name, limit))
+        if caps.max_query_length is not None:
+            limits.add(("Lq", caps.max_query_length))
     return tuple(sorted(limits))
 
 

@@ -20,7 +20,9 @@ from attnspec.dispatch.capabilities import Capabilities, Kernel, all_features
 from attnspec.dispatch.registry import Backend
 
 from . import attention as _attention
+from . import decode as _decode
 from . import entmax as _entmax
+from . import sdpa as _sdpa
 from . import span as _span
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -31,6 +33,10 @@ EAGER_MAX_SCORES = 1 << 24
 #: measures the two: bench/results/torch_eager_crossover_cpu.md). Named, it runs up to
 #: EAGER_MAX_SCORES.
 EAGER_AUTOMATIC_MAX_SCORES = 1 << 12
+#: torch-decode reads each batch row's key window once for all its queries: built for decode
+#: steps and short query blocks against a cache. Longer blocks go to the tiled path, whose
+#: tiles narrow the window row by row.
+DECODE_MAX_QUERIES = 64
 
 
 def _fake_saved(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, key_padding_mask=None):
@@ -61,6 +67,19 @@ def tiled_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, k
                     q_offset=None, scale=None, key_padding_mask=None):
     return _tiled_op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale),
                 _torch_op.padding_mask(key_padding_mask, q))
+
+
+# With gradients, torch-decode runs the tiled forward: the backward rebuilds p from c and the
+# scores it recomputes, and only the forward that computes them the same way gives a c exactly
+# consistent with them (at large logits in float32 a key on the support's edge otherwise
+# entered the rebuilt support). Without gradients (decode steps) it runs its windowed forward.
+_decode_op = _torch_op.define_attention_op("decode_attention", _attention.tiled_forward, _attention.tiled_backward,
+                                           _fake_c, inference=_decode.inference)
+
+
+def decode_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
+                     q_offset=None, scale=None):
+    return _decode_op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
 
 
 def _devices():
@@ -106,4 +125,34 @@ TILED = Backend(
     },
     priority=10,
     description="PyTorch, query tiles x reachable key window, O(tile x window) memory, analytic backward",
+)
+
+
+#: SDPA declares no span and no entmax: automatic selection gives it exactly the alpha = 1
+#: calls it can express, at every size (it runs torch's fused kernels, forward and backward).
+SDPA_FEATURES = all_features("attention") - {"entmax", "span", "span_per_head", "span_grad"}
+
+SDPA = Backend(
+    name="torch-sdpa",
+    version=f"{__version__} (torch {torch.__version__})",
+    kernels={
+        "attention": Kernel("attention", _sdpa.attention, Capabilities(
+            array_type="torch", devices=_devices(), dtypes=DTYPES, features=SDPA_FEATURES)),
+    },
+    priority=40,
+    description="PyTorch scaled_dot_product_attention: alpha = 1 without span (causal, key_lengths, "
+                "q_offset as a mask; GQA), its own backward",
+)
+
+DECODE = Backend(
+    name="torch-decode",
+    version=f"{__version__} (torch {torch.__version__})",
+    kernels={
+        "attention": Kernel("attention", decode_attention, Capabilities(
+            array_type="torch", devices=_devices(), dtypes=DTYPES, features=all_features("attention"),
+            max_query_length=DECODE_MAX_QUERIES)),
+    },
+    priority=30,
+    description=f"PyTorch, Lq <= {DECODE_MAX_QUERIES} queries against the key window each batch row "
+                "reaches (decode steps), all rows solved at once; with gradients the tiled path",
 )

@@ -1,0 +1,48 @@
+"""bench/shapes.py: its rows (simple JSON), the flatness summary, the table and the plot."""
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from attnspec.bench import shapes  # noqa: E402
+
+KEYS = {"name", "family", "shape", "attnspec_s", "sdpa_s", "ratio", "target_ratio", "met", "backend"}
+
+
+def test_rows_are_simple_json_with_their_backend_and_target():
+    rows = shapes.overhead_rows(number=20, rounds=2)
+    rows += shapes.decode_rows(shapes._targets(1), repeats=1, caches=(64, 256))
+    json.loads(json.dumps(rows))
+    for row in rows:
+        assert KEYS <= set(row), row
+        assert row["ratio"] == pytest.approx(row["attnspec_s"] / row["sdpa_s"])
+    by = {(r["name"], r.get("cache")): r for r in rows}
+    assert by[("tiny call alpha=1", None)]["backend"] == "torch-sdpa"
+    assert by[("tiny call alpha=1", None)]["met"] == (by[("tiny call alpha=1", None)]["overhead_us"] <= 20.0)
+    assert by[("decode alpha=1", 64)]["backend"] == "torch-sdpa"
+    assert by[("decode alpha=1.5 span 256", 256)]["backend"] == "torch-decode"
+    assert by[("decode alpha=1", 256)]["target_ratio"] == 1.2
+    assert by[("decode alpha=1 span 256", 256)]["target_ratio"] is None  # its target is at 8192 keys
+    flat = shapes.flatness(rows)
+    assert [f["name"] for f in flat] == ["decode alpha=1 span 256", "decode alpha=1.5 span 256"]
+    assert flat[0]["caches"] == [64, 256]
+
+
+def test_table_and_plot(tmp_path):
+    def row(name, family, ratio, target, **extra):
+        return dict(name=name, family=family, shape=[1], attnspec_s=ratio * 1e-3, sdpa_s=1e-3, ratio=ratio, cpu_ratio=ratio,
+                    target_ratio=target, met=None if target is None else ratio <= target, backend="torch", **extra)
+
+    rows = [row(n, "decode", 0.5, 1.2, cache=c) for n, _, _ in shapes.DECODE_VARIANTS for c in shapes.CACHES]
+    rows += [row("training alpha=1", "training", 1.05, 1.1), row("long alpha=1.5 L=2048", "long", 2.0, 1.5),
+             row("tiny call alpha=1", "overhead", 2.0, None, overhead_us=9.0, target_overhead_us=20.0,
+                 kernel_own_s=1e-6)]
+    results = [dict(threads=t, load_average_before=[1.0, 1.0, 1.0], load_average_after=[1.0, 1.0, 1.0], rows=rows,
+                    flat=shapes.flatness(rows)) for t in (1, 2)]
+    table = shapes.format_table(results[0])
+    assert "overhead 9.0 us (target <= 20 us)" in table and "NO" in table  # the long row misses
+    path = tmp_path / "shapes.png"
+    shapes.plot(results, str(path))
+    assert path.stat().st_size > 10_000
