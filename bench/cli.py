@@ -41,10 +41,13 @@ def _strs(text):
 #: The presets' names, here so that the CLI needs no import of the sweep definitions; a test
 #: holds them equal to sweep.PRESETS.
 PRESET_NAMES = ("quick", "cpu", "gpu", "torch-targets", "torch-eager-crossover", "jax-targets", "triton-targets")
+#: Presets measured by programs of their own (calls at the shapes models use; whole models), not
+#: by a sweep of cases: `attnspec bench --preset NAME` runs them with --threads, --out and --quiet.
+PROGRAM_PRESETS = {"shapes": "attnspec.bench.shapes", "transformers": "attnspec.bench.transformers_bench"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="quick", choices=PRESET_NAMES,
+    parser.add_argument("--preset", default="quick", choices=PRESET_NAMES + tuple(PROGRAM_PRESETS),
                         help="the sweep and its settings (default: quick, a smoke run; docs/benchmarks.md says what "
                              "each measures); the options below override it")
     parser.add_argument("--out", metavar="PREFIX",
@@ -156,6 +159,19 @@ def list_targets(device=None) -> str:
     return "\n".join(lines)
 
 
+def _run_program(args) -> int:
+    """A program preset: its own module's main, with the options that apply to it."""
+    import importlib
+
+    program = importlib.import_module(PROGRAM_PRESETS[args.preset])
+    argv = []
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    if args.out:
+        argv += ["--json", args.out + ".json"]
+    return program.main(argv) or 0
+
+
 def run_command(args, argv=None) -> int:
     from . import core, report
     from .overhead import dispatch_overhead
@@ -163,6 +179,8 @@ def run_command(args, argv=None) -> int:
     if args.list_targets:
         print(list_targets(args.device))
         return 0
+    if args.preset in PROGRAM_PRESETS:
+        return _run_program(args)
     preset = preset_from_args(args)
     command = "attnspec bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
     dataclasses.replace(preset)  # validates the clock and allocators

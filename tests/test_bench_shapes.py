@@ -46,3 +46,19 @@ def test_table_and_plot(tmp_path):
     path = tmp_path / "shapes.png"
     shapes.plot(results, str(path))
     assert path.stat().st_size > 10_000
+
+
+def test_the_shapes_and_transformers_presets_run_their_programs(monkeypatch):
+    import argparse
+    import importlib
+
+    from attnspec.bench import cli
+
+    for preset, module in cli.PROGRAM_PRESETS.items():
+        seen = []
+        monkeypatch.setattr(importlib.import_module(module), "main", lambda argv, seen=seen: seen.append(argv))
+        parser = argparse.ArgumentParser()
+        cli.add_arguments(parser)
+        args = parser.parse_args(["--preset", preset, "--threads", "1", "--out", "results/x"])
+        assert cli.run_command(args) == 0
+        assert seen == [["--threads", "1", "--json", "results/x.json"]]
