@@ -3,6 +3,7 @@ element is off, by how much, against what tolerance."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,22 @@ class Context:
     counters: dict = field(default_factory=lambda: {"examples": 0, "gradient_checks": 0, "gradient_skips": 0})
 
 
+#: While `recording_margins` is active: the largest |diff| / tolerance seen per (check, name).
+_margins: dict | None = None
+
+
+@contextlib.contextmanager
+def recording_margins():
+    """Collect, per (check, name), the largest ratio of an error to its tolerance that passed or
+    failed inside the block (1.0 is the edge): how close correct backends come to the bounds."""
+    global _margins
+    previous, _margins = _margins, {}
+    try:
+        yield _margins
+    finally:
+        _margins = previous
+
+
 def assert_close(check: str, name: str, actual, expected, atol: float) -> None:
     """|actual - expected| <= atol elementwise, same shape, no NaN where a number is expected."""
     actual = np.asarray(actual, dtype=np.float64)
@@ -39,6 +56,11 @@ def assert_close(check: str, name: str, actual, expected, atol: float) -> None:
         return
     with np.errstate(invalid="ignore"):
         diff = np.abs(actual - expected)
+    if _margins is not None:
+        finite = np.isfinite(diff)
+        if finite.any():
+            ratio = float(diff[finite].max()) / atol if atol > 0 else (0.0 if diff[finite].max() == 0 else np.inf)
+            _margins[(check, name)] = max(_margins.get((check, name), 0.0), ratio)
     bad = ~(diff <= atol)  # NaN counts as bad
     bad &= ~(np.isnan(expected) & np.isnan(actual))
     if bad.any():
