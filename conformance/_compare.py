@@ -56,11 +56,13 @@ def assert_close(check: str, name: str, actual, expected, atol: float) -> None:
         return
     with np.errstate(invalid="ignore"):
         diff = np.abs(actual - expected)
+    atol = np.broadcast_to(np.asarray(atol, dtype=np.float64), diff.shape)  # a number, or per element
     if _margins is not None:
         finite = np.isfinite(diff)
         if finite.any():
-            ratio = float(diff[finite].max()) / atol if atol > 0 else (0.0 if diff[finite].max() == 0 else np.inf)
-            _margins[(check, name)] = max(_margins.get((check, name), 0.0), ratio)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = np.where(diff[finite] == 0, 0.0, diff[finite] / atol[finite])
+            _margins[(check, name)] = max(_margins.get((check, name), 0.0), float(ratios.max()))
     bad = ~(diff <= atol)  # NaN counts as bad
     bad &= ~(np.isnan(expected) & np.isnan(actual))
     if bad.any():
@@ -69,7 +71,8 @@ def assert_close(check: str, name: str, actual, expected, atol: float) -> None:
         raise CheckFailed(
             check,
             f"{name}[{', '.join(map(str, idx))}]={actual[idx]!r}, but should be {expected[idx]!r} "
-            f"(|diff| up to {worst:.3g}, tolerance {atol:.3g}; {int(bad.sum())} of {bad.size} elements off)",
+            f"(|diff| {diff[idx]:.3g}, tolerance there {atol[idx]:.3g}; |diff| up to {worst:.3g}; "
+            f"{int(bad.sum())} of {bad.size} elements off)",
         )
 
 

@@ -51,13 +51,14 @@ def _forward_atol(ctx, case):
 def value_bounds(case: AttentionCase, dtype: str, out_ref, grads_ref=None) -> dict:
     """{'out': atol, 'q': atol, ...}: how far a backend's output and gradients (`grads_ref`, the
     reference's AttentionGrads, or None for the output only) may be from the reference's on
-    `case`, already rounded to `dtype` (SPEC.md section 9)."""
+    `case`, already rounded to `dtype` (SPEC.md section 9); a number, or per element in
+    float16/bfloat16."""
     max_score = case.max_score()
     max_v = float(np.max(np.abs(case.v), initial=0.0))
     low = dtype in tolerances.LOW_PRECISION
     if low:
-        emulated_out, emulated = emulation.attention(case, dtype, gradients=grads_ref is not None)
-        bounds = {"out": tolerances.measured_atol(dtype, out_ref, emulated_out,
+        magnitude_out, magnitudes = emulation.attention(case, dtype, gradients=grads_ref is not None)
+        bounds = {"out": tolerances.rounding_atol(dtype, dtype, out_ref, magnitude_out,
                                                   tolerances.compute_forward_atol(dtype, max_score, max_v))}
     else:
         bounds = {"out": tolerances.forward_atol(dtype, max_score, max_v)}
@@ -70,7 +71,8 @@ def value_bounds(case: AttentionCase, dtype: str, out_ref, grads_ref=None) -> di
             continue
         if low:
             compute = tolerances.compute_gradient_atol(dtype, max_score, ref_grad, floor)
-            bounds[name] = tolerances.measured_atol(emulation.result_dtype(name, dtype), ref_grad, emulated[name], compute)
+            bounds[name] = tolerances.rounding_atol(emulation.result_dtype(name, dtype), dtype, ref_grad,
+                                                    magnitudes[name], compute)
         else:
             bounds[name] = tolerances.gradient_atol(dtype, max_score, ref_grad, floor)
     return bounds
