@@ -52,7 +52,7 @@ EXPECTED_SKIPS = {
 
 
 def in_ci() -> bool:
-    return bool(os.environ.get("CI"))
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def missing_dependencies(names=TEST_DEPENDENCIES) -> list:

@@ -150,7 +150,8 @@ def test_the_solve_reaches_float32_accuracy(backend, kind, dtype):
                          scale=1.0 if kind == "very negative" else None)
     out_ref = reference.attention(case.q, case.k, case.v, **case.kwargs)
     atol = value_bounds(case.rounded(str(dtype).split(".")[1]), str(dtype).split(".")[1], out_ref)["out"]
-    np.testing.assert_allclose(stats["out"].double().numpy(), out_ref, rtol=0, atol=atol)
+    ratio = np.abs(stats["out"].double().numpy() - out_ref) / atol  # atol is per element in half precision
+    assert ratio.max() <= 1.0, f"|out - out_ref| / bound up to {ratio.max():.3g} at {np.unravel_index(ratio.argmax(), ratio.shape)}"
 
 
 def test_rows_without_keys_are_zeros_not_nan(backend):
