@@ -65,12 +65,16 @@ def value_bounds(case: AttentionCase, dtype: str, out_ref, grads_ref=None) -> di
     if grads_ref is None:
         return bounds
     floor = float(np.max(np.abs(case.grad_out), initial=0.0)) * max(1.0, max_v)
+    sensitivity = emulation.score_sensitivity(case) if low else None
     for name in ("q", "k", "v", "alpha", "span"):
         ref_grad = getattr(grads_ref, "d" + name)
         if ref_grad is None:
             continue
         if low:
             compute = tolerances.compute_gradient_atol(dtype, max_score, ref_grad, floor)
+            if name in sensitivity:  # dq, dk: where a score error reaches further, per element
+                score_error = tolerances.COMPUTE_FACTOR * tolerances.EPS[tolerances.COMPUTE[dtype]] * (1.0 + max_score)
+                compute = np.maximum(compute, score_error * sensitivity[name])
             bounds[name] = tolerances.rounding_atol(emulation.result_dtype(name, dtype), dtype, ref_grad,
                                                     magnitudes[name], compute)
         else:

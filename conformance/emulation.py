@@ -70,6 +70,29 @@ def attention(case: AttentionCase, dtype: str, *, gradients: bool = True):
     return out, grads
 
 
+def score_sensitivity(case: AttentionCase):
+    """{'q': [B, H, Lq, D], 'k': [B, Hkv, Lk, D]}: how far dq and dk may move per unit relative
+    error of p. A kernel that recomputes p in the backward from saved row statistics gets p off
+    by its float32 score error (an ulp of a score of 4·10⁴ is 0.004), and with ḡ formed as
+    Σ p g (FlashAttention's rowsum(dO ∘ O)) that error is not cancelled by renormalising: dS
+    moves by up to w (|g| + |ḡ|) per unit, which reaches dq through scale·|K| and dk through
+    scale·|Q|."""
+    fwd = _ref_attention._forward(case.q, case.k, case.v, case.alpha, case.span, case.ramp, case.causal,
+                                  case.key_lengths, case.q_offset, case.scale, False)
+    B, H, Lq, Lk = fwd.shape
+    p, u = fwd.sol.p.reshape(fwd.shape), fwd.sol.u.reshape(fwd.shape)
+    support = p > 0
+    w = np.where(support, p / u, 0.0)
+    g = np.where(support, np.einsum("bhid,bhjd->bhij", np.asarray(case.grad_out, dtype=np.float64), fwd.v), 0.0)
+    total = w.sum(-1, keepdims=True)
+    gbar = (w * g).sum(-1, keepdims=True) / np.where(total > 0, total, 1.0)
+    moved = w * (np.abs(g) + np.abs(gbar))
+    Hkv = case.k.shape[1]
+    dq = fwd.scale * np.einsum("bhij,bhjd->bhid", moved, np.abs(fwd.k))
+    dk = fwd.scale * np.einsum("bhij,bhid->bhjd", moved, np.abs(fwd.q)).reshape(B, Hkv, H // Hkv, Lk, -1).sum(2)
+    return {"q": dq, "k": dk}
+
+
 def entmax(case: EntmaxCase):
     """Stand-alone entmax rounds nothing before its results: magnitude 0 for p and every gradient."""
     return 0.0
