@@ -3,6 +3,7 @@ element is off, by how much, against what tolerance."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +62,22 @@ class Context:
         raise Refused(reasons)
 
 
+#: While `recording_margins` is active: the largest |diff| / tolerance seen per (check, name).
+_margins: dict | None = None
+
+
+@contextlib.contextmanager
+def recording_margins():
+    """Collect, per (check, name), the largest ratio of an error to its tolerance that passed or
+    failed inside the block (1.0 is the edge): how close correct backends come to the bounds."""
+    global _margins
+    previous, _margins = _margins, {}
+    try:
+        yield _margins
+    finally:
+        _margins = previous
+
+
 def assert_close(check: str, name: str, actual, expected, atol: float, nan_where=None) -> None:
     """|actual - expected| <= atol elementwise, same shape, no NaN where a number is expected.
 
@@ -76,6 +93,13 @@ def assert_close(check: str, name: str, actual, expected, atol: float, nan_where
         return
     with np.errstate(invalid="ignore"):
         diff = np.abs(actual - expected)
+    atol = np.broadcast_to(np.asarray(atol, dtype=np.float64), diff.shape)  # a number, or per element
+    if _margins is not None:
+        finite = np.isfinite(diff)
+        if finite.any():
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = np.where(diff[finite] == 0, 0.0, diff[finite] / atol[finite])
+            _margins[(check, name)] = max(_margins.get((check, name), 0.0), float(ratios.max()))
     bad = ~(diff <= atol)  # NaN counts as bad
     if nan_where is None:
         nan_where = np.isnan(expected)
@@ -86,7 +110,8 @@ def assert_close(check: str, name: str, actual, expected, atol: float, nan_where
         raise CheckFailed(
             check,
             f"{name}[{', '.join(map(str, idx))}]={actual[idx]!r}, but should be {expected[idx]!r} "
-            f"(|diff| up to {worst:.3g}, tolerance {atol:.3g}; {int(bad.sum())} of {bad.size} elements off)",
+            f"(|diff| {diff[idx]:.3g}, tolerance there {atol[idx]:.3g}; |diff| up to {worst:.3g}; "
+            f"{int(bad.sum())} of {bad.size} elements off)",
         )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from attnspec import api, reference, validation
 from attnspec.errors import UnsupportedCallError
 
-from . import tolerances
+from . import emulation, tolerances
 from ._compare import CheckFailed, Context, assert_close, assert_zero
 from .cases import AttentionCase, as_arrays
 from .frameworks import GradientsUnsupported
@@ -95,6 +95,40 @@ def _forward_atol(ctx, case):
     return tolerances.forward_atol(ctx.dtype, case.max_score(), float(np.max(np.abs(case.v), initial=0.0)))
 
 
+def value_bounds(case: AttentionCase, dtype: str, out_ref, grads_ref=None) -> dict:
+    """{'out': atol, 'q': atol, ...}: how far a backend's output and gradients (`grads_ref`, the
+    reference's AttentionGrads, or None for the output only) may be from the reference's on
+    `case`, already rounded to `dtype` (SPEC.md section 9); a number, or per element in
+    float16/bfloat16."""
+    max_score = case.max_score()
+    max_v = float(np.max(np.abs(case.v), initial=0.0))
+    low = dtype in tolerances.LOW_PRECISION
+    if low:
+        magnitude_out, magnitudes = emulation.attention(case, dtype, gradients=grads_ref is not None)
+        bounds = {"out": tolerances.rounding_atol(dtype, dtype, out_ref, magnitude_out,
+                                                  tolerances.compute_forward_atol(dtype, max_score, max_v))}
+    else:
+        bounds = {"out": tolerances.forward_atol(dtype, max_score, max_v)}
+    if grads_ref is None:
+        return bounds
+    floor = float(np.max(np.abs(case.grad_out), initial=0.0)) * max(1.0, max_v)
+    sensitivity = emulation.score_sensitivity(case) if low else None
+    for name in ("q", "k", "v", "alpha", "span"):
+        ref_grad = getattr(grads_ref, "d" + name)
+        if ref_grad is None:
+            continue
+        if low:
+            compute = tolerances.compute_gradient_atol(dtype, max_score, ref_grad, floor)
+            if name in sensitivity:  # dq, dk: where a score error reaches further, per element
+                score_error = tolerances.COMPUTE_FACTOR * tolerances.EPS[tolerances.COMPUTE[dtype]] * (1.0 + max_score)
+                compute = np.maximum(compute, score_error * sensitivity[name])
+            bounds[name] = tolerances.rounding_atol(emulation.result_dtype(name, dtype), dtype, ref_grad,
+                                                    magnitudes[name], compute)
+        else:
+            bounds[name] = tolerances.gradient_atol(dtype, max_score, ref_grad, floor)
+    return bounds
+
+
 def check_values(ctx: Context, case: AttentionCase) -> None:
     """Forward and gradients against the float64 reference on the same rounded inputs. alpha and
     span reach the backend as the case holds them (Python numbers, or arrays of the input
@@ -107,32 +141,33 @@ def check_values(ctx: Context, case: AttentionCase) -> None:
         ctx.gradients, want = False, False
         rc = case.rounded(ctx.dtype)
         out, grads = _call(ctx, rc, gradients=False)
-    assert_close("forward", "out", out, _reference(rc), _forward_atol(ctx, rc))
-    if not (want and grads):
-        return
-    max_score = rc.max_score()
-    margin = tolerances.gradient_margin(ctx.dtype, max_score)
-    gap = reference.support_gap(rc.q, rc.k, rc.v, **rc.kwargs)
-    if gap.size and float(np.min(gap)) < margin:
-        ctx.counters["gradient_skips"] += 1
-        return
-    expected = reference.attention_vjp(rc.q, rc.k, rc.v, rc.grad_out, **rc.kwargs)
-    compared = [getattr(expected, "d" + n) for n in ("q", "k", "v", "alpha", "span") if n in grads]
-    if any(g is not None and np.max(np.abs(g), initial=0.0) > _LARGEST[ctx.dtype] for g in compared):
-        # A gradient beyond the largest number of the dtype it is returned in (dz through a key
-        # with a tiny span weight, in float16) cannot be compared: skipped, and counted so.
-        ctx.counters["gradient_skips"] += 1
+    expected = _reference(rc)
+    grads_ref = None
+    if want and grads:
+        margin = tolerances.gradient_margin(ctx.dtype, rc.max_score())
+        gap = reference.support_gap(rc.q, rc.k, rc.v, **rc.kwargs)
+        if gap.size and float(np.min(gap)) < margin:
+            ctx.counters["gradient_skips"] += 1
+        else:
+            grads_ref = reference.attention_vjp(rc.q, rc.k, rc.v, rc.grad_out, **rc.kwargs)
+            compared = [getattr(grads_ref, "d" + n) for n in ("q", "k", "v", "alpha", "span") if n in grads]
+            if any(g is not None and np.max(np.abs(g), initial=0.0) > _LARGEST[ctx.dtype] for g in compared):
+                # A gradient beyond the largest number of the dtype it is returned in (dz through
+                # a key with a tiny span weight, in float16) cannot be compared: skipped, and
+                # counted so.
+                ctx.counters["gradient_skips"] += 1
+                grads_ref = None
+    bounds = value_bounds(rc, ctx.dtype, expected, grads_ref)
+    assert_close("forward", "out", out, expected, bounds["out"])
+    if grads_ref is None:
         return
     ctx.counters["gradient_checks"] += 1
-    floor = float(np.max(np.abs(rc.grad_out), initial=0.0)) * max(1.0, float(np.max(np.abs(rc.v), initial=0.0)))
     for name, grad in grads.items():
         if grad is None:
             raise CheckFailed("d" + name, f"the kernel provides d{name} (Kernel.gradients) but returned None")
-        ref_grad = getattr(expected, "d" + name)
-        if ref_grad is None:
+        if getattr(grads_ref, "d" + name) is None or name not in bounds:
             continue
-        atol = tolerances.gradient_atol(ctx.dtype, max_score, ref_grad, floor)
-        assert_close("d" + name, "d" + name, grad, ref_grad, atol)
+        assert_close("d" + name, "d" + name, grad, getattr(grads_ref, "d" + name), bounds[name])
         ctx.checked.add(name)
 
 

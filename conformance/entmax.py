@@ -11,7 +11,7 @@ import numpy as np
 from attnspec import api, reference, validation
 from attnspec.reference.entmax import solve_rows
 
-from . import tolerances
+from . import emulation, tolerances
 from ._compare import CheckFailed, Context, assert_close
 from .attention import _LARGEST
 from .cases import EntmaxCase, as_arrays, round_to
@@ -49,7 +49,13 @@ def check_values(ctx: Context, case: EntmaxCase) -> None:
         rc = case.rounded(ctx.dtype)
         out, grads = _call(ctx, rc, gradients=False)
     expected = reference.entmax(rc.x, rc.alpha, axis=rc.axis, weights=rc.weights)
-    assert_close("forward", "p", out, expected, _atol(ctx, rc))
+    low = ctx.dtype in tolerances.LOW_PRECISION
+    if low:
+        compute = tolerances.compute_forward_atol(ctx.dtype, rc.max_score(), 1.0)
+        atol = tolerances.rounding_atol(ctx.dtype, ctx.dtype, expected, emulation.entmax(rc), compute)
+    else:
+        atol = _atol(ctx, rc)
+    assert_close("forward", "p", out, expected, atol)
     if not (want and grads):
         return
     max_score = rc.max_score()
@@ -75,7 +81,12 @@ def check_values(ctx: Context, case: EntmaxCase) -> None:
             raise CheckFailed("d" + name, f"the kernel provides d{name} (Kernel.gradients) but returned None")
         if ref_grad is None:
             continue
-        atol = tolerances.gradient_atol(ctx.dtype, max_score, ref_grad, floor)
+        if low:
+            atol = tolerances.rounding_atol(emulation.result_dtype(name, ctx.dtype), ctx.dtype, ref_grad,
+                                            emulation.entmax(rc),
+                                            tolerances.compute_gradient_atol(ctx.dtype, max_score, ref_grad, floor))
+        else:
+            atol = tolerances.gradient_atol(ctx.dtype, max_score, ref_grad, floor)
         assert_close("d" + name, "d" + name, grads[name], ref_grad, atol)
         ctx.checked.add(name)
 

@@ -249,3 +249,54 @@ def _make():
 # reference.attention looks solve_rows and vjp_rows up in the entmax module at call time, so
 # patching the module attribute reaches both the attention and the entmax paths.
 MUTANTS = _make()
+
+
+# --- wrong kernels: the project's torch backend, broken the way a kernel author might ----------
+
+#: name -> (output factor, {input name: gradient factor}); inputs not named keep their gradient.
+_EVERY = ("q", "k", "v", "alpha", "span")
+WRONG_KERNELS = {
+    "every gradient zero": (1.0, dict.fromkeys(_EVERY, 0.0)),
+    "every gradient x 0.9": (1.0, dict.fromkeys(_EVERY, 0.9)),
+    "dq x 1.05": (1.0, {"q": 1.05}),
+    "output x 0.97": (0.97, {}),
+    "dk x 1.02": (1.0, {"k": 1.02}),
+    "dalpha x 1.1": (1.0, {"alpha": 1.1}),
+    "dz x 1.1": (1.0, {"span": 1.1}),
+}
+
+
+def wrong_torch_kernel(name):
+    """The `torch` backend's attention with its output and/or some gradients scaled, as a
+    backend named 'wrong: NAME' declaring what the torch backend declares."""
+    import torch
+
+    from attnspec.dispatch import registry
+
+    out_factor, grad_factors = WRONG_KERNELS[name]
+    base = registry.load("torch").kernel("attention")
+
+    class _ScaleGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(x, factor):
+            return x.view_as(x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.factor = inputs[1]
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * ctx.factor, None
+
+    def attention(q, k, v, *, alpha=1.0, span=None, **kw):
+        args = {"q": q, "k": k, "v": v, "alpha": alpha, "span": span}
+        for arg, factor in grad_factors.items():
+            if isinstance(args[arg], torch.Tensor) and args[arg].requires_grad:
+                args[arg] = _ScaleGradient.apply(args[arg], factor)
+        out = base.fn(**args, **kw)
+        return out if out_factor == 1.0 else (out * out_factor).to(out.dtype)
+
+    kernel = Kernel("attention", attention, base.capabilities)
+    return Backend(name=f"wrong: {name}", version="wrong", kernels={"attention": kernel}, priority=-100,
+                   automatic=False)

@@ -18,6 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import attnspec  # noqa: E402
 import attnspec.conformance as conformance  # noqa: E402
+from cells import assert_every_declared_cell_ran  # noqa: E402
 
 kernel = importlib.import_module("attnspec.backends.jax.attention")
 # jax >= 0.6 has jax.enable_x64; older releases keep it in jax.experimental.
@@ -47,13 +48,13 @@ def test_conformance_half_and_single_precision(tmp_path):
     # Every attention cell ran examples at tile-crossing sizes, values and gradients.
     attention = [c for c in report.cells if c.op == "attention"]
     assert all(c.tile_crossing >= 1 and c.gradients_checked[:3] == ["q", "k", "v"] for c in attention)
+    assert_every_declared_cell_ran(report, dtypes=["float16", "bfloat16", "float32"])
 
 
 def test_conformance_float64_under_x64(tmp_path):
     with enable_x64(True):
         report = conformance.check("jax", dtypes=["float64"], artifacts_dir=str(tmp_path))
-    assert report.passed, str(report)
-    assert any(c.status == "pass" and c.dtype == "float64" for c in report.cells)
+    assert_every_declared_cell_ran(report, dtypes=["float64"])
 
 
 def test_conformance_with_many_tiles(tiny_tiles, tmp_path):

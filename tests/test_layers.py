@@ -1,12 +1,16 @@
 """attnspec.layers.torch: shapes, gradients of span and alpha (against finite differences),
-projection of theta, the span loss, grouped-query heads, rotary positions, and the KV cache
-(equal to recomputing the prefix, bounded by the learned span)."""
+projection of theta, the span loss, grouped-query heads, rotary positions, the KV cache
+(equal to recomputing the prefix, bounded by the learned span), and the output and input
+gradient against projections + rotary positions + the NumPy reference attention."""
 
 import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+import attnspec
 
 torch = pytest.importorskip("torch")
 
@@ -217,3 +221,56 @@ def test_layers_package_reaches_its_submodules_lazily():
     assert attnspec.layers.torch.SpanAttention is SpanAttention
     with pytest.raises(AttributeError):
         attnspec.layers.nonexistent  # noqa: B018
+
+
+def _rope_numpy(x, positions, base=10000.0):
+    """RoFormer's rotation, written out: pair (i, i + D/2) turns by position * base^(-2i/D)."""
+    half = x.shape[-1] // 2
+    angles = np.asarray(positions, dtype=np.float64)[:, None] * base ** (-2.0 * np.arange(half) / x.shape[-1])
+    cos, sin = np.cos(angles), np.sin(angles)
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=-1)
+
+
+def _layer_in_numpy(layer, x):
+    """The layer's model written out with NumPy, the rotation above and the reference attention."""
+    B, L, _ = x.shape
+    H, Hkv, D = layer.n_heads, layer.n_kv_heads, layer.head_dim
+
+    def project(lin, heads):
+        w = lin.weight.detach().numpy()
+        y = x @ w.T + (0.0 if lin.bias is None else lin.bias.detach().numpy())
+        return y.reshape(B, L, heads, -1).transpose(0, 2, 1, 3)
+
+    q, k, v = project(layer.q_proj, H), project(layer.k_proj, Hkv), project(layer.v_proj, Hkv)
+    q, k = _rope_numpy(q, np.arange(L)), _rope_numpy(k, np.arange(L))
+    alpha = 1.0 + 1.0 / (1.0 + np.exp(-layer.alpha_logit.detach().numpy()))
+    span = layer.max_span * layer.span_theta.detach().numpy()
+    out = attnspec.reference.attention(q, k, v, alpha=alpha, span=span, ramp=layer.ramp, causal=True)
+    out = out.transpose(0, 2, 1, 3).reshape(B, L, H * D)
+    return out @ layer.o_proj.weight.detach().numpy().T + layer.o_proj.bias.detach().numpy()
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-eager"])
+def test_layer_equals_projections_rope_and_the_reference_attention(backend):
+    """The wiring (head layout, GQA, RoPE on q and k, span = max_span * theta, alpha = 1 +
+    sigmoid(a), o_proj) in float64 against the same model written independently; the input's
+    gradient against central differences of that model."""
+    torch.manual_seed(0)
+    layer = SpanAttention(16, 4, n_kv_heads=2, max_span=10, ramp=1.5, span_init=[0.15, 0.32, 0.5, 0.81],
+                          alpha=[1.2, 1.5, 1.7, 1.05], learn_alpha=True, bias=True, backend=backend,
+                          dtype=torch.float64)
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    expected = _layer_in_numpy(layer, x.detach().numpy())
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    # d sum(y * w) / dx at a few entries, by central differences of the NumPy model
+    w = np.random.default_rng(1).standard_normal(expected.shape)
+    (y * torch.from_numpy(w)).sum().backward()
+    xs, h = x.detach().numpy(), 1e-6
+    for index in [(0, 0, 0), (0, 4, 7), (1, 8, 15), (1, 3, 2)]:
+        plus, minus = xs.copy(), xs.copy()
+        plus[index] += h
+        minus[index] -= h
+        numeric = (np.sum(_layer_in_numpy(layer, plus) * w) - np.sum(_layer_in_numpy(layer, minus) * w)) / (2 * h)
+        assert x.grad[index].item() == pytest.approx(numeric, rel=1e-6, abs=1e-8)

@@ -17,9 +17,10 @@ Forward, per program (_forward_kernel):
   as AdaSplash does.
 
 Backward (SPEC.md 4): with w = p/u, g = dout . v and gbar = sum w g / sum w per row,
-dS = w (g - gbar). One program per query tile (_backward_dq_kernel) accumulates, in one pass,
-sum w g k and sum w k (so dq = scale (sum w g k - gbar sum w k)), gbar, and the per-row
-pieces of dalpha (sum (g - gbar) p psi) and dz (sum (g - gbar) (p/m) dm/dz). One program per
+dS = w (g - gbar). One program per query tile (_backward_dq_kernel) makes two passes over its
+key tiles: the first sums gbar and the per-row pieces of dalpha (sum (g - gbar) p psi) and dz
+(sum (g - gbar) (p/m) dm/dz), the second dq = scale dS k with dS formed before it is rounded
+to the input dtype for the product (FlashAttention's rounding point). One program per
 (key tile, batch x kv head) (_backward_dkdv_kernel) then loops over the query heads of its
 GQA group and their query tiles, accumulating dk = scale dS^T q and dv = P^T dout in
 registers (no atomics; the group reduction happens there).
@@ -283,14 +284,13 @@ def _backward_dq_kernel(Q, K, V, C, Bits, DO, DQ, GBar, DAlpha, DSpan, Alpha, Sp
                               CAUSAL, BLOCK_N)
     bits = Bits + bh.to(tl.int64) * n_qt * n_kt + pid_m * n_kt
 
-    wgk = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
-    wk = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     sum_w = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     sum_wg = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     sum_psi = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     sum_gpsi = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     sum_dm = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     sum_gdm = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    # Pass 1: gbar and the row sums of dalpha and dz.
     for start in range(lo, hi, BLOCK_N):
         if tl.load(bits + start // BLOCK_N) != 0:
             offs_n = start + offs_n0
@@ -302,11 +302,8 @@ def _backward_dq_kernel(Q, K, V, C, Bits, DO, DQ, GBar, DAlpha, DSpan, Alpha, Sp
             support = p > 0.0
             g = tl.where(support, _dot(do, tl.trans(vt), F32, UPCAST), 0.0)
             w = p / u
-            wg = w * g
             sum_w += row_sum(w)
-            sum_wg += row_sum(wg)
-            wgk += _dot(wg.to(kt.dtype), kt, F32, UPCAST)
-            wk += _dot(w.to(kt.dtype), kt, F32, UPCAST)
+            sum_wg += row_sum(w * g)
             if ALPHA_GRAD:
                 pp = tl.where(support, p * _entmax.psi(t, eps), 0.0)
                 sum_psi += row_sum(pp)
@@ -316,7 +313,22 @@ def _backward_dq_kernel(Q, K, V, C, Bits, DO, DQ, GBar, DAlpha, DSpan, Alpha, Sp
                 sum_dm += row_sum(dm)
                 sum_gdm += row_sum(dm * g)
     gbar = tl.where(sum_w > 0.0, sum_wg / tl.where(sum_w > 0.0, sum_w, 1.0), 0.0)
-    dq = scale * (wgk - gbar[:, None] * wk)
+    # Pass 2: dq = scale dS k with dS = w (g - gbar) formed before it is rounded for the product
+    # (sum w g k - gbar sum w k, each rounded, cancels: its error scales with |gbar|, not |dS|).
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        if tl.load(bits + start // BLOCK_N) != 0:
+            offs_n = start + offs_n0
+            kt = _load_rows(k_base, offs_n, kv_len, offs_d, D)
+            vt = _load_rows(v_base, offs_n, kv_len, offs_dv, Dv)
+            s = _dot(q, tl.trans(kt), F32, UPCAST) * scale
+            m, allowed = _span.mask_block(offs_m, offs_n, offset, kv_len, Lq, z, ramp, HAS_SPAN, CAUSAL)
+            p, ratio, u, t = _entmax.probabilities(s, top, c, m, allowed, eps, LIBDEVICE)
+            support = p > 0.0
+            g = _dot(do, tl.trans(vt), F32, UPCAST)
+            ds = tl.where(support, (p / u) * (g - gbar[:, None]), 0.0)
+            acc += _dot(ds.to(kt.dtype), kt, F32, UPCAST)
+    dq = scale * acc
     tl.store(DQ + bh.to(tl.int64) * Lq * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d < D)[None, :])
     rows = bh.to(tl.int64) * Lq + offs_m
