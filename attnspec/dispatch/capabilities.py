@@ -8,7 +8,6 @@ read the same fields.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable

@@ -19,7 +19,6 @@ runs outside `jax.jit` (or with params closed over as constants).
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn

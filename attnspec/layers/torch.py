@@ -24,7 +24,6 @@ The attention itself is `attnspec.attention` (the dispatcher chooses the backend
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from typing import Iterable, Optional
 
 import torch
