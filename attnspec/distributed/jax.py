@@ -2,7 +2,7 @@
 q, k, v) split over the mesh axis `axis_name` in equal blocks (SPEC.md semantics).
 
 - Span heads with a static bound `max_span`: each device fetches the keys within
-  h = ceil(fl(R + max_span)) - 1 positions of its block (before it only, when causal) from its
+  h = reach(max_span, R) - 1 positions (attnspec.geometry.reach) of its block (before it only, when causal) from its
   neighbours with `lax.ppermute` (static shifts; a halo wider than a block takes several), and
   runs the single-device backend on its queries against that window, which holds every key its
   rows may read: exact for any alpha. Autodiff transposes the ppermutes, so the halo keys' dk/dv

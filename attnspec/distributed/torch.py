@@ -8,8 +8,8 @@ query of every rank (the sequence group: a sum, never a data-parallel mean).
 
 Heads take one of two paths (decided identically on every rank):
 - halo: span heads whose reach fits the static bound `max_span`. A head with span z reads only
-  keys with |d| < fl(R + z) (the compute dtype), so each rank fetches the ceil(fl(R + max_span))
-  - 1 keys before its block (and after it, without causal) from the ranks that own them, which
+  keys with |d| < attnspec.geometry.reach(z, R), so each rank fetches the reach(max_span, R) - 1
+  keys before its block (and after it, without causal) from the ranks that own them, which
   may be several, and runs the ordinary single-device attention on its queries against that
   window: every key a row may read is local, so the result is the single-device result, for any
   alpha. The backward sends the halo keys' dk/dv back to their owners, which add them.
@@ -508,7 +508,7 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     span the same on every rank). key_lengths [B] and q_offset (int or [B]) refer to global
     positions (q_offset defaults to 0: queries and keys at the same positions).
     max_span: the static halo bound (e.g. the layer's largest span): span heads with
-    z <= max_span (more precisely fl(R + z) <= fl(R + max_span)) fetch ceil(fl(R + max_span)) - 1
+    z <= max_span (more precisely reach(z, R) <= reach(max_span, R), attnspec.geometry) fetch reach(max_span, R) - 1
     neighbouring keys; every other head takes the ring over all keys. None: every head rings.
     backend: the single-device backend for the halo heads (None: the dispatcher's choice).
     Returns this rank's output block [B, H, L_r, Dv]; differentiable in q, k, v, alpha, span.
