@@ -36,8 +36,8 @@ def clean_registry(monkeypatch):
 
 
 #: What the test suite imports beyond numpy (the `test` extra of pyproject.toml installs them).
-#: With CI set, the run fails unless all are importable (transformers joins when a test needs it).
-TEST_DEPENDENCIES = ("torch", "jax", "flax", "triton", "entmax", "matplotlib")
+#: With CI set, the run fails unless all are importable.
+TEST_DEPENDENCIES = ("torch", "jax", "flax", "triton", "entmax", "matplotlib", "transformers")
 
 #: The only skips CI accepts: test (node id without parameters) -> why it may skip there.
 EXPECTED_SKIPS = {
