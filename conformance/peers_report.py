@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 import attnspec
 
 from . import adapters, strategies
+from ._compare import checking_nan_only
 from .attention import _allowed
 from .cases import load_case, round_to
 from .report import DTYPE_ORDER
@@ -58,14 +59,15 @@ def _drawing_alphas(name, dtype):
         yield
         return
     restricted = _alpha_strategy(adapters.ALPHAS[name], dtype, base)
-    with mock.patch.object(strategies, "alphas", lambda: restricted):
+    with mock.patch.object(strategies, "alphas", lambda *args, **kwargs: restricted):
         yield
 
 
 def run(name, *, gradients=True, dtypes=DTYPE_ORDER, profile="ci", seed=None, cells=None, examples=None,
-        artifacts_dir=None, progress=None):
+        artifacts_dir=None, progress=None, nan_only=False):
     """(backend, Report or None, why not checked) for one adapter; gradients=False checks values
-    only (adapters.backend(name, gradients=False))."""
+    only (adapters.backend(name, gradients=False)); nan_only=True fails only NaN where the
+    reference has a number (_compare.checking_nan_only)."""
     try:
         backend = adapters.backend(name, gradients=gradients)
     except ImportError as exc:
@@ -74,7 +76,7 @@ def run(name, *, gradients=True, dtypes=DTYPE_ORDER, profile="ci", seed=None, ce
     try:
         merged = None
         for dtype in dtypes:
-            with _drawing_alphas(name, dtype):
+            with _drawing_alphas(name, dtype), (checking_nan_only() if nan_only else contextlib.nullcontext()):
                 report = check(backend.name, profile=profile, dtypes=[dtype], seed=seed, cells=cells, examples=examples,
                                artifacts_dir=artifacts_dir or tempfile.mkdtemp(prefix="attnspec-peers-"))
             if merged is None:
@@ -290,6 +292,12 @@ def main(argv=None) -> int:
             passes.append(("values and gradients" if gradients else "values", backend, report, why))
             if backend is None:
                 break
+        half = [d for d in dtypes if d in ("float16", "bfloat16")]
+        if half and passes and passes[0][1] is not None:
+            # NaN where a number is defined, found even where an inaccuracy fails first
+            backend, report, why = run(name, gradients=False, dtypes=half, seed=args.seed, cells=cells, nan_only=True,
+                                       progress=lambda line: print(line, file=sys.stderr, flush=True))
+            passes.append(("NaN only (half precision)", backend, report, why))
         results.append((name, passes))
     command = "python -m attnspec.conformance.peers_report " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(results, command.strip())

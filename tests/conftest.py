@@ -41,6 +41,14 @@ TEST_DEPENDENCIES = ("torch", "jax", "flax", "triton", "entmax", "matplotlib", "
 
 #: The only skips CI accepts: test (node id without parameters) -> why it may skip there.
 EXPECTED_SKIPS = {
+    "tests/test_peer_adapters.py::test_adasplash_declares_cuda_and_refuses_sizes_it_cannot_take":
+        "AdaSplash is a peer, not a test dependency: it is checked where it is installed",
+    "tests/test_docs_snippets.py::test_python_block_runs":
+        "a documentation block marked `# requires: cuda` on a machine without CUDA (CI requires every "
+        "test dependency, so no other requirement can be missing there)",
+    "tests/test_conformance_gaps.py::test_span_weight_near_the_outer_kink":
+        "a backend that does not run the dtype here: jax makes float64 only under jax_enable_x64, "
+        "triton has no float64",
     "tests/test_triton_backend.py::test_kernels_compile_for_a_cuda_target":
         "compiling every kernel for a CUDA target takes minutes; runs with ATTNSPEC_TRITON_COMPILE=1",
     "tests/test_char_lm.py::test_committed_manifest_matches_when_the_python_version_does":

@@ -88,13 +88,13 @@ def run_case(name, settings, rank, world, seed=0):
     got = _grads(lambda q_, k_, v_, a, s: cp.attention(q_, k_, v_, alpha=a, span=s, max_span=settings.get("max_span"),
                                                        **kwargs),
                  q[:, :, sl], k[:, :, sl], v[:, :, sl], w[:, :, sl], settings, dtype)
-    if settings.get("no_grad_check"):  # inference: no graph, the same values
+    if settings.get("no_grad_check"):  # inference: no graph; the same values within the bound
         with torch.no_grad():
             again = cp.attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], alpha=torch.tensor(settings["alpha"], dtype=dtype),
                                  span=torch.tensor(settings["span"], dtype=dtype), max_span=settings.get("max_span"),
                                  **kwargs)
-        if not torch.equal(again, got[0]):
-            return [f"{name}: under no_grad the output differs"]
+    else:
+        again = None
     names = ["out", "dq", "dk", "dv", "dalpha", "dspan"]
     local = [expected[0][:, :, sl], expected[1][:, :, sl], expected[2][:, :, sl], expected[3][:, :, sl]] + expected[4:]
     eps_input = EPS_INPUT[settings.get("dtype", "float64")]
@@ -115,6 +115,11 @@ def run_case(name, settings, rank, world, seed=0):
             bound = 16 * rel * max(float(e.abs().max()), float(w.abs().max()) * max(1.0, max_v))
         if not err <= bound:
             failures.append(f"{name}: {n} differs by {err:.3g} (bound {bound:.3g})")
+        if n == "out" and again is not None:
+            # Inference may take another (equally exact) path, e.g. torch-decode's sorted solve.
+            err = float((again.double() - a.double()).abs().max()) if a.numel() else 0.0
+            if not err <= 2 * bound:
+                failures.append(f"{name}: under no_grad the output differs by {err:.3g} (bound {2 * bound:.3g})")
     return failures
 
 

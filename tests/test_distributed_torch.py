@@ -46,12 +46,14 @@ def test_four_processes_match_the_single_device_call(tmp_path):
 
 
 def test_reach_is_the_largest_readable_distance():
-    # |d| < fl(R + z): R + z = 5 reads d = 4 at most; 5.5 reads d = 5.
-    assert geometry.reach_keys(5.0) == 4
-    assert geometry.reach_keys(5.5) == 5
-    assert geometry.reach_keys(0.5) == 0
-    with pytest.raises(ValueError, match="R \\+ z"):
-        geometry.reach_keys(float("nan"))
+    # |d| < R + z exactly (the spec's reach): R + z = 5 reads d = 4 at most; 5.5 reads d = 5.
+    assert geometry.reach_keys(3.0, 2.0, "float32") == 4
+    assert geometry.reach_keys(3.5, 2.0, "float32") == 5
+    assert geometry.reach_keys(0.0, 0.5, "float32") == 0
+    # fl(2 + 3.0000002) rounds down to 5.0 in float32, but |d| = 5 has m > 0: it is read.
+    assert geometry.reach_keys(3.0000002, 2.0, "float32") == 5
+    with pytest.raises(ValueError, match="span and ramp must be finite"):
+        geometry.reach_keys(float("nan"), 2.0, "float32")
 
 
 def test_windows_and_pieces_cover_several_shards():

@@ -130,7 +130,7 @@ TILED = Backend(
 
 #: SDPA declares no span and no entmax: automatic selection gives it exactly the alpha = 1
 #: calls it can express, at every size (it runs torch's fused kernels, forward and backward).
-SDPA_FEATURES = all_features("attention") - {"entmax", "span", "span_per_head", "span_grad"}
+SDPA_FEATURES = all_features("attention") - {"entmax", "span", "span_per_head", "span_grad", "key_padding_mask"}
 
 SDPA = Backend(
     name="torch-sdpa",
@@ -149,8 +149,8 @@ DECODE = Backend(
     version=f"{__version__} (torch {torch.__version__})",
     kernels={
         "attention": Kernel("attention", decode_attention, Capabilities(
-            array_type="torch", devices=_devices(), dtypes=DTYPES, features=all_features("attention"),
-            max_query_length=DECODE_MAX_QUERIES)),
+            array_type="torch", devices=_devices(), dtypes=DTYPES,
+            features=all_features("attention") - {"key_padding_mask"}, max_query_length=DECODE_MAX_QUERIES)),
     },
     priority=30,
     description=f"PyTorch, Lq <= {DECODE_MAX_QUERIES} queries against the key window each batch row "
