@@ -157,6 +157,8 @@ def fit_shape(caps, B, H, Hkv, Lq, Lk, D, Dv):
         H = Hkv * group
         if H > caps.max_heads:
             return None
+    if caps.max_query_length is not None:  # a kernel for short query blocks (decode steps)
+        Lq = min(Lq, caps.max_query_length)
     if caps.equal_lengths:
         Lk = Lq = max(Lq, Lk)
     Lq, Lk = _fit_length(caps, Lq, "Lq"), _fit_length(caps, Lk, "Lk")
