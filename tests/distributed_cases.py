@@ -1,5 +1,5 @@
 """Cases and a worker for tests/test_distributed_torch.py: each process runs every case on its
-block of the sequence and compares with the single-device call on the whole sequence."""
+block of the sequence and compares with the call on a single device on the whole sequence."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Run by tests/test_distributed_jax.py in a fresh interpreter (4 host devices must be set
-before jax initialises): each case compares the shard_map'ed call with the single-device call
+before jax initialises): each case compares the shard_map'ed call with the call on a single device
 on the whole sequence and prints one JSON line of maximum errors and bounds."""
 
 from __future__ import annotations

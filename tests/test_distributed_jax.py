@@ -1,5 +1,5 @@
 """Context-parallel attention under jax.shard_map on 4 host devices: values and gradients (q,
-k, v, alpha, span) equal the single-device call (float64 to 1e-12, float32 within SPEC.md 9).
+k, v, alpha, span) equal the call on a single device (float64 to 1e-12, float32 within SPEC.md 9).
 The cases run in a fresh interpreter: the host device count must be set before jax starts."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Context-parallel attention on torch.distributed (gloo, CPU): every value and gradient of
-the sharded call equals the single-device call on the whole sequence (float64 to 1e-12,
+the sharded call equals the call on a single device on the whole sequence (float64 to 1e-12,
 float32 within SPEC.md section 9), with 2 and 4 processes on uneven blocks."""
 
 from __future__ import annotations
