@@ -18,10 +18,10 @@ from dataclasses import dataclass
 try:
     import torch
     import triton
-except ImportError as exc:  # the registry reports this as the backend's load error
-    raise ImportError(
-        f"the triton backend needs torch and triton ({exc}); install them with "
-        "`pip install attnspec[triton]`"
+except ModuleNotFoundError as exc:  # the registry reports it: "not installed (torch)"
+    raise ModuleNotFoundError(
+        f"the triton backend needs torch and triton ({exc}); install them from a checkout with "
+        "`pip install -c constraints.txt -e '.[triton]'`", name=exc.name
     ) from exc
 
 from attnspec.backends import _torch_op
