@@ -279,13 +279,7 @@ class _Ring:
             # Newton on h = log sum p, safeguarded as the single-device solve (SPEC.md 2.4).
             h = torch.log(sum_p)
             slope = -sum_w / sum_p
-            lo = torch.where(h >= 0, c, lo)
-            hi = torch.where(h <= 0, c, hi)
-            newton = c - h / slope
-            inside = torch.isfinite(newton) & (newton >= lo) & (newton <= hi)
-            convex = c + torch.expm1(-h) / slope
-            convex_inside = torch.isfinite(convex) & (convex >= lo) & (convex <= hi)
-            proposal = torch.where(inside, newton, torch.where(convex_inside, convex, (lo + hi) / 2))
+            proposal, lo, hi = _entmax.safeguarded_step(c, lo, hi, h, slope)
             c_new = torch.where(solving & (h != 0), proposal, c)
             moving = solving & ((c_new - c).abs() > tolerance * (1 + (c_new - top).abs()))
             c = c_new

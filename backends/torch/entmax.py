@@ -326,6 +326,22 @@ def solve_rows(s, m, eps, allowed, return_c=False):
     return p, t
 
 
+def safeguarded_step(c, lo, hi, h, slope):
+    """One safeguarded Newton step on h(c) = log sum p (decreasing, slope = h'(c)): (the next c,
+    lo, hi), the bracket shrunk with the sign of h (SPEC.md 2.4; JAX's newton_update)."""
+    lo = torch.where(h >= 0, c, lo)
+    hi = torch.where(h <= 0, c, hi)
+    newton = c - h / slope
+    inside = torch.isfinite(newton) & (newton >= lo) & (newton <= hi)
+    # Newton on h = log(1 + g), g(c) = sum_j m_j u_j^(1/eps) - 1, may overshoot from the left
+    # (it did by far when the root sat on hi: bisection then crept to it, 2^-40 short). g is
+    # convex, so Newton on g itself never overshoots from the left: take its step
+    # (g / g' = (1 - exp(-h)) / h') before falling back to bisection.
+    convex = c + torch.expm1(-h) / slope
+    convex_inside = torch.isfinite(convex) & (convex >= lo) & (convex <= hi)
+    return torch.where(inside, newton, torch.where(convex_inside, convex, (lo + hi) / 2)), lo, hi
+
+
 def _newton(shifted, log_m, eps, lo, hi, iterations, early_exit):
     """c [..., 1] with h(c) = 0, from c = lo, Newton steps that stay inside [lo, hi] (else
     bisection), `iterations` at most; early_exit stops once no row moves by more than ulps."""
@@ -338,17 +354,7 @@ def _newton(shifted, log_m, eps, lo, hi, iterations, early_exit):
         h = torch.logsumexp(terms, -1, keepdim=True)
         weights = torch.where(torch.isfinite(terms), torch.exp(terms - h) / (1 + eps * t), 0.0)
         slope = -weights.sum(-1, keepdim=True)
-        lo = torch.where(h >= 0, c, lo)
-        hi = torch.where(h <= 0, c, hi)
-        newton = c - h / slope
-        inside = torch.isfinite(newton) & (newton >= lo) & (newton <= hi)
-        # Newton on h = log(1 + g), g(c) = sum_j m_j u_j^(1/eps) - 1, may overshoot from the
-        # left (it did by far when the root sat on hi: bisection then crept to it, 2^-40 short).
-        # g is convex, so Newton on g itself never overshoots from the left: take its step
-        # (g / g' = (1 - exp(-h)) / h') before falling back to bisection.
-        convex = c + torch.expm1(-h) / slope
-        convex_inside = torch.isfinite(convex) & (convex >= lo) & (convex <= hi)
-        step = torch.where(inside, newton, torch.where(convex_inside, convex, (lo + hi) / 2))
+        step, lo, hi = safeguarded_step(c, lo, hi, h, slope)
         c = torch.where(h == 0, c, step)
         if early_exit and bool(((c - previous).abs() <= tolerance * (1 + c.abs())).all()):
             break
