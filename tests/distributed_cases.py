@@ -3,6 +3,7 @@ block of the sequence and compares with the call on a single device on the whole
 
 from __future__ import annotations
 
+import gc
 import os
 import traceback
 
@@ -170,4 +171,9 @@ def worker(rank, world, init_file, result_dir, only):
     finally:
         with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
             f.write("\n".join(failures))
+        # Every rank is done with every collective before any rank tears down, and the last
+        # references to gloo work objects (which hold Python tensors) go while the interpreter
+        # is fully alive: a gloo worker thread releasing one during interpreter shutdown aborts.
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
