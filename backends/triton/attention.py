@@ -4,7 +4,8 @@ tiles its rows can reach; the backward recomputes p from one number per row.
 
 Keys a row may not read at all (j >= key_lengths, or masked by key_padding_mask, SPEC.md 1.1)
 load as zeros whatever they hold, so NaN/Inf padding never reaches a product, and are left out
-of every block's allowed set; with no mask (HAS_MASK off) nothing of it is compiled in.
+of every block's allowed set. Without a mask (HAS_MASK off) no mask load is compiled in and
+the tile loops are those of key_lengths alone.
 
 Forward, per program (_forward_kernel):
 - alpha = 1 (eps = 0 for the head): one pass, online softmax of s + log m; c its logsumexp.
