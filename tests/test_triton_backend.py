@@ -52,15 +52,14 @@ def test_conformance_suite_under_the_interpreter(backend, tmp_path):
     assert report.passed, str(report) + "\n" + "\n".join(f.message for f in report.failures)
     assert_every_declared_cell_ran(report)
     passed = {(c.cell, c.dtype) for c in report.cells if c.status == "pass"}
-    # Every attention cell but padding_mask: the kernels do not implement key_padding_mask yet.
-    cells = {c.name for c in conformance.strategies.ATTENTION_CELLS} - {"padding_mask"}
+    cells = {c.name for c in conformance.strategies.ATTENTION_CELLS}
+    assert "padding_mask" in cells
     assert passed == {(cell, dtype) for cell in cells for dtype in ("float16", "bfloat16", "float32")}
     # Every attention cell ran examples that cross the interpreter's tiles, with gradients.
     attention = [c for c in report.cells if c.cell in cells and c.status == "pass"]
     assert all(c.tile_crossing >= 1 and "dq dk dv" in c.coverage for c in attention)
     refused = {c.cell: c.reason for c in report.cells if c.status == "unsupported"}
     assert refused.get("entmax op", "").startswith("does not implement")
-    assert "key_padding_mask" in refused.get("padding_mask", "")
     assert any(c.dtype == "float64" and c.status == "unsupported" for c in report.cells)
 
 
@@ -256,10 +255,11 @@ from triton.compiler import ASTSource
 import attnspec.backends.triton.attention as A
 
 dtype = sys.argv[1]
-common = dict(HAS_SPAN=True, CAUSAL=True, HAS_LENGTHS=True, F32=dtype == "fp32", UPCAST=False, LIBDEVICE=True,
-              BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DV=64)
+common = dict(HAS_SPAN=True, CAUSAL=True, HAS_LENGTHS=True, HAS_MASK=True, F32=dtype == "fp32", UPCAST=False,
+              LIBDEVICE=True, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DV=64)
 x, f, i = "*" + dtype, "*fp32", "*i32"
-pointers = dict(Q=x, K=x, V=x, Out=x, DO=x, DQ=x, DK=x, DV=x, Bits="*i8", Passes=i, Lengths=i, Offsets=i)
+pointers = dict(Q=x, K=x, V=x, Out=x, DO=x, DQ=x, DK=x, DV=x, Bits="*i8", Passes=i, Lengths=i, Offsets=i,
+                Mask="*i8")
 kernels = [(A._forward_kernel, dict(STATS=True, MAX_ITERS=64, HTOL=A.H_TOL, CTOL=A.C_TOL)),
            (A._backward_dq_kernel, dict(ALPHA_GRAD=True, SPAN_GRAD=True)), (A._backward_dkdv_kernel, {})]
 for fn, extra in kernels:

@@ -58,12 +58,13 @@ _op = _torch_op.define_attention_op("triton_attention", _attention.forward, _att
 
 
 def triton_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
-                     q_offset=None, scale=None):
-    return _op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
+                     q_offset=None, scale=None, key_padding_mask=None):
+    return _op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale),
+               _torch_op.padding_mask(key_padding_mask, q))
 
 
 def solve_statistics(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
-                     q_offset=None, scale=None) -> dict:
+                     q_offset=None, scale=None, key_padding_mask=None) -> dict:
     """Diagnostics of one forward (no autograd): out, c [B, H, Lq] (the row normalisers of
     SPEC.md 2.2; the kernels keep them relative to the row's top score, `top`),
     psum [B, H, Lq] = sum_j p_ij as the kernel computed it (unnormalised: 1 up to the solve's
@@ -71,15 +72,15 @@ def solve_statistics(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, 
     key tiles each query tile took: 1 for alpha = 1; bounds + Halley steps + output otherwise)."""
     args = _torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
     with torch.no_grad():
-        out, c, bits, psum, passes = _attention.run_forward(*args, stats=True)
+        out, c, bits, psum, passes = _attention.run_forward(
+            *args, stats=True, key_padding_mask=_torch_op.padding_mask(key_padding_mask, q))
     return dict(out=out, c=c[..., 0] + c[..., 1], top=c[..., 0], psum=psum, passes=passes, tiles=bits)
 
 
-#: The attention features of SPEC.md: entmax with alpha per head, span per head, causal,
-#: key_lengths, q_offset, GQA, and gradients for q, k, v, alpha and span. Not yet
-#: key_padding_mask (SPEC 1.1): the kernels read key validity from key_lengths alone, so a call
-#: with a mask is passed over with that reason (attnspec.explain shows it).
-FEATURES_IMPLEMENTED = frozenset(FEATURES["attention"]) - {"key_padding_mask"}
+#: Every attention feature of SPEC.md: entmax with alpha per head, span per head, causal,
+#: key_lengths, q_offset, key_padding_mask (the kernels read it per key tile and exclude masked
+#: keys as keys beyond key_lengths), GQA, and gradients for q, k, v, alpha and span.
+FEATURES_IMPLEMENTED = frozenset(FEATURES["attention"])
 
 TRITON = Backend(
     name="triton",

@@ -2,6 +2,11 @@
 FlashAttention structure: one program per (query tile, batch x head) streams over the key
 tiles its rows can reach; the backward recomputes p from one number per row.
 
+Keys a row may not read at all (j >= key_lengths, or masked by key_padding_mask, SPEC.md 1.1)
+load as zeros whatever they hold, so NaN/Inf padding never reaches a product, and are left out
+of every block's allowed set. Without a mask (HAS_MASK off) no mask load is compiled in and
+the tile loops are those of key_lengths alone.
+
 Forward, per program (_forward_kernel):
 - alpha = 1 (eps = 0 for the head): one pass, online softmax of s + log m; c its logsumexp.
 - alpha > 1: solve each row's normaliser c (SPEC.md 2.2: p = m exp(log1p(eps (s - c))/eps),
@@ -81,6 +86,25 @@ def _load_rows(base, offs, rows, offs_d, width):
 
 
 @device_function
+def _readable(MaskRow, offs_n, kv_len, HAS_MASK: tl.constexpr):
+    """Which keys offs_n [N] the batch entry's rows may read at all: j < key_lengths and, with a
+    key_padding_mask, its entry True (SPEC.md 1.1: a masked key is excluded as one beyond
+    key_lengths is)."""
+    ok = offs_n < kv_len
+    if HAS_MASK:
+        ok = ok & (tl.load(MaskRow + offs_n, mask=ok, other=0) != 0)
+    return ok
+
+
+@device_function
+def _load_keys(base, offs_n, readable, offs_d, width):
+    """Rows offs_n of K or V; keys that may not be read load as zeros whatever they hold, so
+    NaN/Inf padding never enters a product (0 * NaN would be NaN)."""
+    return tl.load(base + offs_n[:, None] * width + offs_d[None, :],
+                   mask=readable[:, None] & (offs_d < width)[None, :], other=0.0)
+
+
+@device_function
 def _batch_entry(Offsets, Lengths, b, Lk, HAS_LENGTHS: tl.constexpr):
     """(q_offset, key length) of batch entry b."""
     offset = tl.load(Offsets + b)
@@ -103,9 +127,9 @@ def _head(Alpha, Span, h, HAS_SPAN: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, Passes,
+def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, Mask, PSum, Passes,
                     scale, ramp, H, G, Lq, Lk, D, Dv, n_qt, n_kt,
-                    HAS_SPAN: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                    HAS_SPAN: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr,
                     STATS: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, LIBDEVICE: tl.constexpr,
                     MAX_ITERS: tl.constexpr, HTOL: tl.constexpr, CTOL: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -123,6 +147,7 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
     k_base = K + kv.to(tl.int64) * Lk * D
     v_base = V + kv.to(tl.int64) * Lk * Dv
     offset, kv_len = _batch_entry(Offsets, Lengths, b, Lk, HAS_LENGTHS)
+    mask_row = Mask + b.to(tl.int64) * Lk
     eps, z = _head(Alpha, Span, h, HAS_SPAN)
     first_row = pid_m * BLOCK_M
     lo, hi = _span.key_window(first_row, tl.minimum(first_row + BLOCK_M, Lq), offset, kv_len, z, ramp, HAS_SPAN,
@@ -138,9 +163,10 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
         total = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + offs_n0
-            kt = _load_rows(k_base, offs_n, kv_len, offs_d, D)
+            readable = _readable(mask_row, offs_n, kv_len, HAS_MASK)
+            kt = _load_keys(k_base, offs_n, readable, offs_d, D)
             s = _dot(q, tl.trans(kt), F32, UPCAST) * scale
-            m, allowed = _span.mask_block(offs_m, offs_n, offset, kv_len, Lq, z, ramp, HAS_SPAN, CAUSAL)
+            m, allowed = _span.mask_block(offs_m, offs_n, offset, readable, Lq, z, ramp, HAS_SPAN, CAUSAL)
             if HAS_SPAN:
                 logits = tl.where(allowed, s + tl.log(tl.where(allowed, m, 1.0)), neg_inf)
             else:
@@ -150,7 +176,7 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
             correction = tl.exp(run_max - ref)
             e = tl.exp(logits - ref[:, None])
             total = total * correction + row_sum(e)
-            vt = _load_rows(v_base, offs_n, kv_len, offs_dv, Dv)
+            vt = _load_keys(v_base, offs_n, readable, offs_dv, Dv)
             acc = acc * correction[:, None] + _dot(e.to(vt.dtype), vt, F32, UPCAST)
             run_max = new_max
             tl.store(bits + start // BLOCK_N, any_true_2d(allowed).to(tl.int8))
@@ -173,9 +199,10 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
         bad = tl.full([BLOCK_M], 0, dtype=tl.int32)
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + offs_n0
-            kt = _load_rows(k_base, offs_n, kv_len, offs_d, D)
+            readable = _readable(mask_row, offs_n, kv_len, HAS_MASK)
+            kt = _load_keys(k_base, offs_n, readable, offs_d, D)
             s = _dot(q, tl.trans(kt), F32, UPCAST) * scale
-            m, allowed = _span.mask_block(offs_m, offs_n, offset, kv_len, Lq, z, ramp, HAS_SPAN, CAUSAL)
+            m, allowed = _span.mask_block(offs_m, offs_n, offset, readable, Lq, z, ramp, HAS_SPAN, CAUSAL)
             top = tl.maximum(top, row_max(tl.where(allowed, s, neg_inf)))
             if HAS_SPAN:
                 alone = s - _entmax.expm1(-eps * tl.log(tl.where(allowed, m, 1.0)), LIBDEVICE) / eps
@@ -209,9 +236,10 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
             for start in range(lo, hi, BLOCK_N):
                 if tl.load(bits + start // BLOCK_N) != 0:
                     offs_n = start + offs_n0
-                    kt = _load_rows(k_base, offs_n, kv_len, offs_d, D)
+                    readable = _readable(mask_row, offs_n, kv_len, HAS_MASK)
+                    kt = _load_keys(k_base, offs_n, readable, offs_d, D)
                     s = _dot(q, tl.trans(kt), F32, UPCAST) * scale
-                    m, allowed = _span.mask_block(offs_m, offs_n, offset, kv_len, Lq, z, ramp, HAS_SPAN, CAUSAL)
+                    m, allowed = _span.mask_block(offs_m, offs_n, offset, readable, Lq, z, ramp, HAS_SPAN, CAUSAL)
                     p, ratio, u, t = _entmax.probabilities(s, top, c, m, allowed, eps, LIBDEVICE)
                     r = p / u
                     f0 += row_sum(p)
@@ -230,11 +258,12 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
         for start in range(lo, hi, BLOCK_N):
             if tl.load(bits + start // BLOCK_N) != 0:
                 offs_n = start + offs_n0
-                kt = _load_rows(k_base, offs_n, kv_len, offs_d, D)
+                readable = _readable(mask_row, offs_n, kv_len, HAS_MASK)
+                kt = _load_keys(k_base, offs_n, readable, offs_d, D)
                 s = _dot(q, tl.trans(kt), F32, UPCAST) * scale
-                m, allowed = _span.mask_block(offs_m, offs_n, offset, kv_len, Lq, z, ramp, HAS_SPAN, CAUSAL)
+                m, allowed = _span.mask_block(offs_m, offs_n, offset, readable, Lq, z, ramp, HAS_SPAN, CAUSAL)
                 p, ratio, u, t = _entmax.probabilities(s, top, c, m, allowed, eps, LIBDEVICE)
-                vt = _load_rows(v_base, offs_n, kv_len, offs_dv, Dv)
+                vt = _load_keys(v_base, offs_n, readable, offs_dv, Dv)
                 acc += _dot(p.to(vt.dtype), vt, F32, UPCAST)
                 psum += row_sum(p)
                 tl.debug_barrier()  # as above: all warps have read the entry before it changes
@@ -254,9 +283,10 @@ def _forward_kernel(Q, K, V, Out, C, Bits, Alpha, Span, Lengths, Offsets, PSum, 
 
 
 @triton.jit
-def _backward_dq_kernel(Q, K, V, C, Bits, DO, DQ, GBar, DAlpha, DSpan, Alpha, Span, Lengths, Offsets,
+def _backward_dq_kernel(Q, K, V, C, Bits, DO, DQ, GBar, DAlpha, DSpan, Alpha, Span, Lengths, Offsets, Mask,
                         scale, ramp, H, G, Lq, Lk, D, Dv, n_qt, n_kt,
                         HAS_SPAN: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                        HAS_MASK: tl.constexpr,
                         ALPHA_GRAD: tl.constexpr, SPAN_GRAD: tl.constexpr,
                         F32: tl.constexpr, UPCAST: tl.constexpr, LIBDEVICE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -278,6 +308,7 @@ def _backward_dq_kernel(Q, K, V, C, Bits, DO, DQ, GBar, DAlpha, DSpan, Alpha, Sp
     k_base = K + kv.to(tl.int64) * Lk * D
     v_base = V + kv.to(tl.int64) * Lk * Dv
     offset, kv_len = _batch_entry(Offsets, Lengths, b, Lk, HAS_LENGTHS)
+    mask_row = Mask + b.to(tl.int64) * Lk
     eps, z = _head(Alpha, Span, h, HAS_SPAN)
     first_row = pid_m * BLOCK_M
     lo, hi = _span.key_window(first_row, tl.minimum(first_row + BLOCK_M, Lq), offset, kv_len, z, ramp, HAS_SPAN,
@@ -294,10 +325,11 @@ def _backward_dq_kernel(Q, K, V, C, Bits, DO, DQ, GBar, DAlpha, DSpan, Alpha, Sp
     for start in range(lo, hi, BLOCK_N):
         if tl.load(bits + start // BLOCK_N) != 0:
             offs_n = start + offs_n0
-            kt = _load_rows(k_base, offs_n, kv_len, offs_d, D)
-            vt = _load_rows(v_base, offs_n, kv_len, offs_dv, Dv)
+            readable = _readable(mask_row, offs_n, kv_len, HAS_MASK)
+            kt = _load_keys(k_base, offs_n, readable, offs_d, D)
+            vt = _load_keys(v_base, offs_n, readable, offs_dv, Dv)
             s = _dot(q, tl.trans(kt), F32, UPCAST) * scale
-            m, allowed = _span.mask_block(offs_m, offs_n, offset, kv_len, Lq, z, ramp, HAS_SPAN, CAUSAL)
+            m, allowed = _span.mask_block(offs_m, offs_n, offset, readable, Lq, z, ramp, HAS_SPAN, CAUSAL)
             p, ratio, u, t = _entmax.probabilities(s, top, c, m, allowed, eps, LIBDEVICE)
             support = p > 0.0
             g = tl.where(support, _dot(do, tl.trans(vt), F32, UPCAST), 0.0)
@@ -319,10 +351,11 @@ def _backward_dq_kernel(Q, K, V, C, Bits, DO, DQ, GBar, DAlpha, DSpan, Alpha, Sp
     for start in range(lo, hi, BLOCK_N):
         if tl.load(bits + start // BLOCK_N) != 0:
             offs_n = start + offs_n0
-            kt = _load_rows(k_base, offs_n, kv_len, offs_d, D)
-            vt = _load_rows(v_base, offs_n, kv_len, offs_dv, Dv)
+            readable = _readable(mask_row, offs_n, kv_len, HAS_MASK)
+            kt = _load_keys(k_base, offs_n, readable, offs_d, D)
+            vt = _load_keys(v_base, offs_n, readable, offs_dv, Dv)
             s = _dot(q, tl.trans(kt), F32, UPCAST) * scale
-            m, allowed = _span.mask_block(offs_m, offs_n, offset, kv_len, Lq, z, ramp, HAS_SPAN, CAUSAL)
+            m, allowed = _span.mask_block(offs_m, offs_n, offset, readable, Lq, z, ramp, HAS_SPAN, CAUSAL)
             p, ratio, u, t = _entmax.probabilities(s, top, c, m, allowed, eps, LIBDEVICE)
             support = p > 0.0
             g = _dot(do, tl.trans(vt), F32, UPCAST)
@@ -340,9 +373,10 @@ def _backward_dq_kernel(Q, K, V, C, Bits, DO, DQ, GBar, DAlpha, DSpan, Alpha, Sp
 
 
 @triton.jit
-def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengths, Offsets,
+def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengths, Offsets, Mask,
                           scale, ramp, H, G, Lq, Lk, D, Dv, n_qt, n_kt,
                           HAS_SPAN: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                          HAS_MASK: tl.constexpr,
                           F32: tl.constexpr, UPCAST: tl.constexpr, LIBDEVICE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_DV: tl.constexpr):
@@ -356,9 +390,11 @@ def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengt
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offset, kv_len = _batch_entry(Offsets, Lengths, b, Lk, HAS_LENGTHS)
-    # Keys at j >= kv_len load as zeros and get exactly zero gradients (SPEC.md 5.3).
-    kt = _load_rows(K + bkv.to(tl.int64) * Lk * D, offs_n, kv_len, offs_d, D)
-    vt = _load_rows(V + bkv.to(tl.int64) * Lk * Dv, offs_n, kv_len, offs_dv, Dv)
+    # Keys at j >= kv_len or masked by key_padding_mask load as zeros and get exactly zero
+    # gradients (SPEC.md 5.3).
+    readable = _readable(Mask + b.to(tl.int64) * Lk, offs_n, kv_len, HAS_MASK)
+    kt = _load_keys(K + bkv.to(tl.int64) * Lk * D, offs_n, readable, offs_d, D)
+    vt = _load_keys(V + bkv.to(tl.int64) * Lk * Dv, offs_n, readable, offs_dv, Dv)
     first_key = pid_n * BLOCK_N
     stop_key = tl.minimum(first_key + BLOCK_N, kv_len)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
@@ -369,6 +405,8 @@ def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengt
         eps, z = _head(Alpha, Span, h, HAS_SPAN)
         lo, hi = _span.query_window(first_key, stop_key, offset, Lq, z, ramp, HAS_SPAN, CAUSAL, BLOCK_M)
         hi = tl.where(first_key < kv_len, hi, 0)
+        if HAS_MASK:  # a tile of masked keys only: no row reads it
+            hi = tl.where(any_true(readable), hi, 0)
         bits = Bits + bh.to(tl.int64) * n_qt * n_kt + pid_n
         for start in range(lo, hi, BLOCK_M):
             if tl.load(bits + (start // BLOCK_M) * n_kt) != 0:
@@ -380,7 +418,7 @@ def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengt
                 c = tl.load(C + (bh.to(tl.int64) * Lq + offs_m) * 2 + 1, mask=row_ok, other=0.0)
                 gbar = tl.load(GBar + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
                 s = _dot(q, tl.trans(kt), F32, UPCAST) * scale
-                m, allowed = _span.mask_block(offs_m, offs_n, offset, kv_len, Lq, z, ramp, HAS_SPAN, CAUSAL)
+                m, allowed = _span.mask_block(offs_m, offs_n, offset, readable, Lq, z, ramp, HAS_SPAN, CAUSAL)
                 p, ratio, u, t = _entmax.probabilities(s, top, c, m, allowed, eps, LIBDEVICE)
                 support = p > 0.0
                 g = _dot(do, tl.trans(vt), F32, UPCAST)
@@ -391,9 +429,8 @@ def _backward_dkdv_kernel(Q, K, V, C, GBar, Bits, DO, DK, DV, Alpha, Span, Lengt
                 do = tl.where(reads[:, None], do, 0.0)
                 dk += _dot(tl.trans(ds).to(q.dtype), q, F32, UPCAST)
                 dv += _dot(tl.trans(p).to(do.dtype), do, F32, UPCAST)
-    key_ok = offs_n < kv_len
-    dk = tl.where(key_ok[:, None], dk * scale, 0.0)
-    dv = tl.where(key_ok[:, None], dv, 0.0)
+    dk = tl.where(readable[:, None], dk * scale, 0.0)
+    dv = tl.where(readable[:, None], dv, 0.0)
     tl.store(DK + bkv.to(tl.int64) * Lk * D + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :])
     tl.store(DV + bkv.to(tl.int64) * Lk * Dv + offs_n[:, None] * Dv + offs_dv[None, :],
@@ -422,7 +459,7 @@ def config(device: torch.device, D: int, Dv: int, dtype: torch.dtype) -> _tuning
     return _tuning.select(capability, max(D, Dv), str(dtype).removeprefix("torch."), interpreted=INTERPRETED)
 
 
-def _common(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+def _common(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, key_padding_mask=None):
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = config(q.device, D, Dv, q.dtype)
@@ -434,12 +471,17 @@ def _common(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
     alpha32 = alpha.to(device=device, dtype=torch.float32).contiguous()
     span32 = (span.to(device=device, dtype=torch.float32).contiguous() if span is not None
               else torch.zeros(1, dtype=torch.float32, device=device))
+    # The kernels read the boolean mask as bytes (0: masked); without one HAS_MASK is off and
+    # this placeholder is never read.
+    mask8 = (key_padding_mask.to(device=device, dtype=torch.bool).contiguous().view(torch.int8)
+             if key_padding_mask is not None else torch.zeros(1, dtype=torch.int8, device=device))
     args = dict(scale=float(scale), ramp=float(ramp), H=H, G=H // Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv,
                 n_qt=triton.cdiv(Lq, cfg.block_m), n_kt=triton.cdiv(Lk, cfg.block_n))
     flags = dict(HAS_SPAN=span is not None, CAUSAL=bool(causal), HAS_LENGTHS=key_lengths is not None,
+                 HAS_MASK=key_padding_mask is not None,
                  F32=q.dtype == torch.float32, UPCAST=INTERPRETED, LIBDEVICE=not INTERPRETED,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_padded_width(D), BLOCK_DV=_padded_width(Dv))
-    return cfg, offsets, lengths, alpha32, span32, args, flags
+    return cfg, offsets, lengths, alpha32, span32, mask8, args, flags
 
 
 def _check_device(q):
@@ -448,14 +490,17 @@ def _check_device(q):
                            "TRITON_INTERPRET=1 before attnspec loads the backend")
 
 
-def run_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, stats=False):
+def run_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, stats=False,
+                key_padding_mask=None):
     """(out, (top, c) [B, H, Lq, 2] float32, tile map int8 [B, H, query tiles, key tiles]) and, with
-    stats=True, also (sum_j p_ij [B, H, Lq] float32, passes per query tile [B, H, tiles] int32)."""
+    stats=True, also (sum_j p_ij [B, H, Lq] float32, passes per query tile [B, H, tiles] int32).
+    key_padding_mask: None or a bool [B, Lk] tensor (True: the key may be read)."""
     _check_device(q)
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg, offsets, lengths, alpha32, span32, args, flags = _common(q, k, v, alpha, span, ramp, causal,
-                                                                  key_lengths, q_offset, scale)
+    cfg, offsets, lengths, alpha32, span32, mask8, args, flags = _common(q, k, v, alpha, span, ramp, causal,
+                                                                         key_lengths, q_offset, scale,
+                                                                         key_padding_mask)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.zeros((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
     c = torch.zeros((B, H, Lq, 2), dtype=torch.float32, device=q.device)
@@ -464,7 +509,7 @@ def run_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale
     passes = torch.zeros((B, H, args["n_qt"]), dtype=torch.int32, device=q.device)
     if B * H * Lq > 0:
         grid = (args["n_qt"], B * H)
-        _forward_kernel[grid](q, k, v, out, c, bits, alpha32, span32, lengths, offsets, psum, passes,
+        _forward_kernel[grid](q, k, v, out, c, bits, alpha32, span32, lengths, offsets, mask8, psum, passes,
                               STATS=stats, MAX_ITERS=MAX_PASSES, HTOL=H_TOL, CTOL=C_TOL, **args, **flags,
                               **cfg.options("forward"))
     if stats:
@@ -472,19 +517,21 @@ def run_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale
     return out, c, bits
 
 
-def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, key_padding_mask=None):
     """The custom op's forward: (out, row statistics, tile map)."""
-    return run_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale)
+    return run_forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale,
+                       key_padding_mask=key_padding_mask)
 
 
 def backward(grad_out, c, bits, q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale,
-             alpha_grad=True):
+             alpha_grad=True, key_padding_mask=None):
     """(dq, dk, dv, dalpha [H], dspan [H]) in the inputs' dtypes; dspan is zeros without span."""
     _check_device(q)
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg, offsets, lengths, alpha32, span32, args, flags = _common(q, k, v, alpha, span, ramp, causal,
-                                                                  key_lengths, q_offset, scale)
+    cfg, offsets, lengths, alpha32, span32, mask8, args, flags = _common(q, k, v, alpha, span, ramp, causal,
+                                                                         key_lengths, q_offset, scale,
+                                                                         key_padding_mask)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dout = grad_out.to(q.dtype).contiguous()
     c = c.contiguous()
@@ -500,11 +547,11 @@ def backward(grad_out, c, bits, q, k, v, alpha, span, ramp, causal, key_lengths,
     dspan_rows = torch.zeros((B, H, Lq), dtype=torch.float32, device=q.device)
     if B * H * Lq > 0 and Lk > 0:
         _backward_dq_kernel[(args["n_qt"], B * H)](
-            q, k, v, c, bits, dout, dq, gbar, dalpha_rows, dspan_rows, alpha32, span32, lengths, offsets,
+            q, k, v, c, bits, dout, dq, gbar, dalpha_rows, dspan_rows, alpha32, span32, lengths, offsets, mask8,
             ALPHA_GRAD=bool(alpha_grad), SPAN_GRAD=span is not None, **args, **flags,
             **cfg.options("backward_dq"))
         _backward_dkdv_kernel[(args["n_kt"], B * Hkv)](
-            q, k, v, c, gbar, bits, dout, dk, dv, alpha32, span32, lengths, offsets, **args, **flags,
+            q, k, v, c, gbar, bits, dout, dk, dv, alpha32, span32, lengths, offsets, mask8, **args, **flags,
             **cfg.options("backward_dkdv"))
     dalpha = dalpha_rows.sum((0, 2)).to(alpha.dtype)
     dspan = torch.zeros_like(alpha) if span is None else dspan_rows.sum((0, 2)).to(span.dtype)

@@ -74,10 +74,11 @@ def query_window(first_key, stop_key, offset, Lq, z, ramp, HAS_SPAN: tl.constexp
 
 
 @device_function
-def mask_block(offs_m, offs_n, offset, kv_len, Lq, z, ramp, HAS_SPAN: tl.constexpr, CAUSAL: tl.constexpr):
-    """(m, allowed) of rows offs_m [M] against keys offs_n [N]: m in [0, 1] (0 where not allowed)."""
+def mask_block(offs_m, offs_n, offset, readable, Lq, z, ramp, HAS_SPAN: tl.constexpr, CAUSAL: tl.constexpr):
+    """(m, allowed) of rows offs_m [M] against keys offs_n [N]: m in [0, 1] (0 where not allowed).
+    readable [N]: which keys exist for the batch entry (j < key_lengths and key_padding_mask)."""
     d = (offs_m + offset)[:, None] - offs_n[None, :]
-    allowed = (offs_m < Lq)[:, None] & (offs_n < kv_len)[None, :]
+    allowed = (offs_m < Lq)[:, None] & readable[None, :]
     if CAUSAL:
         allowed = allowed & (d >= 0)
     if HAS_SPAN:
