@@ -28,6 +28,9 @@ def _config(family, **extra):
         return transformers.GemmaConfig(**SMALL, head_dim=8, **extra)
     if family == "phi3":
         return transformers.Phi3Config(**SMALL, pad_token_id=0, **extra)
+    if family == "qwen2-mixed":  # layers of both kinds: full attention, a window of 6, full attention
+        return transformers.Qwen2Config(**dict(SMALL, num_hidden_layers=3), use_sliding_window=True, sliding_window=6,
+                                        layer_types=["full_attention", "sliding_attention", "full_attention"], **extra)
     others = dict(olmo2=transformers.Olmo2Config, granite=transformers.GraniteConfig,
                   mixtral=transformers.MixtralConfig)
     return others[family](**SMALL, **extra)
@@ -260,3 +263,178 @@ def test_heads_missing_from_a_checkpoint_start_at_their_initial_values(tmp_path)
         assert torch.equal(layer.attnspec.span_theta, torch.full((4,), 0.25))
         assert torch.equal(layer.attnspec.alpha_logit, torch.zeros(4))  # alpha = 1 + sigmoid(0) = 1.5
     assert torch.equal(model.model.embed_tokens.weight, sdpa.model.embed_tokens.weight)
+
+
+# --- alpha and span per layer and head ---------------------------------------------------------
+
+PER_LAYER_AND_HEAD = dict(alpha=[[1.0, 1.5, 1.5, 2.0], 1.3], max_span=[6.0, None],
+                          span_init=[[0.2, 0.4, 0.6, 0.8], 0.0], ramp=[1.5, 32.0], learn_span=False)
+
+
+def test_fixed_alpha_and_span_per_layer_and_head_reach_the_attention_and_round_trip(tmp_path, calls):
+    _, model = _pair("llama", **PER_LAYER_AND_HEAD)
+    first, second = [layer.attnspec for layer in ats.attention_layers(model)]
+    assert first.fixed_alpha == (1.0, 1.5, 1.5, 2.0) and second.fixed_alpha == 1.3
+    assert torch.equal(first.span_theta, torch.tensor([0.2, 0.4, 0.6, 0.8])) and first.max_span == 6.0
+    assert not first.span_theta.requires_grad and second.span is None
+    names = [name for name, _ in model.named_parameters()]
+    assert "model.layers.0.self_attn.attnspec.span_theta" in model.state_dict()
+    assert "model.layers.0.self_attn.attnspec.span_theta" not in names  # a fixed span is not trained
+    ids, mask = _batch(6)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert [c["ramp"] for c in calls] == [1.5, 32.0]
+    assert torch.equal(calls[0]["alpha"], torch.tensor([1.0, 1.5, 1.5, 2.0])) and calls[1]["alpha"] == 1.3
+    assert torch.equal(calls[0]["span"], first.span) and calls[1]["span"] is None
+
+    model.save_pretrained(tmp_path)
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert loaded.config.attnspec == dict(ats.DEFAULTS, **PER_LAYER_AND_HEAD)
+    a, b = [layer.attnspec for layer in ats.attention_layers(loaded)]
+    assert a.fixed_alpha == first.fixed_alpha and b.fixed_alpha == second.fixed_alpha
+    assert torch.equal(a.span_theta, first.span_theta) and not a.span_theta.requires_grad and b.span is None
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=ids, attention_mask=mask).logits, logits)
+
+
+def test_per_head_alpha_changes_only_its_head():
+    """Layer 0 with alpha [1, 1.5, 1, 1] equals, head for head, layers with alpha 1 and 1.5."""
+    from attnspec.layers.torch import SpanAttention
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 16)
+    mixed = SpanAttention(16, 4, alpha=[1.0, 1.5, 1.0, 1.0], max_span=6, span_init=0.5, ramp=2)
+    assert mixed.fixed_alpha == (1.0, 1.5, 1.0, 1.0) and "alpha: [1, 1.5, 1, 1]" in repr(mixed)
+    captured = []  # the attention outputs, before o_proj
+    original = attnspec.attention
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        captured.append(out)
+        return out
+
+    import attnspec.layers.torch as layers_torch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(layers_torch.attnspec, "attention", spy)
+        with torch.no_grad():
+            mixed(x)
+            for alpha in (1.0, 1.5):
+                layer = SpanAttention(16, 4, alpha=alpha, max_span=6, span_init=0.5, ramp=2)
+                layer.load_state_dict(mixed.state_dict())
+                layer(x)
+    got, softmax, entmax15 = captured
+    torch.testing.assert_close(got[:, [0, 2, 3]], softmax[:, [0, 2, 3]], rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[:, 1], entmax15[:, 1], rtol=0, atol=1e-6)
+    assert (softmax[:, 1] - entmax15[:, 1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(alpha=[1.5, 1.5, 1.5]), r"alpha=\[1.5, 1.5, 1.5\]: a list gives one entry per layer and the model has "
+                                  r"num_hidden_layers=2; got 3 entries"),
+    (dict(alpha=[1.2, 1.3, 1.4, 1.5]), r"got 4 entries \(one value per head in every layer is "
+                                       r"\[\[1.2, 1.3, 1.4, 1.5\]\] \* 2\)"),
+    (dict(alpha=[[1.0, 1.5], 1.0]), r"layer 0 .*num_attention_heads=4.*alpha=\[1.0, 1.5\] must be a number or "
+                                    r"n_heads=4 numbers \(one per head\); got shape \[2\]"),
+    (dict(alpha=[1.0, [1.0, 0.5, 1.0, 1.0]]), r"layer 1 .*alpha=\[1.0, 0.5, 1.0, 1.0\] must lie in \[1, 2\]"),
+    (dict(alpha=float("nan")), r"layer 0 .*alpha=nan must lie in \[1, 2\]"),
+    (dict(alpha=[1.0, float("inf")]), r"layer 1 .*alpha=inf must lie in \[1, 2\]"),
+    (dict(alpha=[1.5, [1.2, 1.0, 1.5, 1.5]], learn_alpha=True), r"layer 1 .*initial alpha in \(1, 2\)"),
+    (dict(max_span=[[4.0, 4.0], None]), r"max_span\[0\]=\[4.0, 4.0\]: max_span takes one value per layer"),
+    (dict(max_span=[float("nan"), None]), r"layer 0 .*max_span=nan must be a finite number > 0"),
+    (dict(max_span=8.0, span_init=[0.5, [0.1, 0.2, 0.3, 1.5]]), r"layer 1 .*span_init=\[0.1, 0.2, 0.3, 1.5\] "
+                                                                 r"must lie in \[0, 1\]"),
+    (dict(ramp=[1.0, -2.0]), r"layer 1 .*ramp=-2.0 must be a finite number > 0"),
+])
+def test_bad_per_layer_settings_name_the_setting_and_value(settings, message):
+    config = _config("llama")
+    with pytest.raises(ValueError, match=message):
+        ats.configure(config, **settings)
+    assert getattr(config, "attnspec", None) is None  # a refused setting is not recorded
+
+
+def test_tensor_settings_are_recorded_as_lists():
+    config = ats.configure(_config("llama"), alpha=torch.tensor([[1.0, 1.5, 1.5, 2.0], [1.2, 1.2, 1.2, 1.2]]))
+    assert config.attnspec["alpha"] == [[1.0, 1.5, 1.5, 2.0], [1.2000000476837158] * 4]
+    assert config.to_json_string()  # config.json can hold it
+
+
+# --- span_cache on models with windows and layers without a span ------------------------------
+
+def _kept(cache):
+    return [layer.keys.shape[2] for layer in cache.layers]
+
+
+@pytest.mark.parametrize("family, settings, window_layers", [
+    ("llama", dict(max_span=[None, 3.0], span_init=0.5, ramp=1.5), []),  # the layer that reads everything first
+    ("llama", dict(max_span=[3.0, None], span_init=0.5, ramp=1.5), []),  # ... and last
+    ("mistral", {}, [0, 1]),  # windows only (W = 4): what transformers' own cache keeps
+    ("qwen2-mixed", dict(max_span=[5.0, None, None], span_init=0.4, ramp=1.5), [1]),
+    ("qwen2-mixed", dict(max_span=[6.0, None, 6.0], span_init=[0.3, 0.0, 0.9], ramp=1.5), [1]),
+])
+def test_span_cache_keeps_what_each_layer_can_read(family, settings, window_layers):
+    _, model = _pair(family, **settings)
+    ids, mask = _batch(7, L=9)
+    new = 8
+    kw = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    cache = ats.span_cache(model)
+    with torch.no_grad():
+        trimmed = model.generate(ids, cache=cache, **kw)
+        uncached = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(trimmed.sequences, uncached.sequences)
+    for a, b in zip(trimmed.logits, uncached.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+    expected = []
+    for i, layer in enumerate(ats.attention_layers(model)):
+        heads = getattr(layer, "attnspec", None)
+        bound = None if heads is None else heads.cache_bound()
+        if i in window_layers:
+            expected.append(model.config.sliding_window - 1)
+        elif bound is not None:
+            expected.append(bound - 1)
+        else:
+            expected.append(9 + new - 1)  # everything (the last token is never fed back)
+    assert _kept(cache) == expected
+    assert min(expected) < 9 + new - 1  # something was dropped
+
+
+def test_span_cache_sizes_each_mask_by_its_widest_layer():
+    _, model = _pair("qwen2-mixed", max_span=[6.0, None, 6.0], span_init=[0.3, 0.0, 0.9], ramp=1.5)
+    cache = ats.span_cache(model)
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache)
+    full_0, _, full_2 = [layer.attnspec.cache_bound() for layer in ats.attention_layers(model)]
+    assert full_0 < full_2 and cache.is_sliding == [False, True, False]
+    assert cache.get_mask_sizes(1, 0) == (full_2, 12 - (full_2 - 1))  # layer 2's keys: the longer of the two
+    assert cache.get_mask_sizes(1, 1) == (6, 12 - 5)  # the window's
+
+
+# --- a config with attnspec settings runs attnspec, or refuses ---------------------------------
+
+def test_a_config_with_attnspec_settings_refuses_another_implementation(tmp_path):
+    config = ats.configure(_config("llama"), alpha=1.5, max_span=8.0, span_init=0.5)
+    with pytest.raises(ValueError, match=r"attn_implementation='sdpa' was requested for a LlamaForCausalLM whose "
+                                         r"config carries attnspec settings .*Request 'attnspec' \(or nothing\)"):
+        transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    assert config._attn_implementation == "attnspec"  # the refused request is not left in the config
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert model.config._attn_implementation == "attnspec"
+    with pytest.raises(ValueError, match="attn_implementation='eager' was requested"):
+        model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "attnspec"
+    model.save_pretrained(tmp_path)
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "attnspec"
+    with pytest.raises(ValueError, match="attn_implementation='sdpa' was requested"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    # Without the settings, nothing changes: the default stays sdpa, and no heads are added.
+    plain = _config("llama")
+    for requested in (None, "sdpa", "eager"):
+        kwargs = {} if requested is None else dict(attn_implementation=requested)
+        other = transformers.AutoModelForCausalLM.from_config(plain, **kwargs)
+        assert other.config._attn_implementation == (requested or "sdpa")
+        assert not any(hasattr(layer, "attnspec") for layer in ats.attention_layers(other))
+    del config.attnspec  # what the message suggests
+    assert transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").config._attn_implementation == "sdpa"
