@@ -298,38 +298,6 @@ def test_fixed_alpha_and_span_per_layer_and_head_reach_the_attention_and_round_t
         assert torch.equal(loaded.eval()(input_ids=ids, attention_mask=mask).logits, logits)
 
 
-def test_per_head_alpha_changes_only_its_head():
-    """Layer 0 with alpha [1, 1.5, 1, 1] equals, head for head, layers with alpha 1 and 1.5."""
-    from attnspec.layers.torch import SpanAttention
-
-    torch.manual_seed(0)
-    x = torch.randn(2, 9, 16)
-    mixed = SpanAttention(16, 4, alpha=[1.0, 1.5, 1.0, 1.0], max_span=6, span_init=0.5, ramp=2)
-    assert mixed.fixed_alpha == (1.0, 1.5, 1.0, 1.0) and "alpha: [1, 1.5, 1, 1]" in repr(mixed)
-    captured = []  # the attention outputs, before o_proj
-    original = attnspec.attention
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        captured.append(out)
-        return out
-
-    import attnspec.layers.torch as layers_torch
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(layers_torch.attnspec, "attention", spy)
-        with torch.no_grad():
-            mixed(x)
-            for alpha in (1.0, 1.5):
-                layer = SpanAttention(16, 4, alpha=alpha, max_span=6, span_init=0.5, ramp=2)
-                layer.load_state_dict(mixed.state_dict())
-                layer(x)
-    got, softmax, entmax15 = captured
-    torch.testing.assert_close(got[:, [0, 2, 3]], softmax[:, [0, 2, 3]], rtol=0, atol=1e-6)
-    torch.testing.assert_close(got[:, 1], entmax15[:, 1], rtol=0, atol=1e-6)
-    assert (softmax[:, 1] - entmax15[:, 1]).abs().max() > 1e-3
-
-
 @pytest.mark.parametrize("settings, message", [
     (dict(alpha=[1.5, 1.5, 1.5]), r"alpha=\[1.5, 1.5, 1.5\]: a list gives one entry per layer and the model has "
                                   r"num_hidden_layers=2; got 3 entries"),
