@@ -249,7 +249,13 @@ def test_the_bench_measures_every_arm_against_sdpa(tmp_path):
     assert [r["arm"] for r in rows] == list(transformers_bench.ARMS)
     assert rows[0]["prefill_vs_sdpa"] == 1.0
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
-    assert (tmp_path / "t.json").stat().st_size > 0
+    import json
+
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["rows"] == rows and result["environment"]["transformers"] == transformers.__version__
+    assert result["command"].startswith("python -m attnspec.bench.transformers_bench --length 16")
+    report = (tmp_path / "t.md").read_text()
+    assert result["command"] in report and "| attnspec alpha=1.5 |" in report
 
 
 def test_heads_missing_from_a_checkpoint_start_at_their_initial_values(tmp_path):
