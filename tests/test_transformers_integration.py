@@ -269,6 +269,12 @@ def test_heads_missing_from_a_checkpoint_start_at_their_initial_values(tmp_path)
         assert torch.equal(layer.attnspec.span_theta, torch.full((4,), 0.25))
         assert torch.equal(layer.attnspec.alpha_logit, torch.zeros(4))  # alpha = 1 + sigmoid(0) = 1.5
     assert torch.equal(model.model.embed_tokens.weight, sdpa.model.embed_tokens.weight)
+    # A fixed span per layer and head (a buffer) starts at its values too.
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    ats.configure(config, max_span=8.0, span_init=[[0.25, 0.5, 0.75, 1.0], 0.5], learn_span=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, config=config)
+    first, second = [layer.attnspec.span_theta for layer in ats.attention_layers(model)]
+    assert torch.equal(first, torch.tensor([0.25, 0.5, 0.75, 1.0])) and torch.equal(second, torch.full((4,), 0.5))
 
 
 # --- alpha and span per layer and head ---------------------------------------------------------
