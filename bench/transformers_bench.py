@@ -189,7 +189,13 @@ def markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """The command line (exit status 0); `run` returns the rows."""
+    run(argv)
+    return 0
+
+
+def run(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--length", type=int, default=1024, help="prompt length")
     parser.add_argument("--decode", type=int, default=32, help="new tokens per generate")
@@ -231,4 +237,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

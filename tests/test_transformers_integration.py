@@ -244,7 +244,7 @@ def test_the_finetune_example_runs(tmp_path, capsys):
 def test_the_bench_measures_every_arm_against_sdpa(tmp_path):
     from attnspec.bench import transformers_bench
 
-    rows = transformers_bench.main(["--length", "16", "--decode", "3", "--layers", "1", "--width", "16", "--heads",
+    rows = transformers_bench.run(["--length", "16", "--decode", "3", "--layers", "1", "--width", "16", "--heads",
                                     "2", "--kv-heads", "1", "--repeats", "1", "--json", str(tmp_path / "t.json")])
     assert [r["arm"] for r in rows] == list(transformers_bench.ARMS)
     assert rows[0]["prefill_vs_sdpa"] == 1.0
@@ -256,6 +256,8 @@ def test_the_bench_measures_every_arm_against_sdpa(tmp_path):
     assert result["command"].startswith("python -m attnspec.bench.transformers_bench --length 16")
     report = (tmp_path / "t.md").read_text()
     assert result["command"] in report and "| attnspec alpha=1.5 |" in report
+    assert transformers_bench.main(["--length", "8", "--decode", "1", "--layers", "1", "--width", "16", "--heads", "2",
+                                    "--kv-heads", "1", "--repeats", "1", "--arms", "sdpa"]) == 0  # an exit status
 
 
 def test_heads_missing_from_a_checkpoint_start_at_their_initial_values(tmp_path):
