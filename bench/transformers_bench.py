@@ -165,7 +165,7 @@ def markdown(result) -> str:
         + (f" ({env['git']})" if env.get("git") else "") + f"; {env['date']}.",
         "",
         f"Load average before / after: {result['load_before']} / {result['load_after']} "
-        f"(`uptime` before: `{result.get('uptime_before')}`). With other work on the machine the times are noisy; "
+        f"(`uptime` before: `{result.get('uptime_before')}`; after: `{result.get('uptime_after')}`). With other work on the machine the times are noisy; "
         "the ratios compare arms measured back to back in the same run.",
         "",
         f"Model: Llama-style, {c['layers']} layers, width {c['width']}, {c['heads']} query heads / {c['kv_heads']} "
