@@ -1,7 +1,7 @@
 """A whole transformers model on attnspec against the same model on sdpa: prefill and decode
 tokens per second.
 
-    python -m attnspec.bench.transformers_bench --length 1024 --decode 64 --repeats 3
+    python -m attnspec.bench.transformers_bench --length 1024 --decode 64 --repeats 3 --json result.json
 
 One Llama-style model (random weights, built from a config) with its weights copied into each
 arm, so every arm computes with the same numbers:
@@ -12,14 +12,20 @@ arm, so every arm computes with the same numbers:
   ceil(z + R) - 1 = 287 positions).
 Prefill: one forward over B x length tokens; decode: `decode` greedy steps of one token each
 from a prefilled cache (the prefill not timed). Reported as tokens/s and as the ratio to sdpa
-in the same run.
+in the same run; --json also writes the command, the CPU, the versions and the load before and
+after, and a Markdown report next to the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
+import shlex
+import subprocess
+import sys
 import time
 
 ARMS = ("sdpa", "attnspec alpha=1", "attnspec alpha=1.5", "attnspec span=256")
@@ -124,7 +130,72 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def _uptime() -> str | None:
+    try:
+        out = subprocess.run(["uptime"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(args) -> dict:
+    """What a result needs to be read: versions, the CPU, threads, and the load."""
+    import torch
+    import transformers
+
+    import attnspec
+
+    from .core import _cpu_model, _git_commit
+
+    return dict(torch=torch.__version__, transformers=transformers.__version__, attnspec=attnspec.__version__,
+                git=_git_commit(), python=platform.python_version(), cpu=_cpu_model(), cpu_count=os.cpu_count(),
+                threads=torch.get_num_threads(), device=args.device,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def markdown(result) -> str:
+    env, c = result["environment"], result["config"]
+    lines = [
+        "# A whole transformers model: attnspec against sdpa",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {env['cpu']} ({env['cpu_count']} CPUs), device {env['device']}, torch threads {env['threads']}; "
+        f"torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}; attnspec {env['attnspec']}"
+        + (f" ({env['git']})" if env.get("git") else "") + f"; {env['date']}.",
+        "",
+        f"Load average before / after: {result['load_before']} / {result['load_after']} "
+        f"(`uptime` before: `{result.get('uptime_before')}`; after: `{result.get('uptime_after')}`). With other work on the machine the times are noisy; "
+        "the ratios compare arms measured back to back in the same run.",
+        "",
+        f"Model: Llama-style, {c['layers']} layers, width {c['width']}, {c['heads']} query heads / {c['kv_heads']} "
+        f"key-value heads (head dim {c['width'] // c['heads']}), vocabulary {c['vocab']}, random weights from a "
+        "config, the same weights in every arm, float32. "
+        f"Prefill: one forward over B = {c['batch']} x L = {c['length']} tokens (best of {c['repeats']}). "
+        f"Decode: {c['decode']} greedy one-token steps after a prefill of L tokens (not timed), best of "
+        f"{c['repeats']}; sdpa decodes with transformers' DynamicCache, the attnspec arms with "
+        "`span_cache(model)` (it keeps everything without a span, ceil(z + R) - 1 = 287 positions per layer with "
+        "span 256, ramp 32).",
+        "",
+        "| arm | prefill tok/s | prefill vs sdpa | decode tok/s | decode vs sdpa |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['arm']} | {r['prefill_tokens_per_s']:.0f} | {r.get('prefill_vs_sdpa', float('nan')):.3f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {r.get('decode_vs_sdpa', float('nan')):.3f} |")
+    lines += ["", "Ratios are tokens/s of the arm over tokens/s of sdpa (above 1: faster than sdpa). sdpa computes "
+              "softmax without a span; the alpha = 1.5 arm computes a different function (entmax15), timed for "
+              "scale."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """The command line (exit status 0); `run` returns the rows."""
+    run(argv)
+    return 0
+
+
+def run(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--length", type=int, default=1024, help="prompt length")
     parser.add_argument("--decode", type=int, default=32, help="new tokens per generate")
@@ -138,20 +209,32 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--json", help="also write the rows as JSON")
+    parser.add_argument("--json", help="also write the result as JSON to this path, and as Markdown next to it "
+                                       "(the same path ending in .md)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.arms[0] != "sdpa":
         args.arms = ["sdpa"] + [a for a in args.arms if a != "sdpa"]
+    command = "python -m attnspec.bench.transformers_bench " + " ".join(shlex.quote(a) for a in argv)
+    load_before = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    uptime_before = _uptime()
     rows = measure(args)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_after = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     print(f"B={args.batch} L={args.length} decode={args.decode} layers={args.layers} width={args.width} "
-          f"heads={args.heads}/{args.kv_heads} device={args.device} load={load:.2f}")
+          f"heads={args.heads}/{args.kv_heads} device={args.device} load before {load_before} after {load_after}")
     print(table(rows))
     if args.json:
+        result = dict(benchmark="transformers", command=command, config=vars(args), environment=environment(args),
+                      load_before=load_before, load_after=load_after, uptime_before=uptime_before,
+                      uptime_after=_uptime(), rows=rows)
         with open(args.json, "w") as f:
-            json.dump(dict(config=vars(args), load=load, rows=rows), f, indent=1)
+            json.dump(result, f, indent=1)
+        md = os.path.splitext(args.json)[0] + ".md"
+        with open(md, "w") as f:
+            f.write(markdown(result))
+        print(f"wrote {args.json}, {md}")
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -69,6 +69,9 @@ def test_alpha_stays_in_range_and_initial_values_are_kept():
     (dict(n_heads=4, n_kv_heads=3), "multiple of n_kv_heads"),
     (dict(n_heads=4, alpha=1.0, learn_alpha=True), r"initial alpha in \(1, 2\)"),
     (dict(n_heads=4, alpha=2.5), r"alpha=2.5 must lie in \[1, 2\]"),
+    (dict(n_heads=4, alpha=[1.0, 1.5]), r"alpha=\[1.0, 1.5\] must be a number or n_heads=4 numbers"),
+    (dict(n_heads=4, alpha=[1.0, 1.5, float("nan"), 1.0]), r"alpha=\[1.0, 1.5, nan, 1.0\] must lie in \[1, 2\]"),
+    (dict(n_heads=4, max_span=8, span_init=[0.5, 0.5, 0.5]), r"span_init=\[0.5, 0.5, 0.5\] must be a number or n_heads=4"),
     (dict(n_heads=4, max_span=8, span_init=1.5), r"span_init=1.5 must lie in \[0, 1\]"),
     (dict(n_heads=4, max_span=0), "max_span=0"),
     (dict(n_heads=4, ramp=0), "ramp=0"),
@@ -77,6 +80,34 @@ def test_alpha_stays_in_range_and_initial_values_are_kept():
 def test_bad_arguments_name_themselves(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SpanAttention(16, **kwargs)
+
+
+def test_fixed_alpha_per_head_changes_only_its_head(monkeypatch):
+    """A layer with the fixed alpha [1, 1.5, 1, 1] equals, head for head, the same layer with
+    alpha 1 and with alpha 1.5."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 16)
+    mixed = SpanAttention(16, 4, alpha=[1.0, 1.5, 1.0, 1.0], max_span=6, span_init=0.5, ramp=2)
+    assert mixed.fixed_alpha == (1.0, 1.5, 1.0, 1.0) and "alpha: [1, 1.5, 1, 1]" in repr(mixed)
+    assert SpanAttention(16, 4, alpha=[1.5] * 4).fixed_alpha == 1.5  # equal heads: one float
+    captured = []  # the attention outputs, before o_proj
+    original = attnspec.attention
+
+    def spy(*args, **kwargs):
+        captured.append(original(*args, **kwargs))
+        return captured[-1]
+
+    monkeypatch.setattr(attnspec, "attention", spy)
+    with torch.no_grad():
+        mixed(x)
+        for alpha in (1.0, 1.5):
+            layer = SpanAttention(16, 4, alpha=alpha, max_span=6, span_init=0.5, ramp=2)
+            layer.load_state_dict(mixed.state_dict())
+            layer(x)
+    got, softmax, entmax15 = captured
+    torch.testing.assert_close(got[:, [0, 2, 3]], softmax[:, [0, 2, 3]], rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[:, 1], entmax15[:, 1], rtol=0, atol=1e-6)
+    assert (softmax[:, 1] - entmax15[:, 1]).abs().max() > 1e-3
 
 
 def _tiny_layer(learn_alpha=True):

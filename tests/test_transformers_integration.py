@@ -28,6 +28,9 @@ def _config(family, **extra):
         return transformers.GemmaConfig(**SMALL, head_dim=8, **extra)
     if family == "phi3":
         return transformers.Phi3Config(**SMALL, pad_token_id=0, **extra)
+    if family == "qwen2-mixed":  # layers of both kinds: full attention, a window of 6, full attention
+        return transformers.Qwen2Config(**dict(SMALL, num_hidden_layers=3), use_sliding_window=True, sliding_window=6,
+                                        layer_types=["full_attention", "sliding_attention", "full_attention"], **extra)
     others = dict(olmo2=transformers.Olmo2Config, granite=transformers.GraniteConfig,
                   mixtral=transformers.MixtralConfig)
     return others[family](**SMALL, **extra)
@@ -241,12 +244,20 @@ def test_the_finetune_example_runs(tmp_path, capsys):
 def test_the_bench_measures_every_arm_against_sdpa(tmp_path):
     from attnspec.bench import transformers_bench
 
-    rows = transformers_bench.main(["--length", "16", "--decode", "3", "--layers", "1", "--width", "16", "--heads",
+    rows = transformers_bench.run(["--length", "16", "--decode", "3", "--layers", "1", "--width", "16", "--heads",
                                     "2", "--kv-heads", "1", "--repeats", "1", "--json", str(tmp_path / "t.json")])
     assert [r["arm"] for r in rows] == list(transformers_bench.ARMS)
     assert rows[0]["prefill_vs_sdpa"] == 1.0
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
-    assert (tmp_path / "t.json").stat().st_size > 0
+    import json
+
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["rows"] == rows and result["environment"]["transformers"] == transformers.__version__
+    assert result["command"].startswith("python -m attnspec.bench.transformers_bench --length 16")
+    report = (tmp_path / "t.md").read_text()
+    assert result["command"] in report and "| attnspec alpha=1.5 |" in report
+    assert transformers_bench.main(["--length", "8", "--decode", "1", "--layers", "1", "--width", "16", "--heads", "2",
+                                    "--kv-heads", "1", "--repeats", "1", "--arms", "sdpa"]) == 0  # an exit status
 
 
 def test_heads_missing_from_a_checkpoint_start_at_their_initial_values(tmp_path):
@@ -260,3 +271,152 @@ def test_heads_missing_from_a_checkpoint_start_at_their_initial_values(tmp_path)
         assert torch.equal(layer.attnspec.span_theta, torch.full((4,), 0.25))
         assert torch.equal(layer.attnspec.alpha_logit, torch.zeros(4))  # alpha = 1 + sigmoid(0) = 1.5
     assert torch.equal(model.model.embed_tokens.weight, sdpa.model.embed_tokens.weight)
+    # A fixed span per layer and head (a buffer) starts at its values too.
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    ats.configure(config, max_span=8.0, span_init=[[0.25, 0.5, 0.75, 1.0], 0.5], learn_span=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, config=config)
+    first, second = [layer.attnspec.span_theta for layer in ats.attention_layers(model)]
+    assert torch.equal(first, torch.tensor([0.25, 0.5, 0.75, 1.0])) and torch.equal(second, torch.full((4,), 0.5))
+
+
+# --- alpha and span per layer and head ---------------------------------------------------------
+
+PER_LAYER_AND_HEAD = dict(alpha=[[1.0, 1.5, 1.5, 2.0], 1.3], max_span=[6.0, None],
+                          span_init=[[0.2, 0.4, 0.6, 0.8], 0.0], ramp=[1.5, 32.0], learn_span=False)
+
+
+def test_fixed_alpha_and_span_per_layer_and_head_reach_the_attention_and_round_trip(tmp_path, calls):
+    _, model = _pair("llama", **PER_LAYER_AND_HEAD)
+    first, second = [layer.attnspec for layer in ats.attention_layers(model)]
+    assert first.fixed_alpha == (1.0, 1.5, 1.5, 2.0) and second.fixed_alpha == 1.3
+    assert torch.equal(first.span_theta, torch.tensor([0.2, 0.4, 0.6, 0.8])) and first.max_span == 6.0
+    assert not first.span_theta.requires_grad and second.span is None
+    names = [name for name, _ in model.named_parameters()]
+    assert "model.layers.0.self_attn.attnspec.span_theta" in model.state_dict()
+    assert "model.layers.0.self_attn.attnspec.span_theta" not in names  # a fixed span is not trained
+    ids, mask = _batch(6)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert [c["ramp"] for c in calls] == [1.5, 32.0]
+    assert torch.equal(calls[0]["alpha"], torch.tensor([1.0, 1.5, 1.5, 2.0])) and calls[1]["alpha"] == 1.3
+    assert torch.equal(calls[0]["span"], first.span) and calls[1]["span"] is None
+
+    model.save_pretrained(tmp_path)
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert loaded.config.attnspec == dict(ats.DEFAULTS, **PER_LAYER_AND_HEAD)
+    a, b = [layer.attnspec for layer in ats.attention_layers(loaded)]
+    assert a.fixed_alpha == first.fixed_alpha and b.fixed_alpha == second.fixed_alpha
+    assert torch.equal(a.span_theta, first.span_theta) and not a.span_theta.requires_grad and b.span is None
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=ids, attention_mask=mask).logits, logits)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(alpha=[1.5, 1.5, 1.5]), r"alpha=\[1.5, 1.5, 1.5\]: a list gives one entry per layer and the model has "
+                                  r"num_hidden_layers=2; got 3 entries"),
+    (dict(alpha=[1.2, 1.3, 1.4, 1.5]), r"got 4 entries \(one value per head in every layer is "
+                                       r"\[\[1.2, 1.3, 1.4, 1.5\]\] \* 2\)"),
+    (dict(alpha=[[1.0, 1.5], 1.0]), r"layer 0 .*num_attention_heads=4.*alpha=\[1.0, 1.5\] must be a number or "
+                                    r"n_heads=4 numbers \(one per head\); got shape \[2\]"),
+    (dict(alpha=[1.0, [1.0, 0.5, 1.0, 1.0]]), r"layer 1 .*alpha=\[1.0, 0.5, 1.0, 1.0\] must lie in \[1, 2\]"),
+    (dict(alpha=float("nan")), r"layer 0 .*alpha=nan must lie in \[1, 2\]"),
+    (dict(alpha=[1.0, float("inf")]), r"layer 1 .*alpha=inf must lie in \[1, 2\]"),
+    (dict(alpha=[1.5, [1.2, 1.0, 1.5, 1.5]], learn_alpha=True), r"layer 1 .*initial alpha in \(1, 2\)"),
+    (dict(max_span=[[4.0, 4.0], None]), r"max_span\[0\]=\[4.0, 4.0\]: max_span takes one value per layer"),
+    (dict(max_span=[float("nan"), None]), r"layer 0 .*max_span=nan must be a finite number > 0"),
+    (dict(max_span=8.0, span_init=[0.5, [0.1, 0.2, 0.3, 1.5]]), r"layer 1 .*span_init=\[0.1, 0.2, 0.3, 1.5\] "
+                                                                 r"must lie in \[0, 1\]"),
+    (dict(ramp=[1.0, -2.0]), r"layer 1 .*ramp=-2.0 must be a finite number > 0"),
+])
+def test_bad_per_layer_settings_name_the_setting_and_value(settings, message):
+    config = _config("llama")
+    with pytest.raises(ValueError, match=message):
+        ats.configure(config, **settings)
+    assert getattr(config, "attnspec", None) is None  # a refused setting is not recorded
+
+
+def test_tensor_settings_are_recorded_as_lists():
+    config = ats.configure(_config("llama"), alpha=torch.tensor([[1.0, 1.5, 1.5, 2.0], [1.2, 1.2, 1.2, 1.2]]))
+    assert config.attnspec["alpha"] == [[1.0, 1.5, 1.5, 2.0], [1.2000000476837158] * 4]
+    assert config.to_json_string()  # config.json can hold it
+
+
+# --- span_cache on models with windows and layers without a span ------------------------------
+
+def _kept(cache):
+    return [layer.keys.shape[2] for layer in cache.layers]
+
+
+@pytest.mark.parametrize("family, settings, window_layers", [
+    ("llama", dict(max_span=[None, 3.0], span_init=0.5, ramp=1.5), []),  # the layer that reads everything first
+    ("llama", dict(max_span=[3.0, None], span_init=0.5, ramp=1.5), []),  # ... and last
+    ("mistral", {}, [0, 1]),  # windows only (W = 4): what transformers' own cache keeps
+    ("qwen2-mixed", dict(max_span=[5.0, None, None], span_init=0.4, ramp=1.5), [1]),
+    ("qwen2-mixed", dict(max_span=[6.0, None, 6.0], span_init=[0.3, 0.0, 0.9], ramp=1.5), [1]),
+])
+def test_span_cache_keeps_what_each_layer_can_read(family, settings, window_layers):
+    _, model = _pair(family, **settings)
+    ids, mask = _batch(7, L=9)
+    new = 8
+    kw = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    cache = ats.span_cache(model)
+    with torch.no_grad():
+        trimmed = model.generate(ids, cache=cache, **kw)
+        uncached = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(trimmed.sequences, uncached.sequences)
+    for a, b in zip(trimmed.logits, uncached.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+    expected = []
+    for i, layer in enumerate(ats.attention_layers(model)):
+        heads = getattr(layer, "attnspec", None)
+        bound = None if heads is None else heads.cache_bound()
+        if i in window_layers:
+            expected.append(model.config.sliding_window - 1)
+        elif bound is not None:
+            expected.append(bound - 1)
+        else:
+            expected.append(9 + new - 1)  # everything (the last token is never fed back)
+    assert _kept(cache) == expected
+    assert min(expected) < 9 + new - 1  # something was dropped
+
+
+def test_span_cache_sizes_each_mask_by_its_widest_layer():
+    _, model = _pair("qwen2-mixed", max_span=[6.0, None, 6.0], span_init=[0.3, 0.0, 0.9], ramp=1.5)
+    cache = ats.span_cache(model)
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache)
+    full_0, _, full_2 = [layer.attnspec.cache_bound() for layer in ats.attention_layers(model)]
+    assert full_0 < full_2 and cache.is_sliding == [False, True, False]
+    assert cache.get_mask_sizes(1, 0) == (full_2, 12 - (full_2 - 1))  # layer 2's keys: the longer of the two
+    assert cache.get_mask_sizes(1, 1) == (6, 12 - 5)  # the window's
+
+
+# --- a config with attnspec settings runs attnspec, or refuses ---------------------------------
+
+def test_a_config_with_attnspec_settings_refuses_another_implementation(tmp_path):
+    config = ats.configure(_config("llama"), alpha=1.5, max_span=8.0, span_init=0.5)
+    with pytest.raises(ValueError, match=r"attn_implementation='sdpa' was requested for a LlamaForCausalLM whose "
+                                         r"config carries attnspec settings .*Request 'attnspec' \(or nothing\)"):
+        transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    assert config._attn_implementation == "attnspec"  # the refused request is not left in the config
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert model.config._attn_implementation == "attnspec"
+    with pytest.raises(ValueError, match="attn_implementation='eager' was requested"):
+        model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "attnspec"
+    model.save_pretrained(tmp_path)
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "attnspec"
+    with pytest.raises(ValueError, match="attn_implementation='sdpa' was requested"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    # Without the settings, nothing changes: the default stays sdpa, and no heads are added.
+    plain = _config("llama")
+    for requested in (None, "sdpa", "eager"):
+        kwargs = {} if requested is None else dict(attn_implementation=requested)
+        other = transformers.AutoModelForCausalLM.from_config(plain, **kwargs)
+        assert other.config._attn_implementation == (requested or "sdpa")
+        assert not any(hasattr(layer, "attnspec") for layer in ats.attention_layers(other))
+    del config.attnspec  # what the message suggests
+    assert transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").config._attn_implementation == "sdpa"

@@ -25,42 +25,63 @@ interface (tested: Llama, Qwen2, Qwen3, Mistral, Gemma, Phi-3, OLMo 2, Granite, 
 
 alpha and span per layer and head come from `config.attnspec` (see `configure`): every
 attention module gets an `attnspec` submodule (`AttnspecHeads`, the same `HeadParameters` as
-`attnspec.layers.torch.SpanAttention`: z = max_span * theta, alpha = 1 + sigmoid(a)) when the
-model is built, so `save_pretrained` / `from_pretrained` store and load them with the other
-weights. `attnspec.layers.torch.project_spans(model)` and `span_regularisation(model, c)` work
-on such models as on SpanAttention ones. `add_heads(model, ...)` does the same for a model
-already loaded (e.g. a pretrained checkpoint without attnspec weights).
+`attnspec.layers.torch.SpanAttention`: z = max_span * theta, alpha = 1 + sigmoid(a) when
+learned) when the model is built, so `save_pretrained` / `from_pretrained` store and load them
+with the other weights. Each setting is one value, or one per layer, and alpha (fixed or
+initial) and span_init one per layer and head. A config carrying attnspec settings runs
+attn_implementation="attnspec" (requesting another one raises). `attnspec.layers.torch.
+project_spans(model)` and `span_regularisation(model, c)` work on such models as on
+SpanAttention ones. `add_heads(model, ...)` does the same for a model already loaded (e.g. a
+pretrained checkpoint without attnspec weights). `span_cache(model)` is a generation cache in
+which each layer keeps only the keys it can still read.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 import attnspec
 from attnspec.layers.torch import HeadParameters
 
-__all__ = ["NAME", "AttnspecHeads", "AttnspecMask", "add_heads", "attention_forward", "attention_layers", "configure",
-           "mask_forward", "register", "span_cache"]
+__all__ = ["NAME", "AttnspecHeads", "AttnspecMask", "SpanCache", "add_heads", "attention_forward", "attention_layers",
+           "configure", "layer_settings", "mask_forward", "register", "span_cache"]
 
 #: The attn_implementation name.
 NAME = "attnspec"
 #: The keys of config.attnspec and their defaults.
-DEFAULTS = dict(alpha=1.0, learn_alpha=False, max_span=None, span_init=0.0, ramp=32.0, backend=None)
+DEFAULTS = dict(alpha=1.0, learn_alpha=False, max_span=None, span_init=0.0, ramp=32.0, learn_span=True, backend=None)
+#: The settings that may differ between layers (a list with one entry per layer) ...
+PER_LAYER = ("alpha", "learn_alpha", "max_span", "span_init", "ramp", "learn_span")
+#: ... and those whose entry for a layer may itself be a list with one value per query head.
+PER_HEAD = ("alpha", "span_init")
 
 
 class AttnspecHeads(HeadParameters):
     """alpha and span of one attention layer's query heads (parameters `span_theta` and
-    `alpha_logit` when learned); see attnspec.layers.torch.HeadParameters."""
+    `alpha_logit` when learned); see attnspec.layers.torch.HeadParameters. alpha and span_init
+    are a number or one value per head; learn_span=False keeps theta fixed (a buffer `span_theta`
+    that the checkpoint holds, not a parameter)."""
 
     def __init__(self, n_heads: int, *, alpha=1.0, learn_alpha=False, max_span=None, span_init=0.0, ramp=32.0,
-                 backend=None, device=None, dtype=None):
+                 learn_span=True, backend=None, device=None, dtype=None):
         super().__init__()
         self._init_heads(n_heads, max_span=max_span, ramp=ramp, span_init=span_init, alpha=alpha,
                          learn_alpha=learn_alpha, device=device, dtype=dtype)
+        self.learn_span = bool(learn_span)
+        if self.span_theta is not None and not self.learn_span:
+            # A buffer, not a parameter with requires_grad=False: from_pretrained replaces
+            # parameters with new ones (which want gradients again); a buffer stays a buffer, and
+            # the checkpoint still holds it.
+            theta = self.span_theta.detach()
+            del self.span_theta
+            self.register_buffer("span_theta", theta)
         self.backend = backend
         self._initial = self.initial_values(n_heads, max_span=max_span, span_init=span_init, alpha=alpha,
                                             learn_alpha=learn_alpha)
@@ -76,20 +97,78 @@ class AttnspecHeads(HeadParameters):
 
     def extra_repr(self) -> str:
         span = "none" if self.max_span is None else f"max_span={self.max_span:g}, ramp={self.ramp:g}"
-        alpha = "learned" if self.learn_alpha else f"{self.fixed_alpha:g}"
-        return f"n_heads={self.n_heads}, span: {span}, alpha: {alpha}"
+        if self.max_span is not None and not self.learn_span:
+            span += " (fixed)"
+        return f"n_heads={self.n_heads}, span: {span}, alpha: {self.alpha_repr()}"
+
+
+def _plain(value):
+    """Settings as config.json can hold them: tensors and arrays become (nested) lists."""
+    if hasattr(value, "tolist") and not isinstance(value, (bool, int, float)):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _decoder_config(config):
+    getter = getattr(config, "get_text_config", None)
+    return config if getter is None else getter(decoder=True)
+
+
+def layer_settings(config) -> list:
+    """config.attnspec resolved per layer: a list with one dict of AttnspecHeads arguments per
+    layer. A setting is one value for every layer, or a list with one entry per layer
+    (num_hidden_layers entries); for alpha and span_init that entry may itself be a list with
+    one value per query head (num_attention_heads values). Raises ValueError naming the setting,
+    the layer and the value for anything else, or for a value the heads refuse."""
+    settings = dict(DEFAULTS, **(getattr(config, "attnspec", None) or {}))
+    text = _decoder_config(config)
+    n_layers, n_heads = text.num_hidden_layers, text.num_attention_heads
+    per_layer = {}
+    for key in PER_LAYER:
+        value = settings[key]
+        if isinstance(value, (list, tuple)):
+            if len(value) != n_layers:
+                hint = (f" (one value per head in every layer is [{list(value)!r}] * {n_layers})"
+                        if key in PER_HEAD and len(value) == n_heads else "")
+                raise ValueError(f"attnspec setting {key}={list(value)!r}: a list gives one entry per layer and the "
+                                 f"model has num_hidden_layers={n_layers}; got {len(value)} entries{hint}")
+            entries = list(value)
+        else:
+            entries = [value] * n_layers
+        for i, entry in enumerate(entries):
+            if isinstance(entry, (list, tuple)) and key not in PER_HEAD:
+                raise ValueError(f"attnspec setting {key}[{i}]={entry!r}: {key} takes one value per layer, not a list "
+                                 f"(per head: {', '.join(PER_HEAD)})")
+        per_layer[key] = entries
+    layers = [dict({key: per_layer[key][i] for key in PER_LAYER}, backend=settings["backend"]) for i in range(n_layers)]
+    for i, layer in enumerate(layers):
+        try:
+            AttnspecHeads(n_heads, **layer)
+        except ValueError as error:
+            raise ValueError(f"attnspec settings of layer {i} (of num_hidden_layers={n_layers}, with "
+                             f"num_attention_heads={n_heads}): {error}") from None
+    return layers
 
 
 def configure(config, **settings):
-    """Set config.attnspec (alpha, learn_alpha, max_span, span_init, ramp, backend; see
-    AttnspecHeads) and attn_implementation = "attnspec"; returns the config. Models built from it
-    have the heads' parameters from the start, and config.json records the settings."""
+    """Set config.attnspec (alpha, learn_alpha, max_span, span_init, ramp, learn_span, backend;
+    see AttnspecHeads and layer_settings: each may be one value, or one per layer, and alpha and
+    span_init one per layer and head) and attn_implementation = "attnspec"; returns the config.
+    Models built from it have the heads' parameters from the start, and config.json records the
+    settings (so from_pretrained builds the same heads)."""
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
         raise TypeError(f"unknown attnspec settings {unknown} (known: {', '.join(DEFAULTS)})")
-    merged = dict(DEFAULTS, **settings)
-    AttnspecHeads(1, **{k: v for k, v in merged.items()})  # validate now, with the heads' messages
+    merged = dict(DEFAULTS, **{key: _plain(value) for key, value in settings.items()})
+    previous = getattr(config, "attnspec", None)
     config.attnspec = merged
+    try:
+        layer_settings(config)  # validate now, before a model is built
+    except ValueError:
+        config.attnspec = previous
+        raise
     config._attn_implementation = NAME
     return config
 
@@ -117,7 +196,7 @@ def add_heads(model, **settings):
 
 
 def _add_heads(model):
-    settings = dict(DEFAULTS, **model.config.attnspec)
+    layers = layer_settings(model.config)
     for module in attention_layers(model):
         if isinstance(getattr(module, "attnspec", None), AttnspecHeads):
             continue
@@ -125,37 +204,61 @@ def _add_heads(model):
         reference = next(module.parameters(), None)
         device = None if reference is None else reference.device
         dtype = None if reference is None or not reference.is_floating_point() else reference.dtype
-        module.attnspec = AttnspecHeads(n_heads, device=device, dtype=dtype, **settings)
+        module.attnspec = AttnspecHeads(n_heads, device=device, dtype=dtype, **layers[module.layer_idx])
+
+
+def _keeps(layer) -> float:
+    """How many positions a cache layer keeps between steps (inf: all)."""
+    window = getattr(layer, "sliding_window", None)
+    return math.inf if window is None else window - 1
+
+
+class SpanCache(DynamicCache):
+    """A DynamicCache whose masks are sized by the layer of each kind (full attention, sliding
+    window) that keeps the most positions; see span_cache."""
+
+    def get_mask_sizes(self, query_length, layer_idx):
+        if layer_idx >= len(self.layers):
+            return super().get_mask_sizes(query_length, layer_idx)
+        kind = self.is_sliding[layer_idx]
+        same = [i for i, layer in enumerate(self.layers) if isinstance(layer, DynamicLayer) and self.is_sliding[i] == kind]
+        widest = max(same, key=lambda i: _keeps(self.layers[i]), default=layer_idx)
+        return super().get_mask_sizes(query_length, widest)
 
 
 def span_cache(model):
-    """A transformers DynamicCache for `model.generate(..., cache=span_cache(model))`
-    that keeps only the keys a span can still reach.
+    """A transformers DynamicCache for `model.generate(..., cache=span_cache(model))` in which
+    every layer keeps only the keys it can still read:
 
-    A query reaches at most cache_bound() = ceil(max_h z_h + R) keys, its own included (keys
-    further back have m = 0 for it and for every later query), so between steps a layer keeps
-    the last cache_bound() - 1 positions of its own, as attnspec.layers.torch.KVCache does.
+    - a layer with a span: a query reaches at most cache_bound() = ceil(max_h z_h + R) keys, its
+      own included (keys further back have m = 0 for it and for every later query), so between
+      steps the layer keeps its last cache_bound() - 1 positions, as
+      attnspec.layers.torch.KVCache does;
+    - a sliding-window layer of the model (window W): its last W - 1 positions, as transformers'
+      own cache does (the smaller of the two if it had both);
+    - a layer that reads every key (no span, no window): everything.
 
-    transformers builds one mask for all layers, sized by the first layer it takes for a full
-    one: the layers with the longest bound are marked so (they keep the most keys), the mask
-    function receives their first kept position (kv_offset) and the padding mask sliced to
-    their keys, and a layer that keeps fewer takes the last of them (every layer keeps the
-    most recent positions, so its keys are the tail of those). Without a span on every layer
-    nothing can be dropped: a plain DynamicCache. The spans must not change while the cache is
-    in use."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicSlidingWindowLayer
-
-    modules = list(attention_layers(model))
-    bounds = [m.attnspec.cache_bound() if isinstance(getattr(m, "attnspec", None), AttnspecHeads) else None
-              for m in modules]
-    cache = DynamicCache(config=model.config)
-    if not bounds or any(b is None for b in bounds) or any(layer.is_sliding for layer in cache.layers):
-        return cache
-    cache.layers = [DynamicSlidingWindowLayer(sliding_window=bound) for bound in bounds]
-    for layer, bound in zip(cache.layers, bounds):
-        if bound == max(bounds):
-            layer.is_sliding = False  # the mask is sized by these layers
+    transformers builds one mask per kind of layer (full attention, sliding window) and sizes it
+    by one layer of that kind. Here it is sized by the layer of that kind that keeps the most
+    positions: the mask function receives that layer's first kept position (kv_offset) and the
+    padding mask for its keys, and a layer that keeps fewer takes the last of them (every layer
+    keeps the most recent positions, so its keys are the tail of those): attention_forward
+    slices the padding mask and shifts q_offset to match. The spans must not change while the
+    cache is in use."""
+    cache = SpanCache(config=model.config)  # the model's own layout: its windows and full layers
+    modules = {module.layer_idx: module for module in attention_layers(model)}
+    for i, layer in enumerate(cache.layers):
+        heads = getattr(modules.get(i), "attnspec", None)
+        bound = heads.cache_bound() if isinstance(heads, AttnspecHeads) else None
+        if bound is None or type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            continue
+        keep = bound - 1
+        if keep >= _keeps(layer):
+            continue
+        # DynamicSlidingWindowLayer(W) keeps W - 1 positions, and W = 1 would keep them all.
+        trimmed = DynamicSlidingWindowLayer(sliding_window=max(keep, 1) + 1)
+        trimmed.is_sliding = layer.is_sliding  # it still reads the mask of its kind of layer
+        cache.layers[i] = trimmed
     return cache
 
 
@@ -255,7 +358,7 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     heads = getattr(module, "attnspec", None)
     alpha, span, ramp, backend = 1.0, None, 32.0, None
     if isinstance(heads, AttnspecHeads):
-        alpha, span, ramp, backend = heads.alpha, heads.span, heads.ramp, heads.backend
+        alpha, span, ramp, backend = heads.alpha_for(query), heads.span, heads.ramp, heads.backend
         if isinstance(alpha, Tensor):
             alpha = alpha.to(query.dtype) if query.dtype == torch.float64 else alpha.float()
         if span is not None:
@@ -276,14 +379,40 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
 
 # --- registration ------------------------------------------------------------------------------
 
-def _post_init_adds_heads():
-    """transformers models call post_init() at the end of __init__: there a model whose config
-    has attnspec settings gets its heads, before from_pretrained loads the weights into them."""
+def _wrap_model_class():
+    """Two hooks on transformers' PreTrainedModel, both inert unless the model's config carries
+    attnspec settings (config.attnspec, set by `configure`):
+
+    - the check of the attention implementation (made in __init__ and by
+      set_attn_implementation): such a config runs attnspec, since the heads' alpha and span
+      mean something only to it. With no implementation requested (config.json does not record
+      one) it becomes "attnspec"; another one requested explicitly raises ValueError rather than
+      silently running attnspec or silently ignoring the heads;
+    - post_init() (the end of every model's __init__): the model gets its heads there, before
+      from_pretrained loads the weights into them, and heads a checkpoint lacks start at their
+      initial values.
+    """
     from transformers import PreTrainedModel
 
-    original = PreTrainedModel.post_init
-    if getattr(original, "_adds_attnspec_heads", False):
+    if getattr(PreTrainedModel.post_init, "_adds_attnspec_heads", False):
         return
+    original_check = PreTrainedModel._check_and_adjust_attn_implementation
+    original_post_init = PreTrainedModel.post_init
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        if getattr(self.config, "attnspec", None) is not None:
+            if attn_implementation is None:
+                attn_implementation = NAME
+            elif attn_implementation != NAME:
+                # from_config / from_pretrained wrote the request into the caller's config; a
+                # refused request is not kept there.
+                self.config._attn_implementation_internal = NAME
+                raise ValueError(
+                    f"attn_implementation={attn_implementation!r} was requested for a {type(self).__name__} whose config "
+                    f"carries attnspec settings (config.attnspec = {self.config.attnspec}); its per-head alpha and span "
+                    f"are read only by attn_implementation={NAME!r}. Request {NAME!r} (or nothing), or delete "
+                    "config.attnspec to run the model without them.")
+        return original_check(self, attn_implementation, *args, **kwargs)
 
     def post_init(self, *args, **kwargs):
         if getattr(self.config, "attnspec", None) is not None and not getattr(self, "_inits_attnspec_heads", False):
@@ -299,15 +428,13 @@ def _post_init_adds_heads():
 
             self._init_weights = init_weights
             self._inits_attnspec_heads = True
-        result = original(self, *args, **kwargs)
+        result = original_post_init(self, *args, **kwargs)
         if getattr(self.config, "attnspec", None) is not None:
             _add_heads(self)
-            # The heads' alpha and span mean something only to attnspec's attention (config.json
-            # does not record attn_implementation): a model with them runs it, never sdpa.
-            self.config._attn_implementation = NAME
         return result
 
     post_init._adds_attnspec_heads = True
+    PreTrainedModel._check_and_adjust_attn_implementation = _check_and_adjust_attn_implementation
     PreTrainedModel.post_init = post_init
 
 
@@ -318,7 +445,7 @@ def register():
 
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, mask_forward)
-    _post_init_adds_heads()
+    _wrap_model_class()
 
 
 register()

@@ -7,7 +7,8 @@ Correia et al. 2019, "Adaptively Sparse Transformers"; Su et al. 2021, RoFormer)
   the entmax (SPEC.md 3, 5.2). z_h = max_span * theta_h. The forward uses theta as it is, so
   the gradient of z is never cut by a clamp; the training loop keeps theta in [0, 1] by calling
   `project_spans(model)` (or `layer.project_()`) after each optimiser step, as the paper does.
-- alpha: fixed, or learned per head as alpha_h = 1 + sigmoid(a_h), always inside [1, 2].
+- alpha: fixed (one value, or one per head), or learned per head as alpha_h = 1 + sigmoid(a_h),
+  always inside [1, 2].
 - grouped-query heads (n_kv_heads < n_heads), rotary position embeddings at absolute positions
   (applied to keys before they are cached, so a decoding step sees exactly the keys a full
   recomputation would), and q/k/v/o projections.
@@ -118,11 +119,24 @@ class HeadParameters(nn.Module):
         a model is being built under): theta = span_init, a = logit(alpha - 1)."""
         values = {}
         if max_span is not None:
-            values["span_theta"] = torch.as_tensor(span_init, dtype=torch.float64, device="cpu").expand(n_heads).clone()
+            values["span_theta"] = HeadParameters.per_head("span_init", span_init, n_heads)
         if learn_alpha:
-            a0 = torch.as_tensor(alpha, dtype=torch.float64, device="cpu").expand(n_heads).clone()
+            a0 = HeadParameters.per_head("alpha", alpha, n_heads)
             values["alpha_logit"] = torch.log(a0 - 1) - torch.log1p(-(a0 - 1))
         return values
+
+    @staticmethod
+    def per_head(name: str, value, n_heads: int) -> Tensor:
+        """`value` (a number, or one number per head) as H float64 values on the CPU; anything
+        else raises, naming the argument."""
+        try:
+            values = torch.as_tensor(value, dtype=torch.float64, device="cpu")
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"{name}={value!r} must be a number or n_heads={n_heads} numbers (one per head)") from error
+        if values.dim() > 1 or (values.dim() == 1 and values.numel() != n_heads):
+            raise ValueError(f"{name}={value!r} must be a number or n_heads={n_heads} numbers (one per head); "
+                             f"got shape {list(values.shape)}")
+        return values.expand(n_heads).clone()
 
     def _init_heads(self, n_heads: int, *, max_span: Optional[float], ramp: float, span_init, alpha,
                     learn_alpha: bool, device=None, dtype=None):
@@ -137,14 +151,14 @@ class HeadParameters(nn.Module):
             if not (max_span > 0 and math.isfinite(max_span)):
                 raise ValueError(f"max_span={max_span} must be a finite number > 0 (or None for no span)")
             self.max_span = float(max_span)
-            theta = torch.as_tensor(span_init, dtype=torch.float64, device="cpu").expand(n_heads).clone()
+            theta = self.per_head("span_init", span_init, n_heads)
             if not bool(((theta >= 0) & (theta <= 1)).all()):
                 raise ValueError(f"span_init={span_init} must lie in [0, 1] (a fraction of max_span)")
             self.span_theta = nn.Parameter(theta.to(device=device, dtype=dtype or torch.get_default_dtype()))
 
         self.learn_alpha = bool(learn_alpha)
         if self.learn_alpha:
-            a0 = torch.as_tensor(alpha, dtype=torch.float64, device="cpu").expand(n_heads).clone()
+            a0 = self.per_head("alpha", alpha, n_heads)
             if not bool(((a0 > 1) & (a0 < 2)).all()):
                 raise ValueError(f"learn_alpha=True needs an initial alpha in (1, 2) (alpha = 1 + sigmoid(a)); "
                                  f"got alpha={alpha}")
@@ -152,10 +166,13 @@ class HeadParameters(nn.Module):
             self.alpha_logit = nn.Parameter(a.to(device=device, dtype=dtype or torch.get_default_dtype()))
             self.fixed_alpha = None
         else:
-            if not (1.0 <= float(alpha) <= 2.0):
+            a = self.per_head("alpha", alpha, n_heads)
+            if not bool(((a >= 1) & (a <= 2)).all()):  # NaN fails too
                 raise ValueError(f"alpha={alpha} must lie in [1, 2]")
             self.register_parameter("alpha_logit", None)
-            self.fixed_alpha = float(alpha)
+            # One float when the heads agree (the scalar-alpha fast paths), else a tuple of H floats.
+            values = a.tolist()
+            self.fixed_alpha = values[0] if len(set(values)) == 1 else tuple(values)
 
     # --- the learned quantities ---------------------------------------------------------------
 
@@ -166,10 +183,28 @@ class HeadParameters(nn.Module):
 
     @property
     def alpha(self):
-        """alpha [H] (differentiable) when learned, else the fixed float."""
+        """alpha [H] (differentiable) when learned, the fixed float when every head has it, else
+        the fixed [H] values (float64, on the CPU)."""
         if self.alpha_logit is None:
+            if isinstance(self.fixed_alpha, tuple):
+                return torch.tensor(self.fixed_alpha, dtype=torch.float64)
             return self.fixed_alpha
         return 1 + torch.sigmoid(self.alpha_logit)
+
+    def alpha_for(self, x: Tensor):
+        """alpha as attnspec.attention takes it next to x: `alpha`, with fixed per-head values on
+        x's device (float64 for a float64 x, else float32)."""
+        if isinstance(self.fixed_alpha, tuple) and self.alpha_logit is None:
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            return torch.tensor(self.fixed_alpha, dtype=dtype, device=x.device)
+        return self.alpha
+
+    def alpha_repr(self) -> str:
+        if self.learn_alpha:
+            return "learned"
+        if isinstance(self.fixed_alpha, tuple):
+            return "[" + ", ".join(f"{a:g}" for a in self.fixed_alpha) + "]"
+        return f"{self.fixed_alpha:g}"
 
     @torch.no_grad()
     def project_(self):
@@ -211,7 +246,7 @@ class SpanAttention(HeadParameters):
       span_init: the initial theta = z / max_span, a number or [H] values in [0, 1] (the
         paper starts at 0: spans grow only where the loss asks for it).
       alpha: the fixed alpha in [1, 2], or with learn_alpha=True the initial alpha (then in
-        the open interval (1, 2), alpha = 1 + sigmoid(a)).
+        the open interval (1, 2), alpha = 1 + sigmoid(a)); a number or [H] values.
       rope, rope_base: rotary position embeddings on q and k.
       backend: passed to attnspec.attention (None: the dispatcher chooses).
     """
@@ -268,7 +303,7 @@ class SpanAttention(HeadParameters):
             # Keys cover positions cache.start .. first + L - 1; query i sits at first + i.
             k, v = cache.append(k, v)
             q_offset = first - cache.start
-        out = attnspec.attention(q, k, v, alpha=self.alpha, span=self.span, ramp=self.ramp, causal=True,
+        out = attnspec.attention(q, k, v, alpha=self.alpha_for(q), span=self.span, ramp=self.ramp, causal=True,
                                  q_offset=q_offset, backend=self.backend)
         if cache is not None:
             bound = self.cache_bound()
@@ -277,7 +312,7 @@ class SpanAttention(HeadParameters):
 
     def extra_repr(self) -> str:
         span = "none" if self.max_span is None else f"max_span={self.max_span:g}, ramp={self.ramp:g}"
-        alpha = "learned" if self.learn_alpha else f"{self.fixed_alpha:g}"
+        alpha = self.alpha_repr()
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, span: {span}, alpha: {alpha}, rope={self.rope}")
 
