@@ -1,14 +1,15 @@
 """alpha = 1 attention without span through torch.nn.functional.scaled_dot_product_attention
-(the `torch-sdpa` backend): softmax attention with causal, key_lengths and q_offset expressed as
-a boolean mask, grouped-query heads by folding the query heads of a group into the query axis,
+(the `torch-sdpa` backend): softmax attention with causal, key_lengths, key_padding_mask and
+q_offset expressed as a boolean mask, grouped-query heads by folding the query heads of a group into the query axis,
 forward and backward by SDPA's own kernels (plain autograd, no custom op).
 
 SDPA's semantics differ from SPEC.md in two places, both handled here exactly:
 - a row with no allowed key: SDPA gives NaN (every score -inf); SPEC.md gives zeros and zero
   gradients. Such rows read every key instead (their query zeroed, so nothing overflows) and
   their output is replaced by 0 with torch.where, whose backward passes 0 to them;
-- padding keys (beyond key_lengths) may hold NaN/Inf: SDPA multiplies their probability 0 by
-  V, so NaN would leak. They are zeroed (torch.where: their dk and dv are exactly 0).
+- padding keys (beyond key_lengths, or masked by key_padding_mask) may hold NaN/Inf: SDPA
+  multiplies their probability 0 by V, and adds its -inf mask to their NaN score, so NaN would
+  leak. They are zeroed (torch.where: their dk and dv are exactly 0).
 
 A gradient for alpha (alpha a tensor of ones that asks for one) is the alpha = 1 limit of
 SPEC.md 4.3, dalpha_h = -1/2 sum_rows sum_j ds_j t_j^2, which SDPA cannot give: an identity
@@ -53,19 +54,20 @@ def _static_offset(q_offset, Lq, Lk):
     return None
 
 
-def _plan(q, k, causal, key_lengths, q_offset):
+def _plan(q, k, causal, key_lengths, q_offset, key_padding_mask=None):
     """How SDPA expresses the call: (allowed [B|1, 1, Lq, Lk] bool or None, is_causal,
     nonempty [B|1, 1, Lq, 1] bool or None (None: every row reads some key), key_valid
     [B, Lk] or None (None: no padding)).
 
-    With no key_lengths and a known integer offset o, most calls need no mask: not causal, or
-    causal with o >= Lk - 1 (every row reads every key: decode steps), or o = 0 (SDPA's own
-    is_causal, aligned top-left)."""
+    With no key_lengths, no key_padding_mask and a known integer offset o, most calls need no
+    mask: not causal, or causal with o >= Lk - 1 (every row reads every key: decode steps), or
+    o = 0 (SDPA's own is_causal, aligned top-left). A key_padding_mask may empty any row (its
+    own key masked), so with one every row's emptiness is read from the mask."""
     B, _, Lq, _ = q.shape
     Lk = k.shape[2]
     device = q.device
     offset = _static_offset(q_offset, Lq, Lk)
-    if key_lengths is None and offset is not None:
+    if key_lengths is None and key_padding_mask is None and offset is not None:
         if not causal or offset >= Lk - 1:
             return None, False, None, None
         if offset == 0:
@@ -78,6 +80,10 @@ def _plan(q, k, causal, key_lengths, q_offset):
     allowed, key_valid = None, None
     if key_lengths is not None:
         key_valid = keys[None, :] < torch.as_tensor(key_lengths, device=device).to(torch.int64)[:, None]
+    if key_padding_mask is not None:  # a masked key is excluded as a key beyond key_lengths
+        readable = key_padding_mask.to(device=device, dtype=torch.bool).expand(B, Lk)
+        key_valid = readable if key_valid is None else key_valid & readable
+    if key_valid is not None:
         allowed = key_valid[:, None, None, :]  # [B, 1, 1, Lk]
     if causal:
         if offset is None:
@@ -119,7 +125,7 @@ def _sdpa(q, k, v, allowed, is_causal, scale):
 
 
 def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None, q_offset=None,
-              scale=None):
+              scale=None, key_padding_mask=None):
     """The torch-sdpa kernel: SPEC.md attention for alpha = 1 without span (arguments validated
     by the dispatcher), differentiable in q, k, v (and alpha, at 1)."""
     _check_softmax(alpha, span)
@@ -131,11 +137,11 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
             target = torch.get_autocast_dtype(device_type)
             q, k, v = q.to(target), k.to(target), v.to(target)
         with torch.autocast(device_type, enabled=False):
-            return _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale)
-    return _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale)
+            return _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale, key_padding_mask)
+    return _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale, key_padding_mask)
 
 
-def _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale):
+def _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale, key_padding_mask):
     out_dtype = q.dtype
     B, H, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
@@ -152,7 +158,7 @@ def _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale):
             none = torch.zeros((), dtype=torch.bool, device=q.device)
             out = out + torch.where(none, qc.sum() + kc.sum() + vc.sum(), 0.0)
         return out.to(out_dtype)
-    allowed, is_causal, nonempty, key_valid = _plan(q, k, causal, key_lengths, q_offset)
+    allowed, is_causal, nonempty, key_valid = _plan(q, k, causal, key_lengths, q_offset, key_padding_mask)
     if key_valid is not None:
         kv_mask = key_valid[:, None, :, None]
         kc = torch.where(kv_mask, kc, 0.0)
