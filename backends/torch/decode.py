@@ -29,6 +29,7 @@ import torch
 
 from . import entmax as _entmax
 from . import span as _span
+from .padding import zero_excluded_keys
 
 
 def compute_dtype(dtype):
@@ -65,16 +66,13 @@ def _window_keys(k, v, spans, dtype, key_padding_mask=None):
     widths = [hi - lo for lo, hi in spans]
     W = max(widths)
     device = k.device
-    zero = torch.zeros((), dtype=dtype, device=device)
     if len(set(starts)) == 1 and len(set(widths)) == 1:
         lo = starts[0]
         k_w, v_w = k[:, :, lo:lo + W].to(dtype), v[:, :, lo:lo + W].to(dtype)
         if key_padding_mask is None:
             return k_w, v_w, None, None
         valid = key_padding_mask[:, lo:lo + W].to(device)
-        k_w = torch.where(valid[:, None, :, None], k_w, zero)
-        v_w = torch.where(valid[:, None, :, None], v_w, zero)
-        return k_w, v_w, None, valid
+        return zero_excluded_keys(k_w, valid), zero_excluded_keys(v_w, valid), None, valid
     Lk = k.shape[2]
     start = torch.tensor(starts, dtype=torch.int64, device=device)
     width = torch.tensor(widths, dtype=torch.int64, device=device)
@@ -86,9 +84,7 @@ def _window_keys(k, v, spans, dtype, key_padding_mask=None):
     batch = torch.arange(B, device=device)[:, None]
     k_w = k[batch, :, index].to(dtype).permute(0, 2, 1, 3)  # [B, W, Hkv, D] -> [B, Hkv, W, D]
     v_w = v[batch, :, index].to(dtype).permute(0, 2, 1, 3)
-    k_w = torch.where(valid[:, None, :, None], k_w, zero)
-    v_w = torch.where(valid[:, None, :, None], v_w, zero)
-    return k_w, v_w, start, valid
+    return zero_excluded_keys(k_w, valid), zero_excluded_keys(v_w, valid), start, valid
 
 
 #: Windows up to this many keys solve alpha = 1.5 and alpha = 2 rows exactly by sorting

@@ -9,7 +9,7 @@ SDPA's semantics differ from SPEC.md in two places, both handled here exactly:
   their output is replaced by 0 with torch.where, whose backward passes 0 to them;
 - padding keys (beyond key_lengths, or masked by key_padding_mask) may hold NaN/Inf: SDPA
   multiplies their probability 0 by V, and adds its -inf mask to their NaN score, so NaN would
-  leak. They are zeroed (torch.where: their dk and dv are exactly 0).
+  leak. They are zeroed (padding.zero_excluded_keys: their dk and dv are exactly 0).
 
 A gradient for alpha (alpha a tensor of ones that asks for one) is the alpha = 1 limit of
 SPEC.md 4.3, dalpha_h = -1/2 sum_rows sum_j ds_j t_j^2, which SDPA cannot give: an identity
@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .padding import zero_excluded_keys
 
 #: Score entries per row block when rebuilding scores for dalpha.
 DALPHA_BLOCK_ELEMENTS = 1 << 20
@@ -160,16 +162,17 @@ def _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale, key_padding
         return out.to(out_dtype)
     allowed, is_causal, nonempty, key_valid = _plan(q, k, causal, key_lengths, q_offset, key_padding_mask)
     if key_valid is not None:
-        kv_mask = key_valid[:, None, :, None]
-        kc = torch.where(kv_mask, kc, 0.0)
-        vc = torch.where(kv_mask, vc, 0.0)
+        kc = zero_excluded_keys(kc, key_valid)
+        vc = zero_excluded_keys(vc, key_valid)
     if nonempty is not None:
-        # empty rows read every (zeroed-query) key instead of none, then give 0
-        qc = torch.where(nonempty, qc, 0.0)
+        # empty rows read every (zeroed-query) key instead of none, then give 0 (a zero of
+        # the dtype: torch.where against a Python number runs several times slower on CPU)
+        zero = torch.zeros((), dtype=dtype, device=q.device)
+        qc = torch.where(nonempty, qc, zero)
         allowed = allowed | ~nonempty
     out = _sdpa(qc, kc, vc, allowed, is_causal, scale)
     if nonempty is not None:
-        out = torch.where(nonempty, out, 0.0)
+        out = torch.where(nonempty, out, zero)
     if type(alpha) is not float and isinstance(alpha, Tensor) and alpha.requires_grad:
         out = _AlphaAtOne.apply(out, alpha, qc.detach(), kc.detach(), vc.detach(), allowed, is_causal,
                                 nonempty, scale)
