@@ -81,11 +81,15 @@ def _padded(B, H, Hkv, Lq, Lk, D, seed, mask):
     return q, k, v, rng.normal(size=(B, H, Lq, D))
 
 
-def _masks(B, Lk, seed):
-    """Left padding of every depth (a whole row in the last batch row), plus holes."""
+def _masks(B, Lk, seed, holes=True):
+    """Left padding of every depth (a whole row in the last batch row), plus holes in the first
+    (holes=False: right padding there instead, its readable keys one range)."""
     rng = np.random.default_rng(seed)
     mask = np.arange(Lk)[None, :] >= np.linspace(0, Lk, B).astype(int)[:, None]  # last row: all masked
-    mask[0] &= rng.random(Lk) > 0.3
+    if holes:
+        mask[0] &= rng.random(Lk) > 0.3
+    else:
+        mask[0, 2:] = False
     return mask
 
 
@@ -113,19 +117,32 @@ def _run(backend, q, k, v, mask, go, kw, grad):
 
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("config", range(len(FAST_CONFIGS)))
-@pytest.mark.parametrize("backend", ["torch-sdpa", "torch-decode"])
-def test_fast_kernels_follow_the_reference_at_alpha_one(backend, config, grad):
+@pytest.mark.parametrize("backend", ["torch-sdpa", "torch-decode", "torch-sdpa by slices"])
+def test_fast_kernels_follow_the_reference_at_alpha_one(backend, config, grad, monkeypatch):
     """Left padding, holes, fully masked rows (NaN queries), NaN/Inf in masked K and V, GQA (4
     query heads on 2 kv heads): the reference's values and gradients, masked keys' dk = dv = 0
-    exactly."""
+    exactly. 'by slices': torch-sdpa's one call per batch row on the range of keys it reads
+    (every row's readable keys one range: left and right padding, no holes; no gradient)."""
     B, H, Hkv, Lq, Lk, D = 3, 4, 2, 5, 13, 8
-    mask = _masks(B, Lk, config)
+    mask = _masks(B, Lk, config, holes=backend != "torch-sdpa by slices")
+    calls = None
+    if backend == "torch-sdpa by slices":
+        from attnspec.backends.torch import sdpa
+
+        backend = "torch-sdpa"
+        monkeypatch.setattr(sdpa, "SLICE_MIN_ELEMENTS", 0)
+        calls = []
+        monkeypatch.setattr(sdpa, "_sdpa", lambda *a, _f=sdpa._sdpa: calls.append(a[1].shape) or _f(*a))
     q, k, v, go = _padded(B, H, Hkv, Lq, Lk, D, config, mask)
     q[-1] = np.nan  # queries of rows that read no key may hold anything (SPEC.md 5.3)
     kw = FAST_CONFIGS[config]
     out, grads = _run(backend, q, k, v, mask, go, kw, grad)
     np.testing.assert_allclose(out, ref.attention(q, k, v, key_padding_mask=mask, **kw), atol=1e-12)
     assert (out[-1] == 0).all()  # the batch row whose keys are all masked: empty rows
+    if calls is not None and not grad:  # one call per batch row that reads some key, on its slice
+        assert 1 <= len(calls) <= B - 1 and all(shape[0] == 1 for shape in calls), calls
+    elif calls is not None:  # with gradients: one call on the zeroed copy
+        assert [shape[0] for shape in calls] == [B], calls
     if grad:
         expected = ref.attention_vjp(q, k, v, go, key_padding_mask=mask, **kw)
         for name, got, want in zip("qkv", grads, (expected.dq, expected.dk, expected.dv)):
@@ -133,6 +150,50 @@ def test_fast_kernels_follow_the_reference_at_alpha_one(backend, config, grad):
         masked = ~np.broadcast_to(mask[:, None, :], (B, Hkv, Lk))
         assert (grads[1][masked] == 0).all() and (grads[2][masked] == 0).all()
         assert (grads[0][-1] == 0).all()
+
+
+def test_sdpa_readable_ranges():
+    torch = pytest.importorskip("torch")
+    from attnspec.backends.torch import sdpa
+
+    mask = torch.tensor([[False, True, True, True], [True, True, False, False], [False] * 4])
+    assert sdpa._readable_ranges(mask, None, 3, 4) == [(1, 4), (0, 2), (0, 0)]
+    assert sdpa._readable_ranges(mask, torch.tensor([3, 4, 4]), 3, 4) == [(1, 3), (0, 2), (0, 0)]
+    holes = torch.tensor([[True, False, True, True]] * 3)
+    assert sdpa._readable_ranges(holes, None, 3, 4) is None
+    assert sdpa._readable_ranges(holes, torch.tensor([1, 1, 2]), 3, 4) == [(0, 1), (0, 1), (0, 1)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sdpa_by_slices_equals_one_masked_call(dtype, monkeypatch):
+    """Per-row slices (no gradient) and the one call on the zeroed copy: the same values, with
+    key_lengths and per-row offsets; with gradients (alpha's at 1 included) slices never run."""
+    torch = pytest.importorskip("torch")
+    from attnspec.backends.torch import sdpa
+
+    dt = getattr(torch, dtype)
+    B, H, Hkv, Lq, Lk, D = 3, 4, 2, 6, 40, 16
+    mask = torch.arange(Lk)[None, :] >= torch.tensor([0, 7, 30])[:, None]
+    g = torch.Generator().manual_seed(0)
+    q, k, v, go = (torch.randn(*shape, generator=g).to(dt)
+                   for shape in ((B, H, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), (B, H, Lq, D)))
+    k[~mask[:, None, :].expand(B, Hkv, Lk)] = float("nan")
+    kw = dict(causal=True, key_lengths=torch.tensor([40, 35, 38]), q_offset=torch.tensor([34, 20, 31]))
+    outs = []
+    for threshold in (0, 1 << 40):
+        monkeypatch.setattr(sdpa, "SLICE_MIN_ELEMENTS", threshold)
+        with torch.no_grad():
+            outs.append(attnspec.attention(q, k, v, key_padding_mask=mask, backend="torch-sdpa", **kw))
+    assert torch.isfinite(outs[0]).all()
+    torch.testing.assert_close(outs[0], outs[1])
+    monkeypatch.setattr(sdpa, "SLICE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(sdpa, "_by_slices", None)  # a call would raise
+    alpha = torch.ones(H, requires_grad=True)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = attnspec.attention(*leaves, alpha=alpha, key_padding_mask=mask, backend="torch-sdpa", **kw)
+    out.backward(go)
+    torch.testing.assert_close(out.detach(), outs[1])
+    assert torch.isfinite(alpha.grad).all() and (leaves[1].grad[~mask[:, None, :].expand(B, Hkv, Lk)] == 0).all()
 
 
 @pytest.mark.parametrize("alpha", [1.0, 1.5, 2.0, "mixed"])

@@ -143,7 +143,56 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     return _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale, key_padding_mask)
 
 
+#: With a key_padding_mask on CPU and no gradient asked for (generation), batch rows whose
+#: readable keys are one contiguous range (left or right padding, as batched generation pads)
+#: run one SDPA call each on a slice of K and V (a view), instead of one call on a copy of the
+#: whole cache with the masked keys zeroed, once a batch row's cache (Hkv Lk D elements) is at
+#: least this large: below it the per-call cost of B calls outweighs the copy. With gradients
+#: the copy is kept: each slice's backward writes a gradient the size of the whole cache.
+SLICE_MIN_ELEMENTS = 1 << 16
+
+
+def _records_grad(q, k, v, alpha):
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or (isinstance(alpha, Tensor) and alpha.requires_grad))
+
+
+def _readable_ranges(key_padding_mask, key_lengths, B, Lk):
+    """[(lo_b, hi_b)] when every batch row's readable keys (the mask, below key_lengths) are
+    the one range lo_b <= j < hi_b (possibly empty), else None. One host read."""
+    valid = key_padding_mask.to(torch.bool).expand(B, Lk)
+    if key_lengths is not None:
+        valid = valid & (torch.arange(Lk)[None, :] < torch.as_tensor(key_lengths).to(torch.int64).reshape(-1, 1))
+    runs = valid[:, 0].to(torch.int64) + (valid[:, 1:] & ~valid[:, :-1]).sum(1)  # ranges of readable keys
+    first = valid.to(torch.uint8).argmax(1)  # the first readable key (0 when there is none)
+    rows = torch.stack([runs, first, valid.sum(1)]).tolist()
+    if any(n > 1 for n in rows[0]):
+        return None
+    return [(lo, lo + n) for lo, n in zip(rows[1], rows[2])]
+
+
+def _by_slices(q, k, v, alpha, causal, key_lengths, q_offset, scale, key_padding_mask):
+    """The call as one SDPA call per batch row on the slice of keys it may read (slicing
+    shifts distances by lo: q_offset o - lo), or None when some row's readable keys are not
+    one range. Gradients reach the slices only: excluded keys get dk = dv = 0 exactly."""
+    B, _, Lq, _ = q.shape
+    Lk = k.shape[2]
+    ranges = _readable_ranges(key_padding_mask, key_lengths, B, Lk)
+    if ranges is None:
+        return None
+    offsets = [Lk - Lq] * B if q_offset is None else \
+        torch.as_tensor(q_offset).to(torch.int64).reshape(-1).expand(B).tolist()
+    outs = [_attention(q[b:b + 1], k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi], alpha, causal, None,
+                       offsets[b] - lo, scale, None) for b, (lo, hi) in enumerate(ranges)]
+    return torch.cat(outs, 0)
+
+
 def _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale, key_padding_mask):
+    if key_padding_mask is not None and q.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and k.shape[1] * k.shape[2] * k.shape[3] >= SLICE_MIN_ELEMENTS and not _records_grad(q, k, v, alpha):
+        out = _by_slices(q, k, v, alpha, causal, key_lengths, q_offset, scale, key_padding_mask)
+        if out is not None:
+            return out
     out_dtype = q.dtype
     B, H, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
