@@ -57,10 +57,12 @@ def windows(Lq, Lk, offsets, lengths, causal, reach):
     return out
 
 
-def _window_keys(k, v, spans, dtype, key_padding_mask=None):
+def _window_keys(k, v, spans, dtype, key_padding_mask=None, clean_keys=True):
     """(k_w [B, Hkv, W, D], v_w, starts [B] int64, valid [B, W] bool or None): the window's keys
     in the compute dtype. Columns past a batch row's own window, and keys key_padding_mask
-    masks, are zeroed (they may be padding holding NaN) and marked invalid."""
+    masks, are marked invalid and zeroed in v_w (they may be padding holding NaN), and in k_w
+    unless clean_keys is False (the caller sets their scores itself, so NaN there never
+    leaks: a copy of K saved)."""
     B = k.shape[0]
     starts = [lo for lo, _ in spans]
     widths = [hi - lo for lo, hi in spans]
@@ -72,7 +74,7 @@ def _window_keys(k, v, spans, dtype, key_padding_mask=None):
         if key_padding_mask is None:
             return k_w, v_w, None, None
         valid = key_padding_mask[:, lo:lo + W].to(device)
-        return zero_excluded_keys(k_w, valid), zero_excluded_keys(v_w, valid), None, valid
+        return (zero_excluded_keys(k_w, valid) if clean_keys else k_w), zero_excluded_keys(v_w, valid), None, valid
     Lk = k.shape[2]
     start = torch.tensor(starts, dtype=torch.int64, device=device)
     width = torch.tensor(widths, dtype=torch.int64, device=device)
@@ -84,7 +86,7 @@ def _window_keys(k, v, spans, dtype, key_padding_mask=None):
     batch = torch.arange(B, device=device)[:, None]
     k_w = k[batch, :, index].to(dtype).permute(0, 2, 1, 3)  # [B, W, Hkv, D] -> [B, Hkv, W, D]
     v_w = v[batch, :, index].to(dtype).permute(0, 2, 1, 3)
-    return zero_excluded_keys(k_w, valid), zero_excluded_keys(v_w, valid), start, valid
+    return (zero_excluded_keys(k_w, valid) if clean_keys else k_w), zero_excluded_keys(v_w, valid), start, valid
 
 
 #: Windows up to this many keys solve alpha = 1.5 and alpha = 2 rows exactly by sorting
@@ -167,10 +169,10 @@ def _solve(scores, m, alphas, eps):
     return _entmax.solve_masked_rows(scores, m, eps)
 
 
-def _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype, key_padding_mask=None):
+def _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype, key_padding_mask=None, clean_keys=True):
     """(k_w, v_w, allowed [B, 1|H, Lq, W] or None (None: every key of the window), m
     [B, H, Lq, W] or None (no span), every_row: True when every row certainly reads some key),
-    or None when no row may read any key."""
+    or None when no row may read any key. clean_keys: see _window_keys."""
     B, _, Lq, _ = q.shape
     Lk = k.shape[2]
     device = q.device
@@ -181,7 +183,7 @@ def _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype, key_paddin
     W = max(hi - lo for lo, hi in spans)
     if W == 0 or Lq == 0:
         return None
-    k_w, v_w, start, valid = _window_keys(k, v, spans, dtype, key_padding_mask)
+    k_w, v_w, start, valid = _window_keys(k, v, spans, dtype, key_padding_mask, clean_keys)
     if key_padding_mask is not None:
         # the mask may exclude any key, a row's own included: which rows are empty is read
         # from the allowed keys (without a host read of the mask)
@@ -215,7 +217,9 @@ def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, al
     B, H, Lq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     G = H // Hkv
-    setup = _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype, key_padding_mask)
+    # the scores of keys not allowed are set to -inf below (masked_fill: NaN there too), so
+    # excluded keys need no zeroing in K
+    setup = _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype, key_padding_mask, clean_keys=False)
     if setup is None:
         out = torch.zeros((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
         return out, torch.zeros((B, H, Lq, 1), dtype=dtype, device=q.device)
