@@ -1,7 +1,7 @@
 """alpha = 1 attention without span through torch.nn.functional.scaled_dot_product_attention
 (the `torch-sdpa` backend): softmax attention with causal, key_lengths, key_padding_mask and
-q_offset expressed as a boolean mask, grouped-query heads by folding the query heads of a group into the query axis,
-forward and backward by SDPA's own kernels (plain autograd, no custom op).
+q_offset expressed as a boolean mask, grouped-query heads by folding the query heads of a group
+into the query axis, forward and backward by SDPA's own kernels (plain autograd, no custom op).
 
 SDPA's semantics differ from SPEC.md in two places, both handled here exactly:
 - a row with no allowed key: SDPA gives NaN (every score -inf); SPEC.md gives zeros and zero
