@@ -316,3 +316,37 @@ def test_torch_compile_fullgraph_with_a_mask():
     np.testing.assert_allclose(out.detach().numpy(), expected, atol=1e-12)
     out.backward(torch.tensor(go))
     np.testing.assert_allclose(tq.grad.numpy(), grads.dq, atol=1e-11)
+
+
+@pytest.mark.parametrize("alpha, backend", [(1.0, "torch-sdpa"), (1.5, "torch-decode")])
+def test_left_padded_generation_selects_the_fast_kernels(alpha, backend, monkeypatch):
+    """Batched generation with left padding passes a key_padding_mask on every call: prefill
+    and decode steps go to torch-sdpa (alpha = 1) or torch-decode (a short prompt at alpha =
+    1.5), not to the tiled path."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import attnspec.integrations.transformers as ats
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if alpha != 1.0:
+        ats.configure(cfg, alpha=alpha)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="attnspec").eval()
+    ids = torch.randint(0, 48, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+    selected = []
+    original = attnspec.attention
+
+    def spy(*args, **kwargs):
+        if kwargs.get("key_padding_mask") is not None:
+            selected.append(attnspec.explain(*args, **kwargs).selected)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ats.attnspec, "attention", spy)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (3, 10)
+    assert len(selected) == 3 and set(selected) == {backend}  # the prompt and two decode steps, one layer
