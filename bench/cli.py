@@ -43,7 +43,8 @@ def _strs(text):
 PRESET_NAMES = ("quick", "cpu", "gpu", "torch-targets", "torch-eager-crossover", "jax-targets", "triton-targets")
 #: Presets measured by programs of their own (calls at the shapes models use; whole models), not
 #: by a sweep of cases: `attnspec bench --preset NAME` runs them with --threads, --out and --quiet.
-PROGRAM_PRESETS = {"shapes": "attnspec.bench.shapes", "transformers": "attnspec.bench.transformers_bench"}
+PROGRAM_PRESETS = {"shapes": "attnspec.bench.shapes", "transformers": "attnspec.bench.transformers_bench",
+                   "padded": "attnspec.bench.padded"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -62,3 +62,21 @@ def test_the_shapes_and_transformers_presets_run_their_programs(monkeypatch):
         args = parser.parse_args(["--preset", preset, "--threads", "1", "--out", "results/x"])
         assert cli.run_command(args) == 0
         assert seen == [["--threads", "1", "--json", "results/x.json"]]
+
+
+def test_padded_rows_compare_the_selected_kernel_with_the_tiled_one(monkeypatch):
+    """bench/padded.py: a left-padded decode step goes to torch-sdpa (alpha = 1) and
+    torch-decode (other alpha), the padded training call to torch-sdpa; rows are plain JSON."""
+    from attnspec.bench import padded
+
+    monkeypatch.setattr(padded, "TRAINING", (2, 2, 32, 16))
+    rows = padded.decode_rows(repeats=1, caches=(64,)) + padded.training_rows(repeats=1)
+    json.loads(json.dumps(rows))
+    assert [(r["name"], r["backend"]) for r in rows] == [
+        ("decode alpha=1", "torch-sdpa"), ("decode alpha=1.5", "torch-decode"),
+        ("decode alpha=1.5 span 256", "torch-decode"), ("training alpha=1", "torch-sdpa")]
+    for r in rows:
+        assert r["ratio"] == pytest.approx(r["selected_s"] / r["tiled_s"])
+        assert r["mask_cost"] == pytest.approx(r["selected_s"] / r["unpadded_s"])
+    mask = padded._left_padding(4, 100)
+    assert mask[0].all() and not mask.all() and all(row[int(row.int().argmax()):].all() for row in mask)

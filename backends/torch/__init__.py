@@ -78,8 +78,9 @@ _decode_op = _torch_op.define_attention_op("decode_attention", _attention.tiled_
 
 
 def decode_attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
-                     q_offset=None, scale=None):
-    return _decode_op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale))
+                     q_offset=None, scale=None, key_padding_mask=None):
+    return _decode_op(*_torch_op.normalise(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale),
+                      _torch_op.padding_mask(key_padding_mask, q))
 
 
 def _devices():
@@ -130,7 +131,7 @@ TILED = Backend(
 
 #: SDPA declares no span and no entmax: automatic selection gives it exactly the alpha = 1
 #: calls it can express, at every size (it runs torch's fused kernels, forward and backward).
-SDPA_FEATURES = all_features("attention") - {"entmax", "span", "span_per_head", "span_grad", "key_padding_mask"}
+SDPA_FEATURES = all_features("attention") - {"entmax", "span", "span_per_head", "span_grad"}
 
 SDPA = Backend(
     name="torch-sdpa",
@@ -141,7 +142,7 @@ SDPA = Backend(
     },
     priority=40,
     description="PyTorch scaled_dot_product_attention: alpha = 1 without span (causal, key_lengths, "
-                "q_offset as a mask; GQA), its own backward",
+                "key_padding_mask, q_offset as a mask; GQA), its own backward",
 )
 
 DECODE = Backend(
@@ -150,7 +151,7 @@ DECODE = Backend(
     kernels={
         "attention": Kernel("attention", decode_attention, Capabilities(
             array_type="torch", devices=_devices(), dtypes=DTYPES,
-            features=all_features("attention") - {"key_padding_mask"}, max_query_length=DECODE_MAX_QUERIES)),
+            features=all_features("attention"), max_query_length=DECODE_MAX_QUERIES)),
     },
     priority=30,
     description=f"PyTorch, Lq <= {DECODE_MAX_QUERIES} queries against the key window each batch row "

@@ -13,8 +13,12 @@ per head. All rows (every head, batch row and query) solve their entmax threshol
 alpha = 1.5 and 2 on short windows exactly by sorting (sorted_closed_form), other rows by
 attnspec.backends.torch.entmax.solve_masked_rows; alpha = 1 runs torch's SDPA on the window.
 
+A key_padding_mask [B, Lk] does not narrow the window (left padding differs per batch row,
+and a gathered window costs a copy that a slice does not): it is ANDed into the window's
+allowed keys, and its masked keys are zeroed in the window (they may hold NaN/Inf).
+
 Inputs are normalised (attnspec.backends._torch_op.normalise): alpha/span [H] tensors,
-q_offset int64 [B], key_lengths int64 [B] or None.
+q_offset int64 [B], key_lengths int64 [B] or None, key_padding_mask bool [B, Lk] or None.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from . import entmax as _entmax
 from . import span as _span
+from .padding import zero_excluded_keys
 
 
 def compute_dtype(dtype):
@@ -52,10 +57,12 @@ def windows(Lq, Lk, offsets, lengths, causal, reach):
     return out
 
 
-def _window_keys(k, v, spans, dtype):
+def _window_keys(k, v, spans, dtype, key_padding_mask=None, clean_keys=True):
     """(k_w [B, Hkv, W, D], v_w, starts [B] int64, valid [B, W] bool or None): the window's keys
-    in the compute dtype. Columns past a batch row's own window are zeroed (they may be
-    padding holding NaN) and marked invalid."""
+    in the compute dtype. Columns past a batch row's own window, and keys key_padding_mask
+    masks, are marked invalid and zeroed in v_w (they may be padding holding NaN), and in k_w
+    unless clean_keys is False (the caller sets their scores itself, so NaN there never
+    leaks: a copy of K saved)."""
     B = k.shape[0]
     starts = [lo for lo, _ in spans]
     widths = [hi - lo for lo, hi in spans]
@@ -63,20 +70,23 @@ def _window_keys(k, v, spans, dtype):
     device = k.device
     if len(set(starts)) == 1 and len(set(widths)) == 1:
         lo = starts[0]
-        return k[:, :, lo:lo + W].to(dtype), v[:, :, lo:lo + W].to(dtype), None, None
+        k_w, v_w = k[:, :, lo:lo + W].to(dtype), v[:, :, lo:lo + W].to(dtype)
+        if key_padding_mask is None:
+            return k_w, v_w, None, None
+        valid = key_padding_mask[:, lo:lo + W].to(device)
+        return (zero_excluded_keys(k_w, valid) if clean_keys else k_w), zero_excluded_keys(v_w, valid), None, valid
     Lk = k.shape[2]
     start = torch.tensor(starts, dtype=torch.int64, device=device)
     width = torch.tensor(widths, dtype=torch.int64, device=device)
     cols = torch.arange(W, device=device)
     valid = cols[None, :] < width[:, None]  # [B, W]
     index = (start[:, None] + cols[None, :]).clamp_max(max(Lk - 1, 0))
+    if key_padding_mask is not None:
+        valid = valid & key_padding_mask.to(device).gather(1, index)
     batch = torch.arange(B, device=device)[:, None]
     k_w = k[batch, :, index].to(dtype).permute(0, 2, 1, 3)  # [B, W, Hkv, D] -> [B, Hkv, W, D]
     v_w = v[batch, :, index].to(dtype).permute(0, 2, 1, 3)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    k_w = torch.where(valid[:, None, :, None], k_w, zero)
-    v_w = torch.where(valid[:, None, :, None], v_w, zero)
-    return k_w, v_w, start, valid
+    return (zero_excluded_keys(k_w, valid) if clean_keys else k_w), zero_excluded_keys(v_w, valid), start, valid
 
 
 #: Windows up to this many keys solve alpha = 1.5 and alpha = 2 rows exactly by sorting
@@ -159,10 +169,10 @@ def _solve(scores, m, alphas, eps):
     return _entmax.solve_masked_rows(scores, m, eps)
 
 
-def _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype):
+def _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype, key_padding_mask=None, clean_keys=True):
     """(k_w, v_w, allowed [B, 1|H, Lq, W] or None (None: every key of the window), m
     [B, H, Lq, W] or None (no span), every_row: True when every row certainly reads some key),
-    or None when no row may read any key."""
+    or None when no row may read any key. clean_keys: see _window_keys."""
     B, _, Lq, _ = q.shape
     Lk = k.shape[2]
     device = q.device
@@ -173,8 +183,12 @@ def _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype):
     W = max(hi - lo for lo, hi in spans)
     if W == 0 or Lq == 0:
         return None
-    k_w, v_w, start, valid = _window_keys(k, v, spans, dtype)
-    if causal or span is not None:
+    k_w, v_w, start, valid = _window_keys(k, v, spans, dtype, key_padding_mask, clean_keys)
+    if key_padding_mask is not None:
+        # the mask may exclude any key, a row's own included: which rows are empty is read
+        # from the allowed keys (without a host read of the mask)
+        every_row = False
+    elif causal or span is not None:
         # the key at distance 0 is allowed under causal and has m = 1 under span (z >= 0)
         every_row = all(lo <= o and o + Lq - 1 < hi for (lo, hi), o in zip(spans, offsets))
     else:
@@ -195,14 +209,17 @@ def _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype):
     return k_w, v_w, allowed, m, every_row
 
 
-def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alphas=None):
+def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alphas=None,
+            key_padding_mask=None):
     """(out [B, H, Lq, Dv] in q's dtype, c [B, H, Lq, 1] in the compute dtype). alphas: alpha
     as a list, when the caller has read it already."""
     dtype = compute_dtype(q.dtype)
     B, H, Lq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     G = H // Hkv
-    setup = _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype)
+    # the scores of keys not allowed are set to -inf below (masked_fill: NaN there too), so
+    # excluded keys need no zeroing in K
+    setup = _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype, key_padding_mask, clean_keys=False)
     if setup is None:
         out = torch.zeros((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
         return out, torch.zeros((B, H, Lq, 1), dtype=dtype, device=q.device)
@@ -221,18 +238,18 @@ def forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, al
     return out.to(q.dtype), c
 
 
-def inference(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale):
+def inference(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, key_padding_mask=None):
     """The output alone, for calls that ask for no gradient (no c to keep): alpha = 1 runs
     torch's scaled_dot_product_attention on the window, the span weight entering as the
     additive bias log m (softmax(s + log m) = m exp(s - c)); other calls run `forward`."""
     alphas = alpha.tolist()  # [H] numbers: one read, cheaper than a reduction and a sync
     if any(a != 1 for a in alphas):
-        return forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alphas)
+        return forward(q, k, v, alpha, span, ramp, causal, key_lengths, q_offset, scale, alphas, key_padding_mask)
     dtype = compute_dtype(q.dtype)
     B, H, Lq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     G = H // Hkv
-    setup = _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype)
+    setup = _setup(q, k, v, span, ramp, causal, key_lengths, q_offset, dtype, key_padding_mask)
     if setup is None:
         return torch.zeros((B, H, Lq, Dv), dtype=q.dtype, device=q.device), None
     k_w, v_w, allowed, m, every_row = setup

@@ -1,14 +1,15 @@
 """alpha = 1 attention without span through torch.nn.functional.scaled_dot_product_attention
-(the `torch-sdpa` backend): softmax attention with causal, key_lengths and q_offset expressed as
-a boolean mask, grouped-query heads by folding the query heads of a group into the query axis,
-forward and backward by SDPA's own kernels (plain autograd, no custom op).
+(the `torch-sdpa` backend): softmax attention with causal, key_lengths, key_padding_mask and
+q_offset expressed as a boolean mask, grouped-query heads by folding the query heads of a group
+into the query axis, forward and backward by SDPA's own kernels (plain autograd, no custom op).
 
 SDPA's semantics differ from SPEC.md in two places, both handled here exactly:
 - a row with no allowed key: SDPA gives NaN (every score -inf); SPEC.md gives zeros and zero
   gradients. Such rows read every key instead (their query zeroed, so nothing overflows) and
   their output is replaced by 0 with torch.where, whose backward passes 0 to them;
-- padding keys (beyond key_lengths) may hold NaN/Inf: SDPA multiplies their probability 0 by
-  V, so NaN would leak. They are zeroed (torch.where: their dk and dv are exactly 0).
+- padding keys (beyond key_lengths, or masked by key_padding_mask) may hold NaN/Inf: SDPA
+  multiplies their probability 0 by V, and adds its -inf mask to their NaN score, so NaN would
+  leak. They are zeroed (padding.zero_excluded_keys: their dk and dv are exactly 0).
 
 A gradient for alpha (alpha a tensor of ones that asks for one) is the alpha = 1 limit of
 SPEC.md 4.3, dalpha_h = -1/2 sum_rows sum_j ds_j t_j^2, which SDPA cannot give: an identity
@@ -20,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .padding import zero_excluded_keys
 
 #: Score entries per row block when rebuilding scores for dalpha.
 DALPHA_BLOCK_ELEMENTS = 1 << 20
@@ -53,19 +56,20 @@ def _static_offset(q_offset, Lq, Lk):
     return None
 
 
-def _plan(q, k, causal, key_lengths, q_offset):
+def _plan(q, k, causal, key_lengths, q_offset, key_padding_mask=None):
     """How SDPA expresses the call: (allowed [B|1, 1, Lq, Lk] bool or None, is_causal,
     nonempty [B|1, 1, Lq, 1] bool or None (None: every row reads some key), key_valid
     [B, Lk] or None (None: no padding)).
 
-    With no key_lengths and a known integer offset o, most calls need no mask: not causal, or
-    causal with o >= Lk - 1 (every row reads every key: decode steps), or o = 0 (SDPA's own
-    is_causal, aligned top-left)."""
+    With no key_lengths, no key_padding_mask and a known integer offset o, most calls need no
+    mask: not causal, or causal with o >= Lk - 1 (every row reads every key: decode steps), or
+    o = 0 (SDPA's own is_causal, aligned top-left). A key_padding_mask may empty any row (its
+    own key masked), so with one every row's emptiness is read from the mask."""
     B, _, Lq, _ = q.shape
     Lk = k.shape[2]
     device = q.device
     offset = _static_offset(q_offset, Lq, Lk)
-    if key_lengths is None and offset is not None:
+    if key_lengths is None and key_padding_mask is None and offset is not None:
         if not causal or offset >= Lk - 1:
             return None, False, None, None
         if offset == 0:
@@ -78,6 +82,10 @@ def _plan(q, k, causal, key_lengths, q_offset):
     allowed, key_valid = None, None
     if key_lengths is not None:
         key_valid = keys[None, :] < torch.as_tensor(key_lengths, device=device).to(torch.int64)[:, None]
+    if key_padding_mask is not None:  # a masked key is excluded as a key beyond key_lengths
+        readable = key_padding_mask.to(device=device, dtype=torch.bool).expand(B, Lk)
+        key_valid = readable if key_valid is None else key_valid & readable
+    if key_valid is not None:
         allowed = key_valid[:, None, None, :]  # [B, 1, 1, Lk]
     if causal:
         if offset is None:
@@ -119,7 +127,7 @@ def _sdpa(q, k, v, allowed, is_causal, scale):
 
 
 def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None, q_offset=None,
-              scale=None):
+              scale=None, key_padding_mask=None):
     """The torch-sdpa kernel: SPEC.md attention for alpha = 1 without span (arguments validated
     by the dispatcher), differentiable in q, k, v (and alpha, at 1)."""
     _check_softmax(alpha, span)
@@ -131,11 +139,60 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
             target = torch.get_autocast_dtype(device_type)
             q, k, v = q.to(target), k.to(target), v.to(target)
         with torch.autocast(device_type, enabled=False):
-            return _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale)
-    return _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale)
+            return _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale, key_padding_mask)
+    return _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale, key_padding_mask)
 
 
-def _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale):
+#: With a key_padding_mask on CPU and no gradient asked for (generation), batch rows whose
+#: readable keys are one contiguous range (left or right padding, as batched generation pads)
+#: run one SDPA call each on a slice of K and V (a view), instead of one call on a copy of the
+#: whole cache with the masked keys zeroed, once a batch row's cache (Hkv Lk D elements) is at
+#: least this large: below it the per-call cost of B calls outweighs the copy. With gradients
+#: the copy is kept: each slice's backward writes a gradient the size of the whole cache.
+SLICE_MIN_ELEMENTS = 1 << 16
+
+
+def _records_grad(q, k, v, alpha):
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or (isinstance(alpha, Tensor) and alpha.requires_grad))
+
+
+def _readable_ranges(key_padding_mask, key_lengths, B, Lk):
+    """[(lo_b, hi_b)] when every batch row's readable keys (the mask, below key_lengths) are
+    the one range lo_b <= j < hi_b (possibly empty), else None. One host read."""
+    valid = key_padding_mask.to(torch.bool).expand(B, Lk)
+    if key_lengths is not None:
+        valid = valid & (torch.arange(Lk)[None, :] < torch.as_tensor(key_lengths).to(torch.int64).reshape(-1, 1))
+    runs = valid[:, 0].to(torch.int64) + (valid[:, 1:] & ~valid[:, :-1]).sum(1)  # ranges of readable keys
+    first = valid.to(torch.uint8).argmax(1)  # the first readable key (0 when there is none)
+    rows = torch.stack([runs, first, valid.sum(1)]).tolist()
+    if any(n > 1 for n in rows[0]):
+        return None
+    return [(lo, lo + n) for lo, n in zip(rows[1], rows[2])]
+
+
+def _by_slices(q, k, v, alpha, causal, key_lengths, q_offset, scale, key_padding_mask):
+    """The call as one SDPA call per batch row on the slice of keys it may read (slicing
+    shifts distances by lo: q_offset o - lo), or None when some row's readable keys are not
+    one range. Gradients reach the slices only: excluded keys get dk = dv = 0 exactly."""
+    B, _, Lq, _ = q.shape
+    Lk = k.shape[2]
+    ranges = _readable_ranges(key_padding_mask, key_lengths, B, Lk)
+    if ranges is None:
+        return None
+    offsets = [Lk - Lq] * B if q_offset is None else \
+        torch.as_tensor(q_offset).to(torch.int64).reshape(-1).expand(B).tolist()
+    outs = [_attention(q[b:b + 1], k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi], alpha, causal, None,
+                       offsets[b] - lo, scale, None) for b, (lo, hi) in enumerate(ranges)]
+    return torch.cat(outs, 0)
+
+
+def _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale, key_padding_mask):
+    if key_padding_mask is not None and q.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and k.shape[1] * k.shape[2] * k.shape[3] >= SLICE_MIN_ELEMENTS and not _records_grad(q, k, v, alpha):
+        out = _by_slices(q, k, v, alpha, causal, key_lengths, q_offset, scale, key_padding_mask)
+        if out is not None:
+            return out
     out_dtype = q.dtype
     B, H, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
@@ -152,18 +209,19 @@ def _attention(q, k, v, alpha, causal, key_lengths, q_offset, scale):
             none = torch.zeros((), dtype=torch.bool, device=q.device)
             out = out + torch.where(none, qc.sum() + kc.sum() + vc.sum(), 0.0)
         return out.to(out_dtype)
-    allowed, is_causal, nonempty, key_valid = _plan(q, k, causal, key_lengths, q_offset)
+    allowed, is_causal, nonempty, key_valid = _plan(q, k, causal, key_lengths, q_offset, key_padding_mask)
     if key_valid is not None:
-        kv_mask = key_valid[:, None, :, None]
-        kc = torch.where(kv_mask, kc, 0.0)
-        vc = torch.where(kv_mask, vc, 0.0)
+        kc = zero_excluded_keys(kc, key_valid)
+        vc = zero_excluded_keys(vc, key_valid)
     if nonempty is not None:
-        # empty rows read every (zeroed-query) key instead of none, then give 0
-        qc = torch.where(nonempty, qc, 0.0)
+        # empty rows read every (zeroed-query) key instead of none, then give 0 (a zero of
+        # the dtype: torch.where against a Python number runs several times slower on CPU)
+        zero = torch.zeros((), dtype=dtype, device=q.device)
+        qc = torch.where(nonempty, qc, zero)
         allowed = allowed | ~nonempty
     out = _sdpa(qc, kc, vc, allowed, is_causal, scale)
     if nonempty is not None:
-        out = torch.where(nonempty, out, 0.0)
+        out = torch.where(nonempty, out, zero)
     if type(alpha) is not float and isinstance(alpha, Tensor) and alpha.requires_grad:
         out = _AlphaAtOne.apply(out, alpha, qc.detach(), kc.detach(), vc.detach(), allowed, is_causal,
                                 nonempty, scale)
