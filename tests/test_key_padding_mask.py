@@ -291,16 +291,37 @@ def test_numpy_backend_and_explain():
     out = attnspec.attention(q, k, v, key_padding_mask=mask, alpha=1.5, backend="numpy")
     np.testing.assert_array_equal(out, ref.attention(q, k, v, key_padding_mask=mask, alpha=1.5))
     assert np.isfinite(out).all()
+    # A kernel written against SPEC 1.0 declares every feature but the mask: explain passes it
+    # over with that reason, and a masked call never reaches it.
+    from attnspec.dispatch.capabilities import all_features
+
+    calls = []
+    older = attnspec.Backend(
+        name="spec-1-0-kernel", version="1.0", priority=100,
+        kernels={"attention": attnspec.Kernel("attention", lambda *a, **kw: calls.append(kw) or ref.attention(*a, **kw),
+                                              attnspec.Capabilities(array_type="numpy", dtypes=("float64",),
+                                                                    features=all_features("attention")
+                                                                    - {"key_padding_mask"}))})
+    attnspec.register_backend(older)
+    try:
+        decision = attnspec.explain(q, k, v, key_padding_mask=mask)
+        assert dict(decision.considered)["spec-1-0-kernel"] == ["feature 'key_padding_mask' is not supported"], \
+            str(decision)
+        assert decision.selected != "spec-1-0-kernel"
+        attnspec.attention(q, k, v, key_padding_mask=mask)
+        assert not calls
+        # without a mask the same kernel is the first choice (its priority is the highest)
+        assert attnspec.explain(q, k, v).selected == "spec-1-0-kernel"
+    finally:
+        attnspec.unregister_backend("spec-1-0-kernel")
     pytest.importorskip("triton")
     torch = pytest.importorskip("torch")
     tq, tk, tv = (torch.tensor(x, dtype=torch.float32) for x in (q, k, v))
     decision = attnspec.explain(tq, tk, tv, key_padding_mask=torch.tensor(mask))
-    assert decision.selected is not None and decision.selected != "triton"
-    reasons = dict(decision.considered)
-    # torch-decode does not declare the feature: it is passed over with that reason.
-    assert reasons["torch-decode"] == ["feature 'key_padding_mask' is not supported"], str(decision)
-    # triton declares it: its reasons (if any: CPU tensors without the interpreter) never name it.
-    assert not any("key_padding_mask" in r for r in reasons["triton"]), str(decision)
+    assert decision.selected is not None
+    # every built-in torch kernel declares the mask: no reason names it
+    for name, reasons in decision.considered:
+        assert not any("key_padding_mask" in r for r in reasons), str(decision)
     meta = attnspec.explain(*(x.to("meta") for x in (tq, tk, tv)), key_padding_mask=torch.tensor(mask).to("meta"),
                             backend="triton")
     assert meta.selected == "triton", str(meta)
