@@ -56,6 +56,14 @@ def _static_offsets(q_offset, B):
     return values
 
 
+def _ops():
+    """The jax backend's 'partial' kernel (SPEC.md section 10): the per-block operations, taken
+    from the declaration the conformance suite checks."""
+    from attnspec.dispatch import registry
+
+    return registry.load("jax").kernel("partial").fn
+
+
 def _shifted(x, shift, size, axis_name):
     """The value of x on device (index - shift) (zeros where that device does not exist)."""
     if shift > 0:
@@ -81,7 +89,7 @@ def _ring_shift(x, axis_name, size):
 
 def _ring_forward(st, q, k, v, alpha, span, lengths, offsets):
     from attnspec.backends.jax import entmax as _entmax
-    from attnspec.backends.jax import partial as _partial
+    _partial = _ops()
 
     axis_name, size, Lb, causal, ramp, scale, has_span, has_lengths, iterations = st
     dtype = _partial.compute_dtype(q.dtype)
@@ -109,8 +117,7 @@ def _ring_forward(st, q, k, v, alpha, span, lengths, offsets):
     neg = jnp.full(row, -jnp.inf, dtype)
 
     def bounds(acc, blk):
-        s, m = blk[0], blk[1]
-        top, mass, lone, lse = _partial.row_bounds(s, m, eps)
+        top, mass, lone, lse = _partial.row_bounds(blk, eps)
         return (jnp.maximum(acc[0], top), acc[1] + mass, jnp.maximum(acc[2], lone), jnp.logaddexp(acc[3], lse))
 
     top, mass, lone, lse = ring_pass(kk, bounds, (neg, jnp.zeros(row, dtype), neg, neg))
@@ -132,7 +139,7 @@ def _ring_forward(st, q, k, v, alpha, span, lengths, offsets):
         c, lo, hi, it, _ = state
 
         def sums(acc, blk):
-            sp, sw = _partial.row_sums(blk[0], blk[1], eps, c)
+            sp, sw = _partial.row_sums(blk, eps, c)
             return acc[0] + sp, acc[1] + sw
 
         total_p, total_w = ring_pass(kk, sums, (jnp.zeros(row, dtype), jnp.zeros(row, dtype)))
@@ -148,7 +155,7 @@ def _ring_forward(st, q, k, v, alpha, span, lengths, offsets):
     c = jnp.where(nonempty, c, 0.0)
 
     def values(acc, blk):
-        pv, wv, ws = _partial.weighted_values(blk[0], blk[1], eps, c, blk[4])
+        pv, wv, ws = _partial.weighted_values(blk, eps, c)
         return acc[0] + pv, acc[1] + wv, acc[2] + ws
 
     Dv = v.shape[3]
@@ -170,7 +177,7 @@ def _ring_fwd(st, q, k, v, alpha, span, lengths, offsets):
 
 
 def _ring_bwd(st, residuals, dout):
-    from attnspec.backends.jax import partial as _partial
+    _partial = _ops()
 
     q, k, v, alpha, span, lengths, offsets, c, wv, wsum = residuals
     axis_name, size, Lb, causal, ramp, scale, has_span, has_lengths, iterations = st
@@ -190,10 +197,9 @@ def _ring_bwd(st, residuals, dout):
     dspan = jnp.zeros((H,), dtype)
     for t in range(size):
         owner = (index - t) % size
-        s, m, qc, kc, vc = _partial.block_scores(q, payload[..., :D], payload[..., D:width], index * Lb, owner * Lb,
-                                                 span_h, ramp, causal, kl, offsets, scale)
-        dq_b, dk_b, dv_b, deps_b, dspan_b = _partial.backward_block(s, m, qc, kc, vc, eps, c, gbar, dout, scale,
-                                                                    ramp)
+        blk = _partial.block_scores(q, payload[..., :D], payload[..., D:width], index * Lb, owner * Lb,
+                                    span_h, ramp, causal, kl, offsets, scale)
+        dq_b, dk_b, dv_b, deps_b, dspan_b = _partial.backward_block(blk, eps, c, gbar, dout, scale, ramp, True)
         dq, deps = dq + dq_b, deps + deps_b
         if dspan_b is not None:
             dspan = dspan + dspan_b
