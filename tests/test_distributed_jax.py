@@ -20,7 +20,7 @@ def test_shard_map_on_four_devices_matches_the_single_device_call():
     done = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 5, done.stdout
+    assert len(results) == 7, done.stdout
     failures = []
     for r in results:
         if not r["uses"]:
@@ -29,6 +29,19 @@ def test_shard_map_on_four_devices_matches_the_single_device_call():
             if not err <= bound:
                 failures.append(f"{r['case']}: {name} differs by {err:.3g} (bound {bound:.3g})")
     assert not failures, "\n".join(failures)
+
+
+def test_a_malformed_padding_mask_raises_before_any_collective():
+    """The mask is this device's block [B, Lb] of booleans: checked before the axis is read."""
+    import jax.numpy as jnp
+
+    from attnspec.distributed import jax as cp
+
+    q = jnp.zeros((2, 2, 8, 4))
+    with pytest.raises(ValueError, match=r"key_padding_mask must be this device's block \[B, Lb\] = \[2, 8\]"):
+        cp.attention(q, q, q, axis_name="seq", key_padding_mask=jnp.ones((2, 32), bool))
+    with pytest.raises(TypeError, match="key_padding_mask must hold booleans"):
+        cp.attention(q, q, q, axis_name="seq", key_padding_mask=jnp.ones((2, 8)))
 
 
 def test_geometry_is_shared_and_q_offset_must_be_static():
