@@ -282,3 +282,15 @@ def test_every_wrong_per_block_operation_is_caught(name, tmp_path):
         (failure,) = report.failures
         assert failure.check not in CRASHES and failure.check.startswith("partial: "), failure.message
 
+
+
+def test_a_per_block_failure_is_saved_and_replays(clean_registry, tmp_path):
+    pytest.importorskip("torch")
+    backend = mutants.wrong_partial_backend("partial: key_padding_mask ignored")
+    attnspec.register_backend(backend)
+    report = conformance.check(backend.name, cells=["partial op"], dtypes=["float64"], stop_on_first_failure=True,
+                               artifacts_dir=str(tmp_path))
+    (failure,) = report.failures
+    with pytest.raises(conformance.ConformanceError, match="partial: block_scores"):
+        conformance.replay(failure.npz)
+    conformance.replay(failure.npz, backend="torch")  # the torch backend passes the saved case
