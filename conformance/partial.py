@@ -1,9 +1,9 @@
 """Checks of the per-block operations (SPEC.md section 10) against attnspec.reference.partial.
 
-A case is one sequence split in ragged blocks; every (query block, key block) pair goes through
-each operation of the backend's 'partial' kernel and of the reference, on the same inputs (the
-case rounded to the dtype under test; c and gbar, which the operations take as inputs, are the
-reference's for the whole row, rounded likewise). Tolerances are those of SPEC.md section 9:
+A case is one sequence split in ragged blocks; one query block (drawn) against every key block
+goes through each operation of the backend's 'partial' kernel and of the reference, on the
+same inputs (the case rounded to the dtype under test; c and gbar, which the operations take
+as inputs, are the reference's for the whole row, rounded likewise). Tolerances are those of SPEC.md section 9:
 scores and row bounds within `score_error`, sums and values within the forward bound relative
 to their size, the gradient pieces within the gradient bound. Entmax rows with a key within
 `gradient_margin` of the support's edge skip what w = p/u and psi touch (w jumps there at
@@ -73,7 +73,7 @@ def check_partial(ctx, case) -> None:
     case = case.rounded(ctx.dtype)
     ops, fw, dtype, device = ctx.kernel.fn, ctx.framework, ctx.dtype, ctx.device
     compute = compute_dtype(dtype)
-    B, H, L, D = case.q.shape
+    L = case.q.shape[2]
     eps = (np.asarray(case.alpha, np.float64) - 1.0)[None, :, None, None]
     starts = np.concatenate([[0], np.cumsum(case.splits)[:-1]]).astype(int)
     blocks = [(int(a), int(a + n)) for a, n in zip(starts, case.splits)]
@@ -92,11 +92,6 @@ def check_partial(ctx, case) -> None:
                                 case.ramp, case.causal, case.key_lengths, case.q_offset, case.scale,
                                 None if mask is None else mask[:, c0:c1])
 
-    def got_scores(a, b, c0, c1):
-        return ops.block_scores(arrays(case.q[:, :, a:b]), arrays(case.k[:, :, c0:c1]), arrays(case.v[:, :, c0:c1]),
-                                a, c0, span_b, case.ramp, case.causal, lengths_b, offsets_b, case.scale,
-                                None if mask is None else _booleans(fw, mask[:, c0:c1], device))
-
     # The whole rows: the normaliser c and gbar the operations take as inputs.
     full = ref_scores(0, L, 0, L)
     c_all = round_to(ref.normaliser(full, eps), compute)
@@ -112,7 +107,6 @@ def check_partial(ctx, case) -> None:
     with np.errstate(divide="ignore", invalid="ignore"):
         edge = np.abs(full.s - c_all + 1.0 / np.where(eps > 0, eps, np.inf))
     edge = np.where(np.isfinite(full.s) & (eps > 0), edge, np.inf).min(-1)  # [B, H, L]
-    ctx.checked.add("partial")
 
     check = "partial: gbar"
     assert_close(check, "gbar", fw.to_numpy(ops.gbar(arrays(dout), fw.array(wv_all, compute, device),
