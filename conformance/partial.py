@@ -3,9 +3,9 @@
 A case is one sequence split in ragged blocks; one query block (drawn) against every key block
 goes through each operation of the backend's 'partial' kernel and of the reference, on the
 same inputs (the case rounded to the dtype under test; c and gbar, which the operations take
-as inputs, are the reference's for the whole row, rounded likewise). Tolerances are those of SPEC.md section 9:
-scores and row bounds within `score_error`, sums and values within the forward bound relative
-to their size, the gradient pieces within the gradient bound. Entmax rows with a key within
+as inputs, are the reference's for the whole row, rounded likewise). Tolerances are those of
+SPEC.md section 9: scores and row bounds within `score_error`, sums and values within the
+forward bound relative to their size, the gradient pieces within the gradient bound. Entmax rows with a key within
 `gradient_margin` of the support's edge skip what w = p/u and psi touch (w jumps there at
 alpha = 2 and is steeper than any line above alpha = 1.5): a score error of that size may move
 the key across it.
@@ -111,7 +111,8 @@ def check_partial(ctx, case) -> None:
     check = "partial: gbar"
     assert_close(check, "gbar", fw.to_numpy(ops.gbar(arrays(dout), fw.array(wv_all, compute, device),
                                                      fw.array(wsum_all, compute, device))),
-                 ref.gbar(dout, wv_all, wsum_all), tolerances.forward_atol(dtype, 0.0, max_dout * max_v * case.v.shape[-1]))
+                 ref.gbar(dout, wv_all, wsum_all),
+                 tolerances.forward_atol(dtype, 0.0, max_dout * max_v * case.v.shape[-1]))
 
     run_pair = _jitted(fw) if fw.name == "jax" else _run_pair
     statics = dict(span=span_b, eps=eps_b, lengths=lengths_b, offsets=offsets_b, ramp=float(case.ramp),
@@ -161,7 +162,8 @@ def check_partial(ctx, case) -> None:
             lse_g, out_g = (fw.to_numpy(x) for x in softmax_g)
             lse_r, out_r = ref.softmax_block(r)
             _close_finite("partial: softmax_block", "lse" + where, lse_g, lse_r, tolerances.score_error(dtype, max_s))
-            assert_close("partial: softmax_block", "out" + where, out_g, out_r, tolerances.forward_atol(dtype, max_s, max_v))
+            assert_close("partial: softmax_block", "out" + where, out_g, out_r,
+                         tolerances.forward_atol(dtype, max_s, max_v))
             softmax_parts.append((lse_r, out_r))
             if near_edge:
                 ctx.counters["gradient_skips"] += 1

@@ -252,7 +252,8 @@ def attention(q, k, v, *, axis_name, alpha=1.0, span=None, ramp=32.0, causal=Fal
             raise ValueError(f"key_padding_mask must be this device's block [B, Lb] = [{B}, {Lb}]; got shape "
                              f"{list(key_padding_mask.shape)}")
         if jnp.dtype(key_padding_mask.dtype) != jnp.bool_:
-            raise TypeError(f"key_padding_mask must hold booleans (True = readable); got dtype {key_padding_mask.dtype}")
+            raise TypeError("key_padding_mask must hold booleans (True = readable); got dtype "
+                            f"{key_padding_mask.dtype}")
     size = lax.axis_size(axis_name)
     index = lax.axis_index(axis_name)
     if k.shape[2] != Lb:
