@@ -72,6 +72,9 @@ FEATURES = {
     ),
     "entmax": ("entmax", "alpha_array", "weights", "grad", "alpha_grad", "weights_grad"),
     "span_mask": ("span_per_head", "q_offset", "grad"),
+    # The per-block operations of SPEC.md section 10 (attnspec.reference.partial): what a
+    # block's keys may be restricted by.
+    "partial": ("entmax", "span", "causal", "key_lengths", "key_padding_mask", "q_offset", "gqa"),
 }
 
 

@@ -134,7 +134,40 @@ class SpanMaskCase:
         return 0.0
 
 
-CASE_TYPES = {cls.op: cls for cls in (AttentionCase, EntmaxCase, SpanMaskCase)}
+@dataclass
+class PartialCase:
+    """The per-block operations (SPEC.md section 10) on one sequence split in blocks: q, k, v
+    [B, H or Hkv, L, *] and grad_out [B, H, L, Dv] over the whole sequence; splits: the blocks'
+    lengths (queries and keys are split alike); alpha [H] and span [H] (or None) arrays;
+    key_lengths, q_offset: int64 [B] (or None); key_padding_mask: bool [B, L] (or None)."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    grad_out: np.ndarray
+    splits: np.ndarray
+    alpha: np.ndarray
+    span: object = None
+    ramp: float = 2.0
+    causal: bool = False
+    key_lengths: object = None
+    q_offset: object = None
+    scale: float = 0.5
+    key_padding_mask: object = None
+    query_block: int = 0  # the block of queries checked against every block of keys
+    gradients: bool = True
+    note: str = ""
+
+    op = "partial"
+
+    def rounded(self, dtype: str) -> "PartialCase":
+        return replace(self, q=round_to(self.q, dtype), k=round_to(self.k, dtype), v=round_to(self.v, dtype),
+                       grad_out=round_to(self.grad_out, dtype), alpha=_round_param(self.alpha, dtype),
+                       span=_round_param(self.span, dtype), ramp=_round_param(self.ramp, dtype),
+                       scale=_round_param(self.scale, dtype))
+
+
+CASE_TYPES = {cls.op: cls for cls in (AttentionCase, EntmaxCase, SpanMaskCase, PartialCase)}
 
 
 def save_case(case, path, **context) -> None:
@@ -169,4 +202,4 @@ def load_case(path):
     return cls(**values), context
 
 
-__all__ = ["AttentionCase", "EntmaxCase", "SpanMaskCase", "load_case", "round_to", "save_case"]
+__all__ = ["AttentionCase", "EntmaxCase", "PartialCase", "SpanMaskCase", "load_case", "round_to", "save_case"]

@@ -19,7 +19,7 @@ from attnspec.dispatch.capabilities import GRADIENTS
 from attnspec.errors import BackendUnavailableError, UnsupportedCallError
 from attnspec.validation import CallInfo
 
-from . import attention, entmax, span, strategies
+from . import attention, entmax, partial, span, strategies
 from ._compare import CheckFailed, Context, Refused
 from .cases import load_case, save_case
 from .frameworks import framework
@@ -47,6 +47,8 @@ def plans(cell: strategies.Cell, supported, caps=None, dtype=None, sizes=None) -
         return [Plan(strategies.entmax_cases(cell, supported, caps, dtype), entmax.CHECKS)]
     if cell.op == "span_mask":
         return [Plan(strategies.span_mask_cases(cell, supported), span.CHECKS)]
+    if cell.op == "partial":
+        return [Plan(strategies.partial_cases(cell, supported), partial.CHECKS)]
     share = sizes.large_share if sizes is not None else 0.0
     out = [Plan(strategies.attention_cases(cell, supported, caps, dtype), attention.CHECKS, 1.0 - share)]
     if share > 0:  # tile-crossing sizes: a plan of their own, so that every cell has some
@@ -120,6 +122,11 @@ def _describe(case) -> str:
     if case.op == "entmax":
         alpha = case.alpha.tolist() if hasattr(case.alpha, "tolist") else case.alpha
         return f"x{list(case.x.shape)} alpha={alpha} axis={case.axis} weights={case.weights is not None} {case.note}"
+    if case.op == "partial":
+        return (f"q{list(case.q.shape)} k{list(case.k.shape)} v{list(case.v.shape)} splits={case.splits.tolist()} "
+                f"alpha={case.alpha.tolist()} span={None if case.span is None else case.span.tolist()} "
+                f"ramp={case.ramp} causal={case.causal} key_lengths={case.key_lengths} q_offset={case.q_offset} "
+                f"key_padding_mask={case.key_padding_mask is not None}")
     return f"Lq={case.Lq} Lk={case.Lk} span={case.span} ramp={case.ramp} q_offset={case.q_offset}"
 
 
@@ -352,6 +359,8 @@ def replay(path, backend=None):
         checks = (attention.check_continuity,) if case.note.startswith("continuity") else attention.checks_for(case)
     elif cell.op == "entmax":
         checks = entmax.CHECKS
+    elif cell.op == "partial":
+        checks = partial.CHECKS
     else:
         checks = span.CHECKS
     for check_fn in checks:

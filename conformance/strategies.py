@@ -22,7 +22,7 @@ import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from .cases import AttentionCase, EntmaxCase, SpanMaskCase
+from .cases import AttentionCase, EntmaxCase, PartialCase, SpanMaskCase
 
 #: (B, H, Hkv, Lq, Lk, D, Dv)
 SHAPES_PLAIN = [(1, 2, 2, 6, 6, 8, 8), (2, 3, 3, 4, 9, 4, 6)]
@@ -70,6 +70,8 @@ ATTENTION_CELLS = [
 OP_CELLS = [
     _cell("entmax op", "entmax", {"entmax"}, {"alpha_array", "weights"}),
     _cell("span_mask op", "span_mask", set(), {"span_per_head", "q_offset"}),
+    _cell("partial op", "partial", set(), {"entmax", "span", "causal", "key_lengths", "key_padding_mask",
+                                           "q_offset", "gqa"}),
 ]
 CELLS = ATTENTION_CELLS + OP_CELLS
 
@@ -500,4 +502,55 @@ def cases_for(cell: Cell, supported):
         return attention_cases(cell, frozenset(supported))
     if cell.op == "entmax":
         return entmax_cases(cell, frozenset(supported))
+    if cell.op == "partial":
+        return partial_cases(cell, frozenset(supported))
     return span_mask_cases(cell, frozenset(supported))
+
+
+#: (B, H, Hkv, L, D, Dv) of the per-block cases, and the ragged splits of each L.
+SHAPES_PARTIAL = [(2, 2, 2, 9, 4, 3), (1, 1, 1, 7, 2, 1)]
+SHAPES_PARTIAL_GQA = [(2, 4, 2, 9, 3, 4), (1, 2, 1, 7, 4, 3)]
+SPLITS_PARTIAL = {9: [(4, 5), (2, 6, 1), (9,)], 7: [(3, 4), (1, 5, 1)]}
+
+
+@st.composite
+def partial_cases(draw, cell: Cell, supported) -> PartialCase:
+    """A sequence of ragged length split in 1-3 ragged blocks, for the per-block operations:
+    alphas 1, 1.5, 2 and between (per head), spans away from the mask's kinks (an integer
+    distance never meets z + R - |d| in {0, R}), causal, key_lengths, key_padding_mask and
+    q_offset as the kernel declares them; keys that do not exist hold NaN."""
+    features = cell.features(supported)
+    # (B, H, Hkv, L, D, Dv) and the splits from fixed buckets: JAX compiles each shape once.
+    B, H, Hkv, L, D, Dv = draw(st.sampled_from(SHAPES_PARTIAL + (SHAPES_PARTIAL_GQA if "gqa" in features else [])))
+    splits = np.asarray(draw(st.sampled_from(SPLITS_PARTIAL[L])), dtype=np.int64)
+    entmax = "entmax" in features
+    alpha = np.array([draw(st.sampled_from([1.5, 2.0, 1.0, 1.25, 1.8]) if entmax else st.just(1.0))
+                      for _ in range(H)], dtype=np.float64)
+    ramp = draw(st.sampled_from([2.0, 1.0, 3.0]))
+    span = None
+    if "span" in features and draw(st.booleans()):
+        span = np.array([draw(st.integers(0, L)) + draw(st.sampled_from([0.25, 0.5, 0.75])) for _ in range(H)])
+    causal = "causal" in features and draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    logits = draw(st.sampled_from([1.0, 3.0, 0.3]))
+    q = logits * rng.standard_normal((B, H, L, D))
+    k = rng.standard_normal((B, Hkv, L, D))
+    v = rng.standard_normal((B, Hkv, L, Dv))
+    grad_out = rng.standard_normal((B, H, L, Dv))
+    valid = np.ones((B, L), bool)
+    key_lengths = None
+    if "key_lengths" in features and draw(st.booleans()):
+        key_lengths = rng.integers(0, L + 1, size=B).astype(np.int64)
+        valid &= np.arange(L)[None, :] < key_lengths[:, None]
+    mask = None
+    if "key_padding_mask" in features and draw(st.booleans()):
+        mask = rng.random((B, L)) < draw(st.sampled_from([0.7, 0.3]))
+        valid &= mask
+    k = np.where(valid[:, None, :, None], k, np.nan)  # keys that do not exist may hold anything (SPEC.md 5.3)
+    v = np.where(valid[:, None, :, None], v, np.nan)
+    q_offset = np.zeros(B, np.int64)
+    if "q_offset" in features and draw(st.booleans()):
+        q_offset = rng.integers(-3, 4, size=B).astype(np.int64)
+    return PartialCase(q=q, k=k, v=v, grad_out=grad_out, splits=splits, alpha=alpha, span=span, ramp=ramp,
+                       causal=bool(causal), key_lengths=key_lengths, q_offset=q_offset, scale=D**-0.5,
+                       key_padding_mask=mask, query_block=draw(st.integers(0, len(splits) - 1)))

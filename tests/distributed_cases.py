@@ -30,6 +30,14 @@ CASES = [
     ("float32-halo-and-ring", dict(H=4, Hkv=2, alpha=[1.0, 1.5, 1.3, 1.0], span=[3.0, 30.0, 2.0, 4.0], ramp=2.0,
                                    causal=True, max_span=4.0, dtype="float32")),
     ("float32-ring-entmax", dict(H=2, Hkv=2, alpha=[1.7, 1.2], span=None, causal=False, dtype="float32")),
+    # key_padding_mask (PADDING): batch 0's first 10 keys masked (a whole shard, rows with no
+    # readable key under causal), batch 1's first 7 (crossing a shard boundary) and holes.
+    ("padding-halo-and-ring", dict(H=4, Hkv=2, alpha=[1.0, 1.5, 1.3, 2.0], span=[3.0, 30.0, 2.0, 4.5], ramp=2.0,
+                                   causal=True, max_span=4.5, padding=True)),
+    ("padding-ring-softmax-key-lengths", dict(H=2, Hkv=1, alpha=1.0, span=None, causal=False, padding=True,
+                                              key_lengths=[20, 24])),
+    ("padding-float32-both-sides", dict(H=2, Hkv=2, alpha=[1.5, 1.0], span=[2.5, 9.0], ramp=2.0, causal=False,
+                                        max_span=3.0, padding=True, dtype="float32")),
     ("bfloat16-halo-and-ring", dict(H=2, Hkv=1, alpha=[1.5, 1.0], span=[2.0, 30.0], ramp=2.0, causal=True,
                                     max_span=3.0, dtype="bfloat16", key_lengths=[20, 24])),
 ]
@@ -52,7 +60,22 @@ def _inputs(settings, seed):
         for b, n in enumerate(settings["key_lengths"]):
             k[b, :, n:] = float("nan")
             v[b, :, n:] = float("inf")
+    mask = _padding(settings)
+    if mask is not None:
+        k[~mask[:, None, :, None].expand_as(k)] = float("nan")
+        v[~mask[:, None, :, None].expand_as(v)] = float("inf")
     return q, k, v, w
+
+
+def _padding(settings):
+    """[B, L] bool (True = readable) for cases with padding=True, else None."""
+    if not settings.get("padding"):
+        return None
+    mask = torch.ones(2, L, dtype=torch.bool)
+    mask[0, :10] = False
+    mask[1, :7] = False
+    mask[1, [11, 12, 17, 20]] = False
+    return mask
 
 
 def _param(value, dtype):
@@ -79,15 +102,19 @@ def run_case(name, settings, rank, world, seed=0):
     kwargs = dict(ramp=settings.get("ramp", 32.0), causal=settings["causal"],
                   key_lengths=None if settings.get("key_lengths") is None else torch.tensor(settings["key_lengths"]),
                   q_offset=None if settings.get("q_offset") is None else torch.tensor(settings["q_offset"]))
+    mask = _padding(settings)
+    full = {} if mask is None else {"key_padding_mask": mask}
     # The oracle: the single-device torch backend on the whole sequence, in float64 (on the
     # inputs as rounded to the dtype under test).
-    expected = _grads(lambda q_, k_, v_, a, s: attnspec.attention(q_, k_, v_, alpha=a, span=s, backend="torch", **kwargs),
+    expected = _grads(lambda q_, k_, v_, a, s: attnspec.attention(q_, k_, v_, alpha=a, span=s, backend="torch",
+                                                                  **kwargs, **full),
                       q.double(), k.double(), v.double(), w, settings, torch.float64)
     lengths = LENGTHS[world]
     start = sum(lengths[:rank])
     sl = slice(start, start + lengths[rank])
+    mine = {} if mask is None else {"key_padding_mask": mask[:, sl]}  # this rank's slice
     got = _grads(lambda q_, k_, v_, a, s: cp.attention(q_, k_, v_, alpha=a, span=s, max_span=settings.get("max_span"),
-                                                       **kwargs),
+                                                       **kwargs, **mine),
                  q[:, :, sl], k[:, :, sl], v[:, :, sl], w[:, :, sl], settings, dtype)
     if settings.get("no_grad_check"):  # inference: no graph; the same values within the bound
         with torch.no_grad():
@@ -116,6 +143,10 @@ def run_case(name, settings, rank, world, seed=0):
             bound = 16 * rel * max(float(e.abs().max()), float(w.abs().max()) * max(1.0, max_v))
         if not err <= bound:
             failures.append(f"{name}: {n} differs by {err:.3g} (bound {bound:.3g})")
+        if n in ("dk", "dv") and mask is not None:  # masked keys: exactly 0 (SPEC.md 5.3)
+            masked = ~mask[:, sl]
+            if masked.any() and not bool((a.double().permute(0, 2, 1, 3)[masked] == 0).all()):
+                failures.append(f"{name}: {n} of a masked key is not exactly 0")
         if n == "out" and again is not None:
             # Inference may take another (equally exact) path, e.g. torch-decode's sorted solve.
             err = float((again.double() - a.double()).abs().max()) if a.numel() else 0.0
@@ -125,28 +156,49 @@ def run_case(name, settings, rank, world, seed=0):
 
 
 def refusals(rank, world):
-    """Malformed calls raise a clear error on every rank (before any rank waits on another)."""
+    """Malformed calls raise a clear error on every rank; those a rank can see from its own
+    arguments raise before it waits on another (no collective runs)."""
     from attnspec.distributed import torch as cp
 
     q = torch.zeros(1, 2, LENGTHS[world][rank], 4)
+    Lr = q.shape[2]
+    # (change, words in the error, whether the check is local)
     checks = [
-        (dict(k=q[:, :, :-1] if q.shape[2] > 1 else torch.zeros(1, 2, 2, 4)), "one length"),
-        (dict(span=2.0, max_span=-1.0), "max_span"),
-        (dict(key_lengths=torch.tensor([L + 1])), "key_lengths"),
-        (dict(alpha=torch.tensor([1.5, 1.5, 1.5])), "alpha"),
+        (dict(k=q[:, :, :-1] if q.shape[2] > 1 else torch.zeros(1, 2, 2, 4)), "one length", True),
+        (dict(span=2.0, max_span=-1.0), "max_span", True),
+        (dict(key_lengths=torch.tensor([L + 1])), "key_lengths", False),  # needs the whole length
+        (dict(key_lengths=torch.tensor([-1])), "key_lengths", True),
+        (dict(key_lengths=torch.tensor([2.0])), "key_lengths", True),
+        (dict(key_lengths=torch.tensor([3, 4])), "key_lengths", True),
+        (dict(alpha=torch.tensor([1.5, 1.5, 1.5])), "alpha", True),
+        (dict(key_padding_mask=torch.ones(1, L, dtype=torch.bool)), "key_padding_mask", True),  # not the slice
+        (dict(key_padding_mask=torch.ones(1, Lr)), "key_padding_mask", True),  # not bool
     ]
     failures = []
-    for change, words in checks:
+    collectives = []
+    original = dist.all_gather
+
+    def counting(*args, **kwargs):
+        collectives.append(1)
+        return original(*args, **kwargs)
+
+    for change, words, local in checks:
         kwargs = dict(k=q)
         kwargs.update(change)
         k = kwargs.pop("k")
+        collectives.clear()
+        dist.all_gather = counting
         try:
             cp.attention(q, k, k, **kwargs)
         except (ValueError, TypeError) as error:
             if words not in str(error):
                 failures.append(f"refusal {change}: the error does not name {words!r}: {error}")
+            if local and collectives:
+                failures.append(f"refusal {change}: raised only after a collective")
         else:
             failures.append(f"refusal {change}: no error")
+        finally:
+            dist.all_gather = original
     return failures
 
 

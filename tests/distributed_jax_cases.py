@@ -32,7 +32,20 @@ CASES = [
                                   expect="while")),
     ("no-span-ring-both-sides-lengths", dict(alpha=[1.0, 1.6, 1.2, 2.0], span=None, causal=False,
                                              key_lengths=[29, 32], expect="while")),
+    # key_padding_mask (PADDING): a fully masked block, left padding across a block boundary, holes
+    ("padding-halo-causal", dict(alpha=[1.0, 1.5, 1.2, 2.0], span=[3.0, 5.0, 2.0, 6.0], causal=True,
+                                 max_span=6.0, padding=True, expect="ppermute")),
+    ("padding-ring-both-sides-lengths", dict(alpha=[1.0, 1.6, 1.2, 2.0], span=None, causal=False,
+                                             key_lengths=[29, 32], padding=True, expect="while")),
 ]
+
+
+def _padding(B, L):
+    mask = np.ones((B, L), bool)
+    mask[0, :8] = False  # device 0's whole block
+    mask[1, :11] = False  # across the boundary at 8
+    mask[1, [14, 20, 21, 27]] = False
+    return mask
 
 
 def run(name, c):
@@ -49,20 +62,32 @@ def run(name, c):
     has_span = c["span"] is not None
     kl = None if c.get("key_lengths") is None else jnp.asarray(c["key_lengths"])
     kw = dict(ramp=2.0, causal=c["causal"], key_lengths=kl)
+    mask = _padding(B, L) if c.get("padding") else np.ones((B, L), bool)
+    if c.get("padding"):  # masked keys may hold anything (SPEC.md 5.3)
+        k = jnp.where(mask[:, None, :, None], k, jnp.nan)
+        v = jnp.where(mask[:, None, :, None], v, jnp.inf)
+    mask = jnp.asarray(mask)
 
-    def local(q, k, v, alpha, span):
+    def local(q, k, v, alpha, span, mask):
         return cp.attention(q, k, v, axis_name="seq", alpha=alpha, span=span if has_span else None,
-                            max_span=c.get("max_span"), q_offset=c.get("q_offset"), **kw)
+                            max_span=c.get("max_span"), q_offset=c.get("q_offset"),
+                            key_padding_mask=mask if c.get("padding") else None, **kw)
 
     seq = P(None, None, "seq")
-    f = jax.shard_map(local, mesh=mesh, in_specs=(seq, seq, seq, P(), P()), out_specs=seq, check_vma=False)
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(seq, seq, seq, P(), P(), P(None, "seq")), out_specs=seq,
+                            check_vma=False)
+
+    def f(q, k, v, alpha, span):
+        return sharded(q, k, v, alpha, span, mask)
+
     jaxpr = str(jax.make_jaxpr(f)(q, k, v, alpha, span))
 
     def ref(q, k, v, alpha, span):
         qo = None if c.get("q_offset") is None else jnp.asarray(c["q_offset"])
         return attnspec.attention(q.astype(jnp.float64), k.astype(jnp.float64), v.astype(jnp.float64),
                                   alpha=alpha.astype(jnp.float64),
-                                  span=span.astype(jnp.float64) if has_span else None, q_offset=qo, **kw)
+                                  span=span.astype(jnp.float64) if has_span else None, q_offset=qo,
+                                  key_padding_mask=mask if c.get("padding") else None, **kw)
 
     args = (q, k, v, alpha, span)
     n = 5 if has_span else 4
@@ -70,9 +95,9 @@ def run(name, c):
     out_r = ref(*args)
     grads_r = jax.grad(lambda *b: (ref(*b) * w.astype(jnp.float64)).sum(), argnums=tuple(range(n)))(*args)
     eps = 2.0**-23 if dtype == jnp.float32 else 2.0**-52
-    max_s = float(jnp.abs(q).max() * jnp.abs(k).max() * D**0.5)
+    max_s = float(jnp.abs(q).max() * jnp.nanmax(jnp.abs(k)) * D**0.5)
     rel = 8 * eps + 64 * eps * (1 + max_s)
-    max_v = float(jnp.abs(v).max())
+    max_v = float(jnp.nanmax(jnp.where(jnp.isfinite(v), jnp.abs(v), 0.0)))
     rows = []
     names = ["dq", "dk", "dv", "dalpha", "dspan"]
     err = float(jnp.abs(out.astype(jnp.float64) - out_r).max())
@@ -84,6 +109,9 @@ def run(name, c):
         bound = (1e-12 * max(1.0, scale) if dtype == jnp.float64
                  else 16 * rel * max(scale, float(jnp.abs(w).max()) * max(1.0, max_v)))
         rows.append((nm, err, bound))
+    masked = ~np.asarray(mask)  # dk and dv of masked keys: exactly 0
+    zero = all(bool((np.asarray(g).transpose(0, 2, 1, 3)[masked] == 0).all()) for g in grads[1:3])
+    rows.append(("masked dk, dv exactly 0", 0.0 if zero else 1.0, 0.0))
     return {"case": name, "rows": rows, "uses": c["expect"] in jaxpr, "expect": c["expect"]}
 
 

@@ -300,3 +300,71 @@ def wrong_torch_kernel(name):
     kernel = Kernel("attention", attention, base.capabilities)
     return Backend(name=f"wrong: {name}", version="wrong", kernels={"attention": kernel}, priority=-100,
                    automatic=False)
+
+
+# --- wrong per-block operations (SPEC.md section 10) --------------------------------------------
+
+def _partial_mutants():
+    """name -> a change of the torch backend's per-block operations (a dict of replacements)."""
+    import torch
+
+    from attnspec.backends.torch import partial as ops
+
+    def ignores_padding_mask(q, k, v, q_start, k_start, span, ramp, causal, key_lengths, q_offset, scale,
+                             key_padding_mask=None):
+        return ops.block_scores(q, k, v, q_start, k_start, span, ramp, causal, key_lengths, q_offset, scale)
+
+    def causal_off_by_one(q, k, v, q_start, k_start, span, ramp, causal, key_lengths, q_offset, scale,
+                          key_padding_mask=None):
+        return ops.block_scores(q, k, v, q_start + (1 if causal else 0), k_start, span, ramp, causal, key_lengths,
+                                q_offset, scale, key_padding_mask)
+
+    def sum_w_is_sum_p(block, eps, c):
+        sum_p, _ = ops.row_sums(block, eps, c)
+        return sum_p, sum_p
+
+    def lone_bound_of_alpha_2(block, eps):
+        return ops.row_bounds(block, torch.ones_like(eps))
+
+    def merge_without_rescaling(lse, out, lse_b, out_b):
+        return torch.logaddexp(lse, lse_b), out + out_b
+
+    def dk_scaled(*args):
+        dq, dk, dv, deps, dspan = ops.backward_block(*args)
+        return dq, dk * 1.01, dv, deps, dspan
+
+    def deps_without_psi(block, eps, c, gbar, dout, scale, ramp, need_eps):
+        dq, dk, dv, deps, dspan = ops.backward_block(block, eps, c, gbar, dout, scale, ramp, False)
+        return dq, dk, dv, deps, dspan
+
+    return {
+        "partial: key_padding_mask ignored": {"block_scores": ignores_padding_mask},
+        "partial: causal off by one": {"block_scores": causal_off_by_one},
+        "partial: sum p/u is sum p": {"row_sums": sum_w_is_sum_p},
+        "partial: row bounds at alpha 2": {"row_bounds": lone_bound_of_alpha_2},
+        "partial: online merge without rescaling": {"merge_softmax": merge_without_rescaling},
+        "partial: dk x 1.01": {"backward_block": dk_scaled},
+        "partial: deps dropped": {"backward_block": deps_without_psi},
+    }
+
+
+WRONG_PARTIAL_OPS = ("partial: key_padding_mask ignored", "partial: causal off by one", "partial: sum p/u is sum p",
+                     "partial: row bounds at alpha 2", "partial: online merge without rescaling",
+                     "partial: dk x 1.01", "partial: deps dropped")
+
+
+def wrong_partial_backend(name):
+    """The torch backend's 'partial' kernel with one operation replaced, as a backend of its own."""
+    import types
+
+    from attnspec.backends import torch as torch_backends
+    from attnspec.backends.torch import partial as ops
+
+    names = ("block_scores", "row_bounds", "row_sums", "weighted_values", "softmax_block", "merge_softmax",
+             "gbar", "backward_block")
+    namespace = types.SimpleNamespace(**{n: getattr(ops, n) for n in names})
+    for attr, fn in _partial_mutants()[name].items():
+        setattr(namespace, attr, fn)
+    kernel = Kernel("partial", namespace, torch_backends.PARTIAL.capabilities)
+    return Backend(name="mutant-" + name.replace(" ", "-").replace(":", "").replace("/", "-"), version="mutant",
+                   kernels={"partial": kernel}, priority=-100, automatic=False)

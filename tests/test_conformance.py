@@ -20,6 +20,7 @@ from attnspec.conformance._compare import CheckFailed
 from attnspec.conformance.runner import ALL_ATTENTION_FEATURES
 
 from cells import assert_every_declared_cell_ran
+import mutants
 from mutants import MUTANTS, WRONG_KERNELS, wrong_torch_kernel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,9 +246,9 @@ def test_pytest_plugin_runs_the_suite_on_a_third_party_package(pytester, tmp_pat
     pytester.makepyfile(test_own="def test_own_things():\n    assert True\n")
 
     result = pytester.runpytest_subprocess("--attnspec-backend=examplekernel", "-p", "no:cacheprovider", "-rs")
-    result.assert_outcomes(passed=7, skipped=4)  # 6 cells + its own test; span, padding_mask, entmax op, span_mask op
+    result.assert_outcomes(passed=7, skipped=5)  # 6 cells + its own test; span, padding_mask, entmax op, span_mask op, partial op
     result.stdout.fnmatch_lines(["*attnspec conformance: backends examplekernel, profile ci*",
-                                 "*attnspec conformance: 10 items*"])
+                                 "*attnspec conformance: 11 items*"])
     result.stdout.fnmatch_lines(["*not checked: dtype not declared (float16, bfloat16); "
                                  "does not declare span (float32, float64)*"])
 
@@ -266,3 +267,30 @@ def test_pytest_plugin_runs_the_suite_on_a_third_party_package(pytester, tmp_pat
     own = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(source / "tests")],
                          capture_output=True, text=True, cwd=str(tmp_path))
     assert own.returncode == 0, own.stdout + own.stderr
+
+
+@pytest.mark.parametrize("name", mutants.WRONG_PARTIAL_OPS)
+def test_every_wrong_per_block_operation_is_caught(name, tmp_path):
+    """The 'partial op' cell (SPEC.md section 10) catches a per-block operation with one bug,
+    by a numerical check, in float32 and float64."""
+    pytest.importorskip("torch")
+    backend = mutants.wrong_partial_backend(name)
+    for dtype in ("float32", "float64"):
+        report = conformance.check(backend, cells=["partial op"], dtypes=[dtype], stop_on_first_failure=True,
+                                   shrink=False, artifacts_dir=str(tmp_path))
+        assert not report.passed, f"'{name}' passed the ci profile in {dtype}:\n{report}"
+        (failure,) = report.failures
+        assert failure.check not in CRASHES and failure.check.startswith("partial: "), failure.message
+
+
+
+def test_a_per_block_failure_is_saved_and_replays(clean_registry, tmp_path):
+    pytest.importorskip("torch")
+    backend = mutants.wrong_partial_backend("partial: key_padding_mask ignored")
+    attnspec.register_backend(backend)
+    report = conformance.check(backend.name, cells=["partial op"], dtypes=["float64"], stop_on_first_failure=True,
+                               artifacts_dir=str(tmp_path))
+    (failure,) = report.failures
+    with pytest.raises(conformance.ConformanceError, match="partial: block_scores"):
+        conformance.replay(failure.npz)
+    conformance.replay(failure.npz, backend="torch")  # the torch backend passes the saved case

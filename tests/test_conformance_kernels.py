@@ -362,8 +362,8 @@ def test_plugin_rejects_an_unknown_dtype(pytester):
 
 def test_plugin_reports_a_backend_that_cannot_load_in_one_line(pytester):
     result = pytester.runpytest_subprocess("--attnspec-backend=no_such_module_xyz:backend", "-p", "no:cacheprovider")
-    result.stdout.fnmatch_lines(["*attnspec conformance: 10 items*",
+    result.stdout.fnmatch_lines(["*attnspec conformance: 11 items*",
                                  "*attnspec backend 'no_such_module_xyz:backend' cannot be loaded: *"
                                  "cannot import no_such_module_xyz*"])
     assert "Traceback" not in result.stdout.str()
-    result.assert_outcomes(failed=10)
+    result.assert_outcomes(failed=11)

@@ -270,7 +270,7 @@ def test_jax_entmax_and_span_mask_match_the_reference_with_gradients():
 
 def test_jax_backend_declares_every_op():
     statuses = {s.name: s for s in attnspec.list_backends()}
-    assert set(statuses["jax"].ops) == {"attention", "entmax", "span_mask"}
+    assert set(statuses["jax"].ops) == {"attention", "entmax", "span_mask", "partial"}
 
 
 def test_bench_list_targets_agrees_with_the_dispatcher_for_triton():

@@ -20,6 +20,7 @@ GRADIENTS = {
     "attention": ("q", "k", "v", "alpha", "span"),
     "entmax": ("x", "alpha", "weights"),
     "span_mask": ("span",),
+    "partial": (),  # each per-block operation returns its own gradient pieces (SPEC.md 10)
 }
 #: The call features (validation.FEATURES) that ask a kernel for a gradient with respect to an
 #: input, per op: a kernel declaring the feature provides that gradient.
@@ -27,6 +28,7 @@ _GRADIENT_FEATURES = {
     "attention": {"grad": ("q", "k", "v"), "alpha_grad": ("alpha",), "span_grad": ("span",)},
     "entmax": {"grad": ("x",), "alpha_grad": ("alpha",), "weights_grad": ("weights",)},
     "span_mask": {"grad": ("span",)},
+    "partial": {},
 }
 #: Array types whose frameworks differentiate a kernel's function themselves (autograd).
 AUTOGRAD_ARRAY_TYPES = frozenset({"torch", "jax"})
@@ -289,7 +291,9 @@ def all_features(op: str) -> frozenset:
 class Kernel:
     """One implementation of one op.
 
-    fn takes the op's public arguments (without `backend`). extra_reasons, if given, adds
+    fn takes the op's public arguments (without `backend`); for the op 'partial' it is the
+    namespace (a module) of the per-block operations of SPEC.md section 10, with the names and
+    arguments of attnspec.reference.partial. extra_reasons, if given, adds
     checks that are not plain data (e.g. an environment variable that must be set).
     vjp: for array types without autograd (NumPy), the op's vector-Jacobian product with the
     signature of the reference's `*_vjp`; frameworks with autograd differentiate fn instead.

@@ -27,7 +27,8 @@ ENTRY_POINT_GROUP = "attnspec.backends"
 
 @dataclass(frozen=True)
 class Backend:
-    """A named set of kernels, one per op ('attention', 'entmax', 'span_mask').
+    """A named set of kernels, one per op ('attention', 'entmax', 'span_mask', and 'partial': the
+    per-block operations of SPEC.md section 10).
 
     priority: automatic selection takes the highest-priority backend that accepts a call.
     automatic: False for backends that run only when asked for by name.

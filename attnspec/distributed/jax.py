@@ -56,6 +56,14 @@ def _static_offsets(q_offset, B):
     return values
 
 
+def _ops():
+    """The jax backend's 'partial' kernel (SPEC.md section 10): the per-block operations, taken
+    from the declaration the conformance suite checks."""
+    from attnspec.dispatch import registry
+
+    return registry.load("jax").kernel("partial").fn
+
+
 def _shifted(x, shift, size, axis_name):
     """The value of x on device (index - shift) (zeros where that device does not exist)."""
     if shift > 0:
@@ -72,18 +80,25 @@ def _shifted(x, shift, size, axis_name):
 
 
 class _Static(tuple):
-    """(axis_name, size, Lb, causal, ramp, scale, has_span, has_lengths, iterations): hashable."""
+    """(axis_name, size, Lb, causal, ramp, scale, has_span, has_lengths, iterations, has_mask):
+    hashable."""
 
 
 def _ring_shift(x, axis_name, size):
     return lax.ppermute(x, axis_name, [(s, (s + 1) % size) for s in range(size)])
 
 
-def _ring_forward(st, q, k, v, alpha, span, lengths, offsets):
-    from attnspec.backends.jax import entmax as _entmax
-    from attnspec.backends.jax import partial as _partial
+def _readable_channel(mask, Hkv, dtype):
+    """The block's key_padding_mask as one channel of its keys: [B, Hkv, Lb, 1], 1 = readable."""
+    B, Lb = mask.shape
+    return jnp.broadcast_to(mask[:, None, :, None].astype(dtype), (B, Hkv, Lb, 1))
 
-    axis_name, size, Lb, causal, ramp, scale, has_span, has_lengths, iterations = st
+
+def _ring_forward(st, q, k, v, alpha, span, lengths, offsets, mask):
+    from attnspec.backends.jax import entmax as _entmax
+    _partial = _ops()
+
+    axis_name, size, Lb, causal, ramp, scale, has_span, has_lengths, iterations, has_mask = st
     dtype = _partial.compute_dtype(q.dtype)
     index = lax.axis_index(axis_name)
     B, H, _, D = q.shape
@@ -93,9 +108,12 @@ def _ring_forward(st, q, k, v, alpha, span, lengths, offsets):
     q_pos0 = index * Lb
 
     def scores(kv, t):
+        # a travelling block holds [k | v (absent in the passes that need only k) | readable]
         owner = (index - t) % size
-        return _partial.block_scores(q, kv[..., :D], kv[..., D:], q_pos0, owner * Lb, span_h, ramp, causal, kl,
-                                     offsets, scale)
+        width = kv.shape[-1] - (1 if has_mask else 0)
+        readable = kv[:, 0, :, width] > 0.5 if has_mask else None
+        return _partial.block_scores(q, kv[..., :D], kv[..., D:width], q_pos0, owner * Lb, span_h, ramp, causal, kl,
+                                     offsets, scale, readable)
 
     def ring_pass(kv, fn, acc):
         for t in range(size):
@@ -104,13 +122,13 @@ def _ring_forward(st, q, k, v, alpha, span, lengths, offsets):
                 kv = _ring_shift(kv, axis_name, size)
         return acc
 
-    kk = k.astype(dtype)
+    extra = [_readable_channel(mask, k.shape[1], dtype)] if has_mask else []
+    kk = jnp.concatenate([k.astype(dtype)] + extra, -1)
     row = (B, H, Lb, 1)
     neg = jnp.full(row, -jnp.inf, dtype)
 
     def bounds(acc, blk):
-        s, m = blk[0], blk[1]
-        top, mass, lone, lse = _partial.row_bounds(s, m, eps)
+        top, mass, lone, lse = _partial.row_bounds(blk, eps)
         return (jnp.maximum(acc[0], top), acc[1] + mass, jnp.maximum(acc[2], lone), jnp.logaddexp(acc[3], lse))
 
     top, mass, lone, lse = ring_pass(kk, bounds, (neg, jnp.zeros(row, dtype), neg, neg))
@@ -132,7 +150,7 @@ def _ring_forward(st, q, k, v, alpha, span, lengths, offsets):
         c, lo, hi, it, _ = state
 
         def sums(acc, blk):
-            sp, sw = _partial.row_sums(blk[0], blk[1], eps, c)
+            sp, sw = _partial.row_sums(blk, eps, c)
             return acc[0] + sp, acc[1] + sw
 
         total_p, total_w = ring_pass(kk, sums, (jnp.zeros(row, dtype), jnp.zeros(row, dtype)))
@@ -148,32 +166,32 @@ def _ring_forward(st, q, k, v, alpha, span, lengths, offsets):
     c = jnp.where(nonempty, c, 0.0)
 
     def values(acc, blk):
-        pv, wv, ws = _partial.weighted_values(blk[0], blk[1], eps, c, blk[4])
+        pv, wv, ws = _partial.weighted_values(blk, eps, c)
         return acc[0] + pv, acc[1] + wv, acc[2] + ws
 
     Dv = v.shape[3]
     zeros = jnp.zeros((B, H, Lb, Dv), dtype)
-    kv = jnp.concatenate([kk, v.astype(dtype)], -1)
+    kv = jnp.concatenate([k.astype(dtype), v.astype(dtype)] + extra, -1)
     out, wv, wsum = ring_pass(kv, values, (zeros, zeros, jnp.zeros(row, dtype)))
     return out, (c, wv, wsum)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(st, q, k, v, alpha, span, lengths, offsets):
-    out, _ = _ring_forward(st, q, k, v, alpha, span, lengths, offsets)
+def _ring(st, q, k, v, alpha, span, lengths, offsets, mask):
+    out, _ = _ring_forward(st, q, k, v, alpha, span, lengths, offsets, mask)
     return out.astype(q.dtype)
 
 
-def _ring_fwd(st, q, k, v, alpha, span, lengths, offsets):
-    out, (c, wv, wsum) = _ring_forward(st, q, k, v, alpha, span, lengths, offsets)
-    return out.astype(q.dtype), (q, k, v, alpha, span, lengths, offsets, c, wv, wsum)
+def _ring_fwd(st, q, k, v, alpha, span, lengths, offsets, mask):
+    out, (c, wv, wsum) = _ring_forward(st, q, k, v, alpha, span, lengths, offsets, mask)
+    return out.astype(q.dtype), (q, k, v, alpha, span, lengths, offsets, mask, c, wv, wsum)
 
 
 def _ring_bwd(st, residuals, dout):
-    from attnspec.backends.jax import partial as _partial
+    _partial = _ops()
 
-    q, k, v, alpha, span, lengths, offsets, c, wv, wsum = residuals
-    axis_name, size, Lb, causal, ramp, scale, has_span, has_lengths, iterations = st
+    q, k, v, alpha, span, lengths, offsets, mask, c, wv, wsum = residuals
+    axis_name, size, Lb, causal, ramp, scale, has_span, has_lengths, iterations, has_mask = st
     dtype = _partial.compute_dtype(q.dtype)
     index = lax.axis_index(axis_name)
     B, H, _, D = q.shape
@@ -183,17 +201,19 @@ def _ring_bwd(st, residuals, dout):
     kl = lengths if has_lengths else None
     dout = dout.astype(dtype)
     gbar = _partial.gbar(dout, wv, wsum)
-    width = D + Dv
-    payload = jnp.concatenate([k.astype(dtype), v.astype(dtype), jnp.zeros((B, Hkv, Lb, width), dtype)], -1)
+    extra = [_readable_channel(mask, Hkv, dtype)] if has_mask else []
+    width = D + Dv + len(extra)  # [k, v, (readable)], then the dk, dv accumulators
+    payload = jnp.concatenate([k.astype(dtype), v.astype(dtype)] + extra + [jnp.zeros((B, Hkv, Lb, D + Dv), dtype)],
+                              -1)
     dq = jnp.zeros((B, H, Lb, D), dtype)
     deps = jnp.zeros((H,), dtype)
     dspan = jnp.zeros((H,), dtype)
     for t in range(size):
         owner = (index - t) % size
-        s, m, qc, kc, vc = _partial.block_scores(q, payload[..., :D], payload[..., D:width], index * Lb, owner * Lb,
-                                                 span_h, ramp, causal, kl, offsets, scale)
-        dq_b, dk_b, dv_b, deps_b, dspan_b = _partial.backward_block(s, m, qc, kc, vc, eps, c, gbar, dout, scale,
-                                                                    ramp)
+        readable = payload[:, 0, :, D + Dv] > 0.5 if has_mask else None
+        blk = _partial.block_scores(q, payload[..., :D], payload[..., D:D + Dv], index * Lb, owner * Lb,
+                                    span_h, ramp, causal, kl, offsets, scale, readable)
+        dq_b, dk_b, dv_b, deps_b, dspan_b = _partial.backward_block(blk, eps, c, gbar, dout, scale, ramp, True)
         dq, deps = dq + dq_b, deps + deps_b
         if dspan_b is not None:
             dspan = dspan + dspan_b
@@ -205,26 +225,37 @@ def _ring_bwd(st, residuals, dout):
     dk, dv = acc[..., :D], acc[..., D:]
     # alpha and span are replicated inputs of shard_map: its transpose sums these over the axis
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), deps.astype(alpha.dtype),
-            dspan.astype(span.dtype), None, None)
+            dspan.astype(span.dtype), None, None, None)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def attention(q, k, v, *, axis_name, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None,
-              q_offset=None, scale=None, max_span=None, backend=None):
+              q_offset=None, scale=None, max_span=None, key_padding_mask=None, backend=None):
     """This device's block of attention over a sequence split on mesh axis `axis_name`.
 
     q [B, H, Lb, D], k [B, Hkv, Lb, D], v [B, Hkv, Lb, Dv]: the block (equal on every device).
     key_lengths [B] and q_offset refer to global positions; q_offset must be static (int or
-    ints), default 0. max_span: the static halo bound (None: every head takes the ring). backend: the
-    single-device backend (None: the dispatcher's choice for jax arrays).
+    ints), default 0. key_padding_mask: None, or this device's block [B, Lb] (bool, True =
+    readable) of the sequence's [B, L] mask (shard_map in_specs P(None, axis_name)); it travels
+    with the halo keys and the ring's blocks (SPEC.md 5.1: masked keys may hold NaN, get dk =
+    dv = 0; rows with no readable key give zeros). max_span: the static halo bound (None: every
+    head takes the ring). backend: the single-device backend (None: the dispatcher's choice for
+    jax arrays).
     """
     import attnspec
 
+    B, H, Lb, D = q.shape
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (B, Lb):
+            raise ValueError(f"key_padding_mask must be this device's block [B, Lb] = [{B}, {Lb}]; got shape "
+                             f"{list(key_padding_mask.shape)}")
+        if jnp.dtype(key_padding_mask.dtype) != jnp.bool_:
+            raise TypeError("key_padding_mask must hold booleans (True = readable); got dtype "
+                            f"{key_padding_mask.dtype}")
     size = lax.axis_size(axis_name)
     index = lax.axis_index(axis_name)
-    B, H, Lb, D = q.shape
     if k.shape[2] != Lb:
         raise ValueError("each device holds the queries and the keys of the same positions: q and k must have "
                          f"one length; got q: {Lb}, k: {k.shape[2]}")
@@ -246,9 +277,11 @@ def attention(q, k, v, *, axis_name, alpha=1.0, span=None, ramp=32.0, causal=Fal
         from attnspec.backends.jax import attention as _backend
 
         st = _Static((axis_name, size, Lb, bool(causal), float(ramp), scale_, span is not None, kl is not None,
-                      _backend.ITERATIONS["float64" if dtype == np.float64 else "float32"]))
+                      _backend.ITERATIONS["float64" if dtype == np.float64 else "float32"],
+                      key_padding_mask is not None))
         qo = jnp.asarray(offsets, jnp.int32 if not jax.config.jax_enable_x64 else jnp.int64)
-        return _ring(st, q, k, v, alpha_h, span_h, lengths, qo)
+        readable = jnp.ones((B, Lb), bool) if key_padding_mask is None else key_padding_mask
+        return _ring(st, q, k, v, alpha_h, span_h, lengths, qo, readable)
 
     if span is None or max_span is None:
         return ring_path()
@@ -260,8 +293,12 @@ def attention(q, k, v, *, axis_name, alpha=1.0, span=None, ramp=32.0, causal=Fal
     if W >= L:  # the halo is the whole sequence anyway
         return ring_path()
 
+    Dv = v.shape[3]
+
     def halo_path():
         kv = jnp.concatenate([k, v], -1)
+        if key_padding_mask is not None:  # the mask travels with the keys, as one more channel
+            kv = jnp.concatenate([kv, _readable_channel(key_padding_mask, k.shape[1], kv.dtype)], -1)
         parts = []
         for i in range(math.ceil(need_before / Lb), 0, -1):  # farthest block first
             n = min(Lb, need_before - (i - 1) * Lb)
@@ -280,7 +317,10 @@ def attention(q, k, v, *, axis_name, alpha=1.0, span=None, ramp=32.0, causal=Fal
         window = lax.dynamic_slice_in_dim(buffer, start, W, axis=2)
         qo = jnp.asarray(offsets, position.dtype) + position - a
         lengths = None if kl is None else jnp.clip(kl - a, 0, W)
-        return attnspec.attention(q, window[..., :D], window[..., D:], key_lengths=lengths, q_offset=qo, **common)
+        # zeros (never readable) stand at positions no device holds
+        readable = None if key_padding_mask is None else window[:, 0, :, D + Dv] > 0.5
+        return attnspec.attention(q, window[..., :D], window[..., D:D + Dv], key_lengths=lengths, q_offset=qo,
+                                  key_padding_mask=readable, **common)
 
     from attnspec.backends.jax import span as _span  # the spec's reach, traced
 

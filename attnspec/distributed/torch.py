@@ -55,6 +55,14 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _ops():
+    """The torch backend's 'partial' kernel (SPEC.md section 10): the per-block operations, taken
+    from the declaration the conformance suite checks."""
+    from attnspec.dispatch import registry
+
+    return registry.load("torch").kernel("partial").fn
+
+
 def _all_reduce(x, group, op=dist.ReduceOp.SUM):
     _TRAFFIC["allreduce_bytes"] += x.numel() * x.element_size()
     dist.all_reduce(x, op=op, group=group)
@@ -185,13 +193,15 @@ class _Ring:
             yield i0, min(Lr, i0 + tile)
 
     def _block(self, q, kv, owner, D, span, i0, i1):
-        from attnspec.backends.torch import partial
+        partial = _ops()
 
         cfg = self.cfg
-        k = kv[..., :D]
-        v = kv[..., D:] if kv.shape[-1] > D else k[..., :0]
-        return partial.block_scores(q[:, :, i0:i1], k, v, cfg.start + i0, cfg.layout.starts[owner], span, cfg.ramp,
-                                    cfg.causal, cfg.key_lengths, cfg.q_offset, cfg.scale)
+        # A travelling block holds [k | v (absent in the passes that need only k) | readable].
+        width = kv.shape[-1] - (1 if cfg.has_mask else 0)
+        readable = kv[:, 0, :, width] > 0.5 if cfg.has_mask else None
+        return partial.block_scores(q[:, :, i0:i1], kv[..., :D], kv[..., D:width], cfg.start + i0,
+                                    cfg.layout.starts[owner], span, cfg.ramp, cfg.causal, cfg.key_lengths,
+                                    cfg.q_offset, cfg.scale, readable)
 
     def _needed(self, owner):
         cfg = self.cfg
@@ -200,7 +210,7 @@ class _Ring:
     def forward(self, q, k, v, span):
         """out [B, H', L_r, Dv] in the compute dtype; keeps c, sum w v and sum w."""
         from attnspec.backends.torch import entmax as _entmax
-        from attnspec.backends.torch import partial
+        partial = _ops()
 
         cfg = self.cfg
         dtype = _compute_dtype(q.dtype)
@@ -208,13 +218,14 @@ class _Ring:
         Hkv, Dv = k.shape[1], v.shape[3]
         eps = self.eps
         row = (B, H, Lr, 1)
-        kv = torch.cat([k.to(dtype), v.to(dtype)], -1)
+        extra = [_readable_channel(cfg, Hkv, dtype)] if cfg.has_mask else []
+        kv = torch.cat([k.to(dtype), v.to(dtype)] + extra, -1)
 
         def shape_kv(owner):
-            return (B, Hkv, cfg.layout.lengths[owner], D + Dv)
+            return (B, Hkv, cfg.layout.lengths[owner], D + Dv + len(extra))
 
         def shape_k(owner):
-            return (B, Hkv, cfg.layout.lengths[owner], D)
+            return (B, Hkv, cfg.layout.lengths[owner], D + len(extra))
 
         def full(value):
             return torch.full(row, value, dtype=dtype, device=q.device)
@@ -237,7 +248,7 @@ class _Ring:
             self.wsum = nonempty.to(dtype)
             return out
 
-        kk = k.to(dtype).contiguous()
+        kk = torch.cat([k.to(dtype)] + extra, -1).contiguous()
         top, mass, lone, lse = full(-torch.inf), full(0.0), full(-torch.inf), full(-torch.inf)
 
         def bounds(owner, block):
@@ -309,7 +320,7 @@ class _Ring:
 
     def backward(self, q, k, v, span, dout, need_eps):
         """(dq, dk, dv, deps [H'], dspan [H'] or None) of this rank's part, in the compute dtype."""
-        from attnspec.backends.torch import partial
+        partial = _ops()
 
         cfg = self.cfg
         dtype = _compute_dtype(q.dtype)
@@ -320,10 +331,12 @@ class _Ring:
         dq = torch.zeros((B, H, Lr, D), dtype=dtype, device=q.device)
         deps = torch.zeros(H, dtype=dtype, device=q.device)
         dspan = None if span is None else torch.zeros(H, dtype=dtype, device=q.device)
-        # Block and its gradient accumulators travel together: [k, v, dk, dv] on the last axis.
-        width = D + Dv
-        payload = torch.cat([k.to(dtype), v.to(dtype), torch.zeros((B, Hkv, Lr, width), dtype=dtype,
-                                                                      device=q.device)], -1)
+        # Block and its gradient accumulators travel together: [k, v, (readable), dk, dv].
+        extra = [_readable_channel(cfg, Hkv, dtype)] if cfg.has_mask else []
+        width = D + Dv + len(extra)
+        acc = D + Dv
+        payload = torch.cat([k.to(dtype), v.to(dtype)] + extra + [torch.zeros((B, Hkv, Lr, acc), dtype=dtype,
+                                                                            device=q.device)], -1)
         owner = cfg.rank
         for t in range(cfg.world):
             if self._needed(owner):
@@ -341,10 +354,10 @@ class _Ring:
             nxt = (cfg.rank - t - 1) % cfg.world
             if t < cfg.world - 1:
                 send = payload
-                buffer = payload.new_empty((B, Hkv, cfg.layout.lengths[nxt], 2 * width))
+                buffer = payload.new_empty((B, Hkv, cfg.layout.lengths[nxt], width + acc))
             else:  # the accumulators go home: the next rank owns this block
                 send = payload[..., width:].contiguous()
-                buffer = payload.new_empty((B, Hkv, Lr, width))
+                buffer = payload.new_empty((B, Hkv, Lr, acc))
             if cfg.world > 1:
                 _p2p([(send, (cfg.rank + 1) % cfg.world)], [(buffer, (cfg.rank - 1) % cfg.world)], cfg.group)
             else:
@@ -372,6 +385,13 @@ class _Config:
     pass
 
 
+def _readable_channel(cfg, Hkv, dtype):
+    """This rank's key_padding_mask as one channel of its key blocks: [B, Hkv, L_r, 1], 1 where
+    readable (exact in every dtype)."""
+    B, Lr = cfg.readable.shape
+    return cfg.readable[:, None, :, None].to(dtype).expand(B, Hkv, Lr, 1)
+
+
 class _ContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, q, k, v, alpha, span):
@@ -387,6 +407,8 @@ class _ContextParallel(torch.autograd.Function):
             qi_t = torch.tensor(qi, device=q.device)
             kvi_t = torch.tensor(kvi, device=q.device)
             kv = torch.cat([k, v], -1).index_select(1, kvi_t)
+            if cfg.has_mask:  # the mask travels with the keys, as one more channel
+                kv = torch.cat([kv, _readable_channel(cfg, kv.shape[1], kv.dtype)], -1)
             window = _gather_window(kv, cfg.plan, cfg.group)
             if window.shape[2] > 0:
                 leaves = [q.index_select(1, qi_t).detach().requires_grad_(),
@@ -398,8 +420,10 @@ class _ContextParallel(torch.autograd.Function):
 
                 with torch.set_grad_enabled(cfg.need_graph):
                     w = leaves[1]
+                    Dv = v.shape[3]
+                    readable = w[:, 0, :, D + Dv].detach() > 0.5 if cfg.has_mask else None
                     out_h = api.attention(
-                        leaves[0], w[..., :D], w[..., D:], alpha=leaves[2],
+                        leaves[0], w[..., :D], w[..., D:D + Dv], alpha=leaves[2], key_padding_mask=readable,
                         span=leaves[3] if span is not None else None, ramp=cfg.ramp, causal=cfg.causal,
                         key_lengths=cfg.window_lengths, q_offset=cfg.window_offset, scale=cfg.scale,
                         backend=cfg.backend)
@@ -442,7 +466,7 @@ class _ContextParallel(torch.autograd.Function):
                                             allow_unused=True)
                 grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
                 dq.index_add_(1, qi_t, grads[0].to(dtype))
-                dwin = grads[1].to(dtype)
+                dwin = grads[1][..., :dkv.shape[3]].to(dtype)
                 dalpha.index_add_(0, qi_t, grads[2].to(dtype))
                 if ctx.has_span:
                     dspan.index_add_(0, qi_t, grads[3].to(dtype))
@@ -493,26 +517,58 @@ def _offsets(q_offset, B, device):
     return values
 
 
+def _local_lengths(key_lengths, B, device):
+    """key_lengths as int64 [B], checked here (shape, integers, >= 0); the upper bound needs
+    every rank's length."""
+    if isinstance(key_lengths, torch.Tensor):
+        if key_lengths.is_floating_point() or key_lengths.is_complex() or key_lengths.dtype == torch.bool:
+            raise TypeError(f"key_lengths must hold integers; got dtype {key_lengths.dtype}")
+        lengths = key_lengths.to(device=device, dtype=torch.int64).reshape(-1)
+    else:
+        values = list(key_lengths) if hasattr(key_lengths, "__len__") else [key_lengths]
+        if not all(isinstance(x, int) or (hasattr(x, "dtype") and "int" in str(x.dtype)) for x in values):
+            raise TypeError(f"key_lengths must hold integers; got {values}")
+        lengths = torch.tensor([int(x) for x in values], dtype=torch.int64, device=device)
+    if lengths.shape[0] != B:
+        raise ValueError(f"key_lengths must have shape [B] = [{B}]; got {list(lengths.shape)}")
+    negative = [int(x) for x in lengths.tolist() if int(x) < 0]
+    if negative:
+        raise ValueError(f"key_lengths must be >= 0; got {negative}")
+    return lengths
+
+
 def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None, q_offset=None,
-              scale=None, max_span=None, group=None, backend=None):
+              scale=None, max_span=None, key_padding_mask=None, group=None, backend=None):
     """Attention over a sequence split in contiguous blocks over the ranks of `group`.
 
     q [B, H, L_r, D], k [B, Hkv, L_r, D], v [B, Hkv, L_r, Dv]: this rank's positions (L_r may
     differ between ranks). alpha, span, ramp, causal, scale: as attnspec.attention (alpha and
     span the same on every rank). key_lengths [B] and q_offset (int or [B]) refer to global
     positions (q_offset defaults to 0: queries and keys at the same positions).
+    key_padding_mask: None, or this rank's slice [B, L_r] (bool, True = readable) of the
+    sequence's [B, L] mask (SPEC.md 5.1): masked keys may hold NaN, never change an output,
+    get dk = dv = 0, and rows with no readable key give zeros. It travels with the halo keys and
+    the ring's blocks.
     max_span: the static halo bound (e.g. the layer's largest span): span heads with
     z <= max_span (more precisely reach(z, R) <= reach(max_span, R), attnspec.geometry) fetch reach(max_span, R) - 1
     neighbouring keys; every other head takes the ring over all keys. None: every head rings.
     backend: the single-device backend for the halo heads (None: the dispatcher's choice).
     Returns this rank's output block [B, H, L_r, Dv]; differentiable in q, k, v, alpha, span.
+
+    Errors: every check of this rank's own arguments (types, shapes, dtypes, alpha and span per
+    head, q_offset, key_lengths' shape, integers and sign, the mask's shape and dtype, max_span)
+    raises before this rank waits on another, so a malformed call on one rank never leaves it
+    blocked. Only key_lengths' upper bound (the whole sequence's length, the sum of every rank's
+    L_r) needs the gathered layout: it raises after the first collective, on every rank together
+    (every rank passes the same key_lengths).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("attnspec.distributed.torch.attention needs an initialised torch.distributed "
                            "process group (torch.distributed.init_process_group)")
     if not all(isinstance(x, torch.Tensor) for x in (q, k, v)):
         raise TypeError("q, k and v must be torch tensors")
-    validation.validate_attention(q, k, v, alpha=alpha, span=span, ramp=ramp, causal=causal, scale=scale)
+    validation.validate_attention(q, k, v, alpha=alpha, span=span, ramp=ramp, causal=causal, scale=scale,
+                                  key_padding_mask=key_padding_mask)
     if q.shape[2] != k.shape[2]:
         raise ValueError("each rank holds the queries and the keys of the same positions: q and k must have "
                          f"one length; got q: {q.shape[2]}, k: {k.shape[2]}")
@@ -526,6 +582,9 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     device = q.device
     alpha_h = _per_head(alpha, H, dtype, device, "alpha")
     span_h = None if span is None else _per_head(span, H, dtype, device, "span")
+    offsets = _offsets(q_offset, B, device)
+    lengths = None if key_lengths is None else _local_lengths(key_lengths, B, device)
+    readable = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
 
     # One small all-gather: every rank's length, and each head's reach in keys (the max over
     # ranks decides, so that every rank takes the same path even if spans drifted apart).
@@ -543,14 +602,8 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     layout = geometry.Layout(tuple(int(x) for x in gathered[:, 0].tolist()))
     head_reach = gathered[:, 1:H + 1].amax(0).tolist()
     entmax_heads = gathered[:, H + 1:].amax(0).tolist()
-
-    offsets = _offsets(q_offset, B, device)
-    lengths = None
-    if key_lengths is not None:
-        lengths = torch.as_tensor(key_lengths, device=device).to(torch.int64).reshape(-1)
-        if lengths.shape[0] != B:
-            raise ValueError(f"key_lengths must have shape [B] = [{B}]; got {list(lengths.shape)}")
-        bad = [int(x) for x in lengths.tolist() if not 0 <= int(x) <= layout.total]
+    if lengths is not None:
+        bad = [int(x) for x in lengths.tolist() if int(x) > layout.total]
         if bad:
             raise ValueError(f"key_lengths must lie in [0, {layout.total}] (the whole sequence); got {bad}")
 
@@ -560,6 +613,8 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     cfg.ramp, cfg.causal = float(ramp), bool(causal)
     cfg.scale = float(D) ** -0.5 if scale is None else float(scale)
     cfg.key_lengths = lengths
+    cfg.has_mask = readable is not None
+    cfg.readable = readable
     cfg.max_length = None if lengths is None else int(lengths.max())
     cfg.q_offset = torch.tensor(offsets, dtype=torch.int64, device=device)
     cfg.offset_max = max(offsets)

@@ -20,6 +20,7 @@ from attnspec.dispatch.registry import Backend
 
 from . import attention as _attention
 from . import entmax as _entmax
+from . import partial as _partial
 from . import span as _span
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -42,8 +43,8 @@ def _extra_reasons(call):
 DEVICES = ("cpu", "gpu", "cuda", "rocm", "tpu")
 
 
-def _kernel(op, fn):
-    caps = Capabilities(array_type="jax", devices=DEVICES, dtypes=DTYPES, features=all_features(op))
+def _kernel(op, fn, dtypes=DTYPES):
+    caps = Capabilities(array_type="jax", devices=DEVICES, dtypes=dtypes, features=all_features(op))
     return Kernel(op, fn, caps, extra_reasons=_extra_reasons)
 
 
@@ -54,6 +55,8 @@ BACKEND = Backend(
         "attention": _kernel("attention", tiled_attention),
         "entmax": _kernel("entmax", _entmax.entmax),
         "span_mask": _kernel("span_mask", _span.span_mask),
+        # The per-block operations (SPEC.md section 10) that attnspec.distributed.jax composes.
+        "partial": _kernel("partial", _partial, ("float32", "float64")),
     },
     priority=10,
     description="JAX, query tiles x reachable key tiles, custom_vjp keeping one number per row; jit/vmap/grad",

@@ -22,6 +22,7 @@ from attnspec.dispatch.registry import Backend
 from . import attention as _attention
 from . import decode as _decode
 from . import entmax as _entmax
+from . import partial as _partial
 from . import sdpa as _sdpa
 from . import span as _span
 
@@ -116,6 +117,12 @@ EAGER = Backend(
     description="PyTorch, full score matrix (small calls), analytic backward",
 )
 
+#: The per-block operations (SPEC.md section 10) that attnspec.distributed.torch composes:
+#: float32 and float64 (the compute dtypes; half inputs are cast before a block is scored).
+PARTIAL = Kernel("partial", _partial, Capabilities(
+    array_type="torch", devices=tuple(d for d in _devices() if d != "meta"), dtypes=("float32", "float64"),
+    features=all_features("partial")))
+
 TILED = Backend(
     name="torch",
     version=f"{__version__} (torch {torch.__version__})",
@@ -123,6 +130,7 @@ TILED = Backend(
         "attention": Kernel("attention", tiled_attention, Capabilities(
             array_type="torch", devices=_devices(), dtypes=DTYPES, features=all_features("attention"))),
         **_standalone_kernels(),
+        "partial": PARTIAL,
     },
     priority=10,
     description="PyTorch, query tiles x reachable key window, O(tile x window) memory, analytic backward",

@@ -14,7 +14,10 @@ For a block of keys (global positions k_start ...) against a block of queries (q
 - `backward_block`: the block's share of dq, dk, dv, dalpha, dspan for a known global c and gbar.
 
 Everything computes in the compute dtype (float64 for float64, else float32) and reuses the
-row functions of the torch backend (log_ratio, psi, the span mask).
+row functions of the torch backend (log_ratio, psi, the span mask). These are the backend's
+'partial' op (SPEC.md section 10, defined by attnspec.reference.partial): the backend declares
+this module as that op's kernel and the conformance suite checks each function against the
+reference; attnspec.distributed.torch calls the functions of that same kernel.
 """
 
 from __future__ import annotations
@@ -49,9 +52,11 @@ class Block:
         self.s, self.m, self.q, self.k, self.v, self.Hkv = s, m, q, k, v, Hkv
 
 
-def block_scores(q, k, v, q_start, k_start, span, ramp, causal, key_lengths, q_offset, scale):
+def block_scores(q, k, v, q_start, k_start, span, ramp, causal, key_lengths, q_offset, scale,
+                 key_padding_mask=None):
     """q [B, H, Lq, D] at global rows q_start..., k/v [B, Hkv, W, *] at keys k_start...;
-    span [H] or None, key_lengths [B] or None, q_offset [B] (int64): a Block."""
+    span [H] or None, key_lengths [B] or None, q_offset [B] (int64), key_padding_mask [B, W]
+    (bool, True = readable; the block's keys) or None: a Block."""
     dtype = compute_dtype(q.dtype)
     B, H, Lq, _ = q.shape
     Hkv, W = k.shape[1], k.shape[2]
@@ -61,8 +66,13 @@ def block_scores(q, k, v, q_start, k_start, span, ramp, causal, key_lengths, q_o
     d = (q_offset.to(device)[:, None, None] + rows[None, :, None] - keys[None, None, :])[:, None]  # [B,1,Lq,W]
     allowed = torch.ones((B, 1, Lq, W), dtype=torch.bool, device=device)
     kc, vc = k.to(dtype), v.to(dtype)
+    valid = None
     if key_lengths is not None:
         valid = keys[None, :] < key_lengths.to(device)[:, None]  # [B, W]
+    if key_padding_mask is not None:
+        readable = key_padding_mask.to(device=device, dtype=torch.bool)
+        valid = readable if valid is None else valid & readable
+    if valid is not None:
         allowed = allowed & valid[:, None, None, :]
         zero = torch.zeros((), dtype=dtype, device=device)
         kc = torch.where(valid[:, None, :, None], kc, zero)  # padding may hold NaN (SPEC.md 5.3)
@@ -90,14 +100,16 @@ def _log_m(s, m):
 def row_bounds(block, eps):
     """(top, mass, lone, lse), each [B, H, Lq, 1], of one block's allowed keys: the largest
     score, the sum of weights, max_j s_j - expm1(-eps log m_j) / eps (at that c key j alone has
-    p_j = 1: a lower bound of c, SPEC.md 2.4) and log sum exp(s + log m). -inf / 0 without keys."""
+    p_j = 1: a lower bound of c, SPEC.md 2.4; s_j + log m_j at eps = 0) and log sum exp(s + log m).
+    -inf / 0 without keys."""
     s = block.s
     allowed = torch.isfinite(s)
     log_m = _log_m(s, block.m)
     top = s.amax(-1, keepdim=True)
     mass = (torch.ones_like(s) if block.m is None else block.m).where(allowed, 0.0).sum(-1, keepdim=True)
     safe = _safe(eps)
-    lone = torch.where(allowed, s - torch.expm1(-safe * log_m) / safe, -torch.inf).amax(-1, keepdim=True)
+    alone = torch.where(eps > 0, -torch.expm1(-safe * log_m) / safe, log_m)  # s + log m at alpha = 1
+    lone = torch.where(allowed, s + alone, -torch.inf).amax(-1, keepdim=True)
     lse = torch.logsumexp(s + log_m, -1, keepdim=True)
     return top, mass, lone, lse
 
