@@ -52,9 +52,7 @@ def _booleans(fw, mask, device):
     if fw.name == "torch":
         return fw.torch.tensor(mask, dtype=fw.torch.bool, device=device)
     if fw.name == "jax":
-        out = fw.jnp.asarray(mask, dtype=bool)
-        target = fw._device(device)
-        return out if target is None else fw.jax.device_put(out, target)
+        return fw.jax.device_put(np.asarray(mask, dtype=bool), fw._device(device))  # jnp.asarray compiles a copy
     return np.asarray(mask, dtype=bool)
 
 

@@ -189,9 +189,10 @@ class JaxFramework:
         return self.jax.devices(device)[0]
 
     def array(self, x, dtype, device):
-        out = self.jnp.asarray(np.asarray(x, dtype=np.float64), dtype=getattr(self.jnp, dtype))
-        target = self._device(device)
-        return out if target is None else self.jax.device_put(out, target)
+        # Rounded on the host (NumPy, with ml_dtypes for bfloat16) and moved with device_put:
+        # jnp.asarray would compile a program per shape (a conversion, or a copy).
+        return self.jax.device_put(np.asarray(x, dtype=np.float64).astype(self.jnp.dtype(dtype)),
+                                   self._device(device))
 
     def param(self, value, dtype, device):
         if value is None or not isinstance(value, np.ndarray):
@@ -202,9 +203,7 @@ class JaxFramework:
         if value is None or not isinstance(value, np.ndarray):
             return value
         dtype = self.jnp.int64 if self.jax.config.jax_enable_x64 else self.jnp.int32
-        out = self.jnp.asarray(value.astype(np.int64), dtype=dtype)
-        target = self._device(device)
-        return out if target is None else self.jax.device_put(out, target)
+        return self.jax.device_put(value.astype(self.jnp.dtype(dtype)), self._device(device))
 
     def to_numpy(self, x):
         return np.asarray(np.asarray(x, dtype=np.float32) if str(x.dtype) == "bfloat16" else np.asarray(x),

@@ -63,10 +63,14 @@ def _run_pair(ops, q, k, v, key_mask, c, gbar_rows, dout_rows, q_start, k_start,
 _JITTED = {}
 
 
-def _jitted(fw):
-    if "jax" not in _JITTED:
-        _JITTED["jax"] = fw.jax.jit(_run_pair, static_argnames=("ops", "ramp", "causal", "scale"))
-    return _JITTED["jax"]
+def _jitted(fw, fn, static=()):
+    """fn as a jax program (compiled once per shape: called eagerly, each of its small ops
+    would be compiled on its own); fn itself for other frameworks."""
+    if fw.name != "jax":
+        return fn
+    if fn not in _JITTED:
+        _JITTED[fn] = fw.jax.jit(fn, static_argnames=static)
+    return _JITTED[fn]
 
 
 def check_partial(ctx, case) -> None:
@@ -109,12 +113,13 @@ def check_partial(ctx, case) -> None:
     edge = np.where(np.isfinite(full.s) & (eps > 0), edge, np.inf).min(-1)  # [B, H, L]
 
     check = "partial: gbar"
-    assert_close(check, "gbar", fw.to_numpy(ops.gbar(arrays(dout), fw.array(wv_all, compute, device),
+    assert_close(check, "gbar", fw.to_numpy(_jitted(fw, ops.gbar)(arrays(dout), fw.array(wv_all, compute, device),
                                                      fw.array(wsum_all, compute, device))),
                  ref.gbar(dout, wv_all, wsum_all),
                  tolerances.forward_atol(dtype, 0.0, max_dout * max_v * case.v.shape[-1]))
 
-    run_pair = _jitted(fw) if fw.name == "jax" else _run_pair
+    run_pair = _jitted(fw, _run_pair, ("ops", "causal"))
+    merge_softmax = _jitted(fw, ops.merge_softmax)
     statics = dict(span=span_b, eps=eps_b, lengths=lengths_b, offsets=offsets_b, ramp=float(case.ramp),
                    causal=bool(case.causal), scale=float(case.scale))
 
@@ -180,7 +185,7 @@ def check_partial(ctx, case) -> None:
         # merge_softmax on the reference's per-block results, in order.
         lse, out = softmax_parts[0]
         for lse_b, out_b in softmax_parts[1:]:
-            got = ops.merge_softmax(fw.array(lse, compute, device), fw.array(out, compute, device),
+            got = merge_softmax(fw.array(lse, compute, device), fw.array(out, compute, device),
                                     fw.array(lse_b, compute, device), fw.array(out_b, compute, device))
             lse, out = ref.merge_softmax(lse, out, lse_b, out_b)
             _close_finite("partial: merge_softmax", f"lse (rows {a}:{b})", fw.to_numpy(got[0]), lse,

@@ -223,7 +223,8 @@ def test_jax_key_tiles_cover_the_spec_window_and_skip_no_key_with_weight(w, tile
     span = None if w["spans"] is None else jnp.asarray(three(w["spans"]), dtype).reshape(3, 1)
     call = kernel._Call(eps=None, span=span, causal=jnp.asarray(w["causal"]), ramp=jnp.asarray(w["ramp"], dtype),
                         scale=jnp.asarray(1.0, dtype), lengths=jnp.asarray(three(lengths), pdt),
-                        positions=jnp.asarray(three(w["offsets"]), pdt), Lq=jnp.asarray(w["Lq"], jnp.int32), Lk=Lk)
+                        positions=jnp.asarray(three(w["offsets"]), pdt), Lq=jnp.asarray(w["Lq"], jnp.int32), Lk=Lk,
+                        mask=jnp.ones((3, Lk), bool))
     static = kernel.StaticArgs(has_span=span is not None, softmax_only=True, need_dalpha=False, need_dspan=False,
                                tile_q=w["i1"] - w["i0"], tile_k=tile_k)
     k_lo, k_hi = kernel._key_tiles(jnp.asarray(w["i0"], jnp.int32), call, static)

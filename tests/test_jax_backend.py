@@ -190,7 +190,8 @@ def test_key_tiles_skip_what_causal_span_and_lengths_exclude():
         call = kernel._Call(eps=None, span=None if span is None else jnp.full((1, 1), span), causal=jnp.asarray(causal),
                             ramp=jnp.asarray(2.0), scale=jnp.asarray(1.0),
                             lengths=jnp.asarray([Lk if lengths is None else lengths]),
-                            positions=jnp.asarray([Lk - Lq if offset is None else offset]), Lq=jnp.asarray(Lq), Lk=Lk)
+                            positions=jnp.asarray([Lk - Lq if offset is None else offset]), Lq=jnp.asarray(Lq), Lk=Lk,
+                            mask=jnp.ones((1, Lk), bool))
         cfg = kernel.StaticArgs(has_span=span is not None, softmax_only=False, need_dalpha=False, need_dspan=False,
                             tile_q=16, tile_k=16)
         lo, hi = kernel._key_tiles(jnp.asarray(i0), call, cfg)

@@ -154,7 +154,7 @@ class _Call(NamedTuple):
     positions: object  # [B] q_offset, positions dtype
     Lq: object  # the real number of query rows (traced: padded shapes share a kernel)
     Lk: int  # padded
-    mask: object = None  # key_padding_mask [B, Lk] bool (padded with False), or None
+    mask: object  # key_padding_mask [B, Lk] bool (all True when absent; padded with False)
 
 
 def _key_tiles(i0, call: _Call, static: StaticArgs):
@@ -180,8 +180,7 @@ def _kv_tile(x, kt, call: _Call, static: StaticArgs):
     tile = lax.dynamic_slice_in_dim(x, j0, Tk, axis=2)
     keys = (j0 + jnp.arange(Tk, dtype=jnp.int32)).astype(call.positions.dtype)
     valid = keys[None, :] < call.lengths[:, None]  # [B, Tk]
-    if call.mask is not None:  # masked keys are excluded as keys beyond key_lengths are
-        valid = valid & lax.dynamic_slice_in_dim(call.mask, j0, Tk, axis=1)
+    valid = valid & lax.dynamic_slice_in_dim(call.mask, j0, Tk, axis=1)  # masked keys: excluded alike
     return jnp.where(valid[:, None, :, None], tile, 0), keys, valid
 
 
@@ -297,7 +296,7 @@ def _forward_entmax_tile(qt, kp, vp, i0, call, static):
     return jnp.where(nonempty[..., None], out, 0.0), c
 
 
-def _layout(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask=None):
+def _layout(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask):
     """Inputs (padded to whole tiles, in the compute dtype) in the kernel's layout:
     (qg, kp, vp, call, sizes)."""
     B, H, Lq, D = q.shape
@@ -313,7 +312,7 @@ def _layout(static, q, k, v, alpha, span, causal, ramp, scale, lengths, position
     return qg, kp, vp, call, (B, H, Hkv, G, Lq, Lk, D, v.shape[3], nq, nk)
 
 
-def _forward(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask=None):
+def _forward(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask):
     """(out [B, H, Lq, Dv], c [B, Hkv, G, Lq]) on padded inputs in the compute dtype."""
     qg, kp, vp, call, (B, H, Hkv, G, Lq, Lk, D, Dv, nq, nk) = _layout(
         static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask)
@@ -407,58 +406,14 @@ def _backward(static, residuals, dout):
     return dq, dk, dv, dalpha.reshape(H), dspan.reshape(H), dscale, dramp
 
 
-def _integer_zeros(x):
-    return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
-
-
 # Forward and backward are jitted separately (and inline into a caller's jit): a forward
 # compiles once per (shapes, dtype, forward_part of the config), whatever gradients follow.
 _forward_jit = jax.jit(_forward, static_argnums=0)
 _backward_jit = jax.jit(_backward, static_argnums=0)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask):
-    return _forward_jit(static.forward_part(), q, k, v, alpha, span, causal, ramp, scale, lengths, positions,
-                        n_rows, mask)[0]
-
-
-def _core_fwd(static, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask):
-    out, c = _forward_jit(static.forward_part(), q, k, v, alpha, span, causal, ramp, scale, lengths, positions,
-                          n_rows, mask)
-    return out, (c, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask)
-
-
-def _core_bwd(static, residuals, dout):
-    _, q, k, v, alpha, span, causal, ramp, scale, lengths, positions, n_rows, mask = residuals
-    dq, dk, dv, dalpha, dspan, dscale, dramp = _backward_jit(static, residuals, dout)
-    # ramp and scale given as Python numbers are constants: their cotangents are dropped.
-    return (dq, dk, dv, dalpha, None if span is None else dspan, _integer_zeros(causal), dramp.astype(ramp.dtype),
-            dscale.astype(scale.dtype), _integer_zeros(lengths), _integer_zeros(positions), _integer_zeros(n_rows),
-            None if mask is None else _integer_zeros(mask))
-
-
-_core.defvjp(_core_fwd, _core_bwd)
-
-
 def _pad_to(x, shape):
     return jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, shape)])
-
-
-@partial(jax.jit, static_argnums=(3, 4))
-def _prepare(q, k, v, dtype, padded):
-    """q, k, v in the compute dtype, padded to the kernel's shapes (one small program per call
-    shape; autodiff slices the gradients back)."""
-    Lq, Lk, D, Dv = padded
-    B, H, Hkv = q.shape[0], q.shape[1], k.shape[1]
-    return (_pad_to(q.astype(dtype), (B, H, Lq, D)), _pad_to(k.astype(dtype), (B, Hkv, Lk, D)),
-            _pad_to(v.astype(dtype), (B, Hkv, Lk, Dv)))
-
-
-@partial(jax.jit, static_argnums=(1, 2))
-def _finish(out, shape, dtype):
-    B, H, Lq, Dv = shape
-    return out[:, :, :Lq, :Dv].astype(dtype)
 
 
 def _is_number(x):
@@ -466,22 +421,138 @@ def _is_number(x):
         isinstance(x, np.ndarray) and x.ndim == 0)
 
 
+class Meta(NamedTuple):
+    """What the programs around the kernel know of a call (static): its dims, the padded
+    dims (`plan`), the inputs' dtype and the compute dtype."""
+
+    B: int
+    H: int
+    Hkv: int
+    Lq: int
+    Lk: int
+    D: int
+    Dv: int
+    padded: tuple  # (Lq, Lk, D, Dv)
+    dtype: str  # the inputs' (and the output's)
+    compute: str
+
+
+# The programs around the kernel's are keyed on as little as possible, so that the many forms
+# a call can take (alpha a number or per head, span absent, key_lengths given or not, ...)
+# do not multiply into a program each: q, k, v per call shape; the geometry per batch and
+# lengths; alpha, span, ramp and scale by plain jax ops (each compiled per operand shape).
+
+
+@partial(jax.jit, static_argnums=0)
+def _prepare(meta: Meta, q, k, v):
+    """q, k, v in the compute dtype, padded to the kernel's shapes."""
+    Lq, Lk, D, Dv = meta.padded
+    B, H, Hkv, dtype = meta.B, meta.H, meta.Hkv, meta.compute
+    return (_pad_to(q.astype(dtype), (B, H, Lq, D)), _pad_to(k.astype(dtype), (B, Hkv, Lk, D)),
+            _pad_to(v.astype(dtype), (B, Hkv, Lk, Dv)))
+
+
+@partial(jax.jit, static_argnames=("B", "Lq", "Lk", "Lk_pad"))
+def _geometry(key_lengths, q_offset, key_padding_mask, causal, *, B, Lq, Lk, Lk_pad):
+    """(causal, key lengths, offsets, real rows, key mask) as the kernel takes them: lengths and
+    offsets clamped as SPEC.md 7 says (traced values are never validated), the key mask padded
+    with False and all True when absent (one compiled kernel serves calls with and without
+    it; padding keys beyond Lk are excluded by the lengths too)."""
+    pdt = position_dtype()
+    limit = geometry.POSITION_LIMITS[jnp.dtype(pdt).name]
+    lengths = (jnp.full((B,), Lk, pdt) if key_lengths is None
+               else jnp.clip(jnp.asarray(key_lengths).astype(pdt).reshape(B), 0, Lk))
+    if q_offset is None:
+        positions = jnp.full((B,), Lk - Lq, pdt)
+    else:
+        positions = jnp.broadcast_to(jnp.clip(jnp.asarray(q_offset).astype(pdt), -limit, limit), (B,))
+    readable = jnp.ones((B, Lk), bool) if key_padding_mask is None else jnp.asarray(key_padding_mask, bool)
+    mask = jnp.pad(readable, ((0, 0), (0, Lk_pad - Lk)))
+    return jnp.asarray(causal, bool), lengths, positions, jnp.asarray(Lq, jnp.int32), mask
+
+
 def _per_head(value, H, dtype):
-    """alpha/span as an [H] array of the compute dtype; broadcasting outside the custom_vjp
-    lets autodiff sum the per-head gradient of a scalar back to shape []."""
     return jnp.broadcast_to(jnp.asarray(value).astype(dtype), (H,))
 
 
-def _offsets(q_offset, B, Lq, Lk, pdt):
-    limit = geometry.POSITION_LIMITS[jnp.dtype(pdt).name]
-    if q_offset is None:
-        return jnp.full((B,), Lk - Lq, pdt)
+def _enter(meta: Meta, q, k, v, alpha, span, ramp, scale, key_lengths, q_offset, key_padding_mask, causal):
+    """Everything the kernel takes, in `_forward`'s order (after `static`)."""
+    qp, kp, vp = _prepare(meta, q, k, v)
+    causal, lengths, positions, n_rows, mask = _geometry(key_lengths, q_offset, key_padding_mask, causal, B=meta.B,
+                                                         Lq=meta.Lq, Lk=meta.Lk, Lk_pad=meta.padded[1])
+    dtype = meta.compute
+    return (qp, kp, vp, _per_head(alpha, meta.H, dtype), None if span is None else _per_head(span, meta.H, dtype),
+            causal, jnp.asarray(ramp).astype(dtype), jnp.asarray(scale).astype(dtype), lengths, positions, n_rows,
+            mask)
+
+
+@partial(jax.jit, static_argnums=0)
+def _leave(meta: Meta, out):
+    """The kernel's output sliced to the call's shape, in the inputs' dtype."""
+    return out[:, :, :meta.Lq, :meta.Dv].astype(meta.dtype)
+
+
+@partial(jax.jit, static_argnums=0)
+def _grad_enter(meta: Meta, dout):
+    """dout as the backward takes it: padded, in the compute dtype."""
+    Lq_pad, _, _, Dv_pad = meta.padded
+    return _pad_to(dout.astype(meta.compute), (meta.B, meta.H, Lq_pad, Dv_pad))
+
+
+@partial(jax.jit, static_argnums=0)
+def _grad_leave(meta: Meta, dq, dk, dv):
+    """dq, dk, dv sliced to the call's shapes, in the inputs' dtype."""
+    dt = meta.dtype
+    return (dq[:, :, :meta.Lq, :meta.D].astype(dt), dk[:, :, :meta.Lk, :meta.D].astype(dt),
+            dv[:, :, :meta.Lk, :meta.Dv].astype(dt))
+
+
+def _sum_to(x, like):
+    """A per-head (or scalar) gradient summed to the shape of the argument `like`, in its dtype;
+    None where `like` is None (an argument given as a Python number: no gradient)."""
+    if like is None:
+        return None
+    return (x.sum().reshape(jnp.shape(like)) if jnp.size(like) == 1 else x).astype(like.dtype)
+
+
+# The custom_vjp is the outermost piece, with small programs inside it around the kernel's:
+# called eagerly, a call with gradients runs the same forward programs as one without, and
+# autodiff never linearises (and compiles again) the padding and conversions.
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attend(static, meta, q, k, v, alpha, span, ramp, scale, key_lengths, q_offset, key_padding_mask, causal):
+    return _attend_fwd(static, meta, q, k, v, alpha, span, ramp, scale, key_lengths, q_offset, key_padding_mask,
+                       causal)[0]
+
+
+def _attend_fwd(static, meta, q, k, v, alpha, span, ramp, scale, key_lengths, q_offset, key_padding_mask, causal):
+    inputs = _enter(meta, q, k, v, alpha, span, ramp, scale, key_lengths, q_offset, key_padding_mask, causal)
+    out, c = _forward_jit(static.forward_part(), *inputs)
+    # alpha, span, ramp and scale ride along for their shapes and dtypes (None: not wanted).
+    wanted = (alpha if static.need_dalpha else None, span if static.need_dspan else None,
+              ramp if static.need_dramp else None, scale if static.need_dscale else None)
+    return _leave(meta, out), (c, inputs, wanted)
+
+
+def _attend_bwd(static, meta, residuals, dout):
+    c, inputs, (alpha, span, ramp, scale) = residuals
+    dq, dk, dv, dalpha, dspan, dscale, dramp = _backward_jit(static, (c,) + inputs, _grad_enter(meta, dout))
+    dq, dk, dv = _grad_leave(meta, dq, dk, dv)
+    # Python numbers (and the integer and boolean arguments) have no gradient: None.
+    return (dq, dk, dv, _sum_to(dalpha, alpha), _sum_to(dspan, span), _sum_to(dramp, ramp), _sum_to(dscale, scale),
+            None, None, None, None)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _host_offsets(q_offset, limit):
+    """q_offset clamped to the positions' range while still a Python int or a NumPy array (a
+    jax array is clamped in `_enter`): past int32, jax would wrap it on the way in."""
     if isinstance(q_offset, Integral):
-        return jnp.full((B,), max(-limit, min(limit, int(q_offset))), pdt)
+        return np.asarray(max(-limit, min(limit, int(q_offset))))
     if isinstance(q_offset, np.ndarray):
-        q_offset = np.clip(q_offset.astype(np.int64), -limit, limit)
-    offsets = jnp.clip(jnp.asarray(q_offset).astype(pdt), -limit, limit)
-    return jnp.broadcast_to(offsets, (B,))
+        return np.clip(q_offset.astype(np.int64), -limit, limit)
+    return q_offset
 
 
 def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None, q_offset=None,
@@ -492,7 +563,6 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
     if B == 0 or Lq == 0 or Lk == 0:  # no row, or nothing to read: zeros (SPEC.md 5.3)
         return jnp.zeros((B, H, Lq, Dv), q.dtype)
     dtype = compute_dtype(q.dtype)
-    pdt = position_dtype()
     padded, (tq, tk) = plan(B, H, Lq, Lk, D, Dv, tile_q, tile_k)
     static = StaticArgs(
         has_span=span is not None,
@@ -504,17 +574,15 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
         need_dscale=scale is not None and not _is_number(scale),
         need_dramp=span is not None and not _is_number(ramp),
     )
-    alpha_h = _per_head(alpha, H, dtype)
-    span_h = None if span is None else _per_head(span, H, dtype)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    lengths = (jnp.full((B,), Lk, pdt) if key_lengths is None
-               # SPEC.md 7: traced values (never validated) are clamped to [0, Lk]
-               else jnp.clip(jnp.asarray(key_lengths).astype(pdt).reshape(B), 0, Lk))
-    positions = _offsets(q_offset, B, Lq, Lk, pdt)
-    qp, kp, vp = _prepare(q, k, v, jnp.dtype(dtype).name, padded)
-    mask = None
-    if key_padding_mask is not None:  # padding keys (beyond Lk) are excluded by lengths too
-        mask = jnp.pad(jnp.asarray(key_padding_mask, bool), ((0, 0), (0, padded[1] - Lk)))
-    out = _core(static, qp, kp, vp, alpha_h, span_h, jnp.asarray(bool(causal)), jnp.asarray(ramp, dtype),
-                jnp.asarray(scale, dtype), lengths, positions, jnp.asarray(Lq, jnp.int32), mask)
-    return _finish(out, (B, H, Lq, Dv), jnp.dtype(q.dtype).name)
+    compute = jnp.dtype(dtype).name
+
+    def host(x):  # a Python number: a NumPy scalar of the compute dtype (no gradient)
+        return np.asarray(x, compute) if _is_number(x) else x
+
+    if isinstance(key_lengths, np.ndarray):  # clamped before jax sees it, as q_offset is
+        key_lengths = np.clip(key_lengths.astype(np.int64), 0, Lk)
+    q_offset = _host_offsets(q_offset, geometry.POSITION_LIMITS[jnp.dtype(position_dtype()).name])
+    meta = Meta(B, H, Hkv, Lq, Lk, D, Dv, padded, jnp.dtype(q.dtype).name, compute)
+    return _attend(static, meta, q, k, v, host(alpha), None if span is None else host(span), host(ramp), host(scale),
+                   key_lengths, q_offset, key_padding_mask, np.asarray(bool(causal)))

@@ -10,8 +10,11 @@ it accumulates over key tiles with `newton_sums`, then rebuilds p from c alone w
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from attnspec import formulas
@@ -165,12 +168,8 @@ def _solve_rows(s, m, eps):
     return jnp.where(nonempty[..., None], p, 0.0), t
 
 
-@jax.custom_vjp
-def _entmax_rows(s, m, eps):
-    return _entmax_rows_fwd(s, m, eps)[0]
-
-
 def _entmax_rows_fwd(s, m, eps):
+    """p of rows s, m [..., n] with eps [..., 1], and what the backward needs."""
     scaled, m_scaled, log_lam = _rescale_heavy_weights(s, m, eps)
     p, t = _solve_rows(scaled, m_scaled, eps)
     # An allowed entry that is NaN or +inf makes the row undefined (SPEC.md 2.1).
@@ -193,9 +192,6 @@ def _entmax_rows_bwd(residuals, g):
     return ds * jnp.exp(eps * log_lam), dm / jnp.exp(log_lam), deps
 
 
-_entmax_rows.defvjp(_entmax_rows_fwd, _entmax_rows_bwd)
-
-
 def _rows(x, alpha, weights, axis, dtype):
     """x, alpha and weights as rows along the last axis in the compute dtype: s, m [..., n] and
     eps [..., 1]. Plain jax ops, so autodiff sums the gradients back to alpha's and weights'
@@ -210,6 +206,56 @@ def _rows(x, alpha, weights, axis, dtype):
     return s, m, eps
 
 
+# The op is a custom_vjp around two compiled programs (forward; backward): called eagerly, its
+# dozens of small ops would each be compiled and dispatched on their own, and autodiff through
+# a jitted forward would compile it again, linearised. Both work in the compute dtype, so that
+# float16, bfloat16 and float32 inputs share them.
+
+
+@partial(jax.jit, static_argnames=("axis",))
+def _forward_program(x, alpha, weights, *, axis):
+    p, residuals = _entmax_rows_fwd(*_rows(x, alpha, weights, axis, x.dtype))
+    return jnp.moveaxis(p, -1, axis), residuals
+
+
+@partial(jax.jit, static_argnames=("axis",))
+def _backward_program(residuals, x, alpha, weights, g, *, axis):
+    """(dx, dalpha, dweights): the row-layout cotangents of SPEC.md 4, pulled back through
+    `_rows` to the arguments' shapes (alpha and weights broadcast: their gradients are sums)."""
+    ds, dm, deps = _entmax_rows_bwd(residuals, jnp.moveaxis(g, axis, -1))
+    if weights is None:
+        _, pullback = jax.vjp(lambda x, a: _rows(x, a, None, axis, x.dtype), x, alpha)
+        return pullback((ds, jnp.zeros_like(dm), deps)) + (None,)
+    _, pullback = jax.vjp(lambda x, a, w: _rows(x, a, w, axis, x.dtype), x, alpha, weights)
+    return pullback((ds, dm, deps))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _entmax_op(axis, x, alpha, weights):
+    return _forward_program(x, alpha, weights, axis=axis)[0]
+
+
+def _entmax_op_fwd(axis, x, alpha, weights):
+    p, residuals = _forward_program(x, alpha, weights, axis=axis)
+    return p, (residuals, x, alpha, weights)
+
+
+def _entmax_op_bwd(axis, saved, g):
+    residuals, x, alpha, weights = saved
+    return _backward_program(residuals, x, alpha, weights, g, axis=axis)
+
+
+_entmax_op.defvjp(_entmax_op_fwd, _entmax_op_bwd)
+
+
+def _in(value, dtype):
+    """An argument in the compute dtype: an array converted (if it is not already), a Python
+    number as a NumPy scalar (so that every form of alpha meets the same programs)."""
+    if not hasattr(value, "dtype"):
+        return np.asarray(value, dtype)
+    return value if value.dtype == dtype else value.astype(dtype)
+
+
 def entmax(x, alpha, axis=-1, weights=None):
     """Weighted alpha-entmax of a jax array along `axis` (SPEC.md 2), in x's dtype (halves
     compute in float32), differentiable in x, alpha and weights (jit, vmap and grad).
@@ -217,6 +263,6 @@ def entmax(x, alpha, axis=-1, weights=None):
     axis = axis % x.ndim
     if x.size == 0:  # an empty result (SPEC.md 5.3)
         return jnp.zeros_like(x)
-    dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-    p = _entmax_rows(*_rows(x, alpha, weights, axis, dtype))
-    return jnp.moveaxis(p, -1, axis).astype(x.dtype)
+    dtype = jnp.dtype(jnp.float64 if x.dtype == jnp.float64 else jnp.float32)
+    p = _entmax_op(axis, _in(x, dtype), _in(alpha, dtype), None if weights is None else _in(weights, dtype))
+    return p if p.dtype == x.dtype else p.astype(x.dtype)

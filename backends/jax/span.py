@@ -5,8 +5,12 @@ compute dtype, in exactly that order (no cancellation near the outer kink); dm/d
 
 from __future__ import annotations
 
+from functools import partial
+from numbers import Integral
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from attnspec import geometry
@@ -81,12 +85,27 @@ def span_mask(Lq, Lk, span, ramp, q_offset=None):
     grad). The value is the clip above exactly; its derivatives are the hand-written slopes
     (one-sided at the kinks, SPEC.md 3), joined by stop_gradient so that no autodiff passes
     through clip. Arguments are validated by the dispatcher."""
+    limit = geometry.POSITION_LIMITS[jnp.dtype(position_dtype()).name]
+    if q_offset is None:
+        q_offset = Lk - Lq
+    # A Python int or NumPy array is clamped before jax sees it: past int32 it would wrap.
+    if isinstance(q_offset, Integral):
+        q_offset = max(-limit, min(limit, int(q_offset)))
+    elif isinstance(q_offset, np.ndarray):
+        q_offset = np.clip(q_offset.astype(np.int64), -limit, limit)
+    return _span_mask_program(span, ramp, q_offset, Lq=Lq, Lk=Lk)
+
+
+@partial(jax.jit, static_argnames=("Lq", "Lk"))
+def _span_mask_program(span, ramp, q_offset, *, Lq, Lk):
+    """One compiled program per call signature (eagerly, each small op would be compiled on
+    its own)."""
     span = jnp.asarray(span)
     dtype = span.dtype if jnp.issubdtype(span.dtype, jnp.floating) else jnp.result_type(float)
     z = span.astype(dtype)
     pdt = position_dtype()
     limit = geometry.POSITION_LIMITS[jnp.dtype(pdt).name]
-    offsets = jnp.clip(jnp.asarray(Lk - Lq if q_offset is None else q_offset).astype(pdt), -limit, limit)
+    offsets = jnp.clip(jnp.asarray(q_offset).astype(pdt), -limit, limit)
     d = (offsets[..., None, None] + jnp.arange(Lq, dtype=pdt)[:, None]) - jnp.arange(Lk, dtype=pdt)[None, :]
     d = d.reshape(d.shape[:-2] + (1,) * z.ndim + d.shape[-2:])  # the head axis before [Lq, Lk]
     z = z.reshape(z.shape + (1, 1))
