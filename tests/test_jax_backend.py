@@ -171,6 +171,62 @@ def test_decode_loop_with_traced_q_offset_compiles_once():
     assert len(traces) == 1
 
 
+def test_eager_calls_share_the_compiled_kernels(monkeypatch):
+    """With and without a key mask, at nearby lengths, and with gradients: one forward program
+    and one backward program (the padding and conversions around them are small programs)."""
+    traces = []
+
+    def counted(fn, label):
+        def traced(static, *args):
+            traces.append(label)  # runs only when jax traces the program
+            return fn(static, *args)
+        return jax.jit(traced, static_argnums=0)
+
+    monkeypatch.setattr(kernel, "_forward_jit", counted(kernel._forward, "forward"))
+    monkeypatch.setattr(kernel, "_backward_jit", counted(kernel._backward, "backward"))
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.normal(size=(2, 4, 6, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 4, 7, 8)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 4, 7, 8)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 7)) > 0.3)
+    plain = attnspec.attention(q, k, v, alpha=1.5, backend="jax")
+    masked = attnspec.attention(q, k, v, alpha=1.5, key_padding_mask=mask, backend="jax")
+    shorter = attnspec.attention(q[:, :, :5], k, v, alpha=1.5, backend="jax")  # Lq 5 and 6 both pad to 8
+    out, pullback = jax.vjp(lambda q: attnspec.attention(q, k, v, alpha=1.5, backend="jax"), q)
+    (dq,) = pullback(jnp.ones_like(out))
+    assert traces == ["forward", "backward"]
+    ref = attnspec.reference.attention(*(np.asarray(x, np.float64) for x in (q, k, v)), alpha=1.5,
+                                       key_padding_mask=np.asarray(mask))
+    np.testing.assert_allclose(np.asarray(masked), ref, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(shorter), np.asarray(plain)[:, :, :5], atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+    assert dq.shape == q.shape and bool(jnp.isfinite(dq).all())
+
+
+def test_entmax_op_shares_its_programs_across_input_dtypes_and_gradients(monkeypatch):
+    from attnspec.backends.jax import entmax as ops
+
+    traces = []
+
+    def counted(program, label):
+        def traced(*args, **kwargs):
+            traces.append(label)  # runs only when jax traces the program
+            return program.__wrapped__(*args, **kwargs)
+        return jax.jit(traced, static_argnames=("axis",))
+
+    monkeypatch.setattr(ops, "_forward_program", counted(ops._forward_program, "forward"))
+    monkeypatch.setattr(ops, "_backward_program", counted(ops._backward_program, "backward"))
+    x = np.random.default_rng(6).normal(size=(3, 7))
+    outs = [attnspec.entmax(jnp.asarray(x, dtype), 1.5, backend="jax") for dtype in (jnp.float32, jnp.float16,
+                                                                                      jnp.bfloat16)]
+    p, pullback = jax.vjp(lambda x: attnspec.entmax(x, 1.5, backend="jax"), jnp.asarray(x, jnp.float32))
+    (dx,) = pullback(jnp.asarray(np.arange(7.0) * np.ones((3, 1)), jnp.float32))
+    assert traces == ["forward", "backward"]
+    assert [o.dtype for o in outs] == [jnp.float32, jnp.float16, jnp.bfloat16]
+    np.testing.assert_allclose(np.asarray(p), attnspec.reference.entmax(x, 1.5), atol=1e-6)
+    assert np.allclose(np.asarray(dx).sum(-1), 0.0, atol=1e-5)  # p sums to 1 in every row: so do its moves
+
+
 def test_empty_rows_and_nan_padding_give_zero_not_nan():
     q, k, v = (jnp.asarray(x, jnp.float32) for x in inputs())
     k = k.at[1, :, 3:].set(jnp.nan)
