@@ -33,7 +33,7 @@ dq, dk, dv (dk and dv summed over each kv group), and d alpha (psi), d span (dm/
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import partial, wraps
 from numbers import Integral, Real
 from typing import NamedTuple
 
@@ -437,13 +437,42 @@ class Meta(NamedTuple):
     compute: str
 
 
+#: The small programs around the kernel only pad, slice, convert and clamp: XLA's optimisations
+#: buy them nothing and cost a third of their compile time. Compile options apply to top-level
+#: programs only, so inside a caller's trace (jit, vmap, grad of a jitted function) they are
+#: plain nested jits.
+_DATA_MOVEMENT = {"xla_backend_optimization_level": 0}
+
+
+def _data_movement(**jit_kwargs):
+    def wrap(fn):
+        eager = jax.jit(fn, compiler_options=_DATA_MOVEMENT, **jit_kwargs)
+        nested = jax.jit(fn, **jit_kwargs)
+
+        @wraps(fn)
+        def call(*args, **kwargs):
+            return (eager if _top_level() else nested)(*args, **kwargs)
+        return call
+    return wrap
+
+
+def _top_level():
+    """Whether no trace (jit, vmap, grad, ...) is under way. jax says so only through a private
+    function; a jax without it gets the plain programs (slower to compile, the same results)."""
+    try:
+        from jax._src import core
+        return bool(core.trace_ctx.is_top_level())
+    except (ImportError, AttributeError):
+        return False
+
+
 # The programs around the kernel's are keyed on as little as possible, so that the many forms
 # a call can take (alpha a number or per head, span absent, key_lengths given or not, ...)
 # do not multiply into a program each: q, k, v per call shape; the geometry per batch and
 # lengths; alpha, span, ramp and scale by plain jax ops (each compiled per operand shape).
 
 
-@partial(jax.jit, static_argnums=0)
+@_data_movement(static_argnums=0)
 def _prepare(meta: Meta, q, k, v):
     """q, k, v in the compute dtype, padded to the kernel's shapes."""
     Lq, Lk, D, Dv = meta.padded
@@ -452,7 +481,7 @@ def _prepare(meta: Meta, q, k, v):
             _pad_to(v.astype(dtype), (B, Hkv, Lk, Dv)))
 
 
-@partial(jax.jit, static_argnames=("B", "Lq", "Lk", "Lk_pad"))
+@_data_movement(static_argnames=("B", "Lq", "Lk", "Lk_pad"))
 def _geometry(key_lengths, q_offset, key_padding_mask, causal, *, B, Lq, Lk, Lk_pad):
     """(causal, key lengths, offsets, real rows, key mask) as the kernel takes them: lengths and
     offsets clamped as SPEC.md 7 says (traced values are never validated), the key mask padded
@@ -486,20 +515,20 @@ def _enter(meta: Meta, q, k, v, alpha, span, ramp, scale, key_lengths, q_offset,
             mask)
 
 
-@partial(jax.jit, static_argnums=0)
+@_data_movement(static_argnums=0)
 def _leave(meta: Meta, out):
     """The kernel's output sliced to the call's shape, in the inputs' dtype."""
     return out[:, :, :meta.Lq, :meta.Dv].astype(meta.dtype)
 
 
-@partial(jax.jit, static_argnums=0)
+@_data_movement(static_argnums=0)
 def _grad_enter(meta: Meta, dout):
     """dout as the backward takes it: padded, in the compute dtype."""
     Lq_pad, _, _, Dv_pad = meta.padded
     return _pad_to(dout.astype(meta.compute), (meta.B, meta.H, Lq_pad, Dv_pad))
 
 
-@partial(jax.jit, static_argnums=0)
+@_data_movement(static_argnums=0)
 def _grad_leave(meta: Meta, dq, dk, dv):
     """dq, dk, dv sliced to the call's shapes, in the inputs' dtype."""
     dt = meta.dtype
