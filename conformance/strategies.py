@@ -24,14 +24,10 @@ from hypothesis import strategies as st
 
 from .cases import AttentionCase, EntmaxCase, PartialCase, SpanMaskCase
 
-#: (B, H, Hkv, Lq, Lk, D, Dv). Each grouped-query bucket, its kv heads repeated (the
-#: `gqa_repeat` check), has a plain bucket's B and H and lengths and head dims a kernel that
-#: pads to powers of two pads alike (Lq 7 and 6 to 8; Lk 5 and 6 to 8, 10, 12 and 9 to 16; D
-#: and Dv 4, 6 and 8 to 8): a compiling backend compiles the repeated calls once. Groups of 2, 3
-#: and 6 here (4 and 8 among the tile-crossing shapes), Lq > Lk, Lq < Lk, D != Dv.
-SHAPES_PLAIN = [(1, 2, 2, 6, 6, 8, 8), (2, 6, 6, 4, 9, 4, 6)]
-SHAPES_GQA = [(1, 2, 1, 7, 5, 8, 8), (2, 6, 2, 3, 10, 8, 4), (2, 6, 1, 4, 12, 4, 6)]
-SHAPES_DECODE = [(2, 6, 2, 1, 12, 8, 8), (3, 2, 1, 1, 5, 4, 4), (2, 2, 2, 1, 10, 8, 4)]
+#: (B, H, Hkv, Lq, Lk, D, Dv)
+SHAPES_PLAIN = [(1, 2, 2, 6, 6, 8, 8), (2, 3, 3, 4, 9, 4, 6)]
+SHAPES_GQA = [(2, 4, 2, 5, 7, 8, 8), (1, 4, 1, 3, 8, 8, 4), (1, 6, 2, 4, 6, 4, 4)]
+SHAPES_DECODE = [(2, 4, 2, 1, 12, 8, 8), (3, 2, 1, 1, 5, 4, 4), (2, 2, 2, 1, 10, 8, 4)]
 
 #: Logit magnitudes: typical first (shrinking goes there), up to 1e4.
 LOGIT_SCALES = [1.0, 0.1, 3.0, 10.0, 100.0, 1e4]
