@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from functools import partial, wraps
-from numbers import Integral, Real
+from numbers import Real
 from typing import NamedTuple
 
 import jax
@@ -501,6 +501,7 @@ def _geometry(key_lengths, q_offset, key_padding_mask, causal, *, B, Lq, Lk, Lk_
 
 
 def _per_head(value, H, dtype):
+    """alpha or span as an [H] array of the compute dtype."""
     return jnp.broadcast_to(jnp.asarray(value).astype(dtype), (H,))
 
 
@@ -574,16 +575,6 @@ def _attend_bwd(static, meta, residuals, dout):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def _host_offsets(q_offset, limit):
-    """q_offset clamped to the positions' range while still a Python int or a NumPy array (a
-    jax array is clamped in `_enter`): past int32, jax would wrap it on the way in."""
-    if isinstance(q_offset, Integral):
-        return np.asarray(max(-limit, min(limit, int(q_offset))))
-    if isinstance(q_offset, np.ndarray):
-        return np.clip(q_offset.astype(np.int64), -limit, limit)
-    return q_offset
-
-
 def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_lengths=None, q_offset=None,
               scale=None, tile_q=None, tile_k=None, key_padding_mask=None):
     """SPEC.md's attention on jax arrays (already validated by attnspec.attention)."""
@@ -611,7 +602,7 @@ def attention(q, k, v, *, alpha=1.0, span=None, ramp=32.0, causal=False, key_len
 
     if isinstance(key_lengths, np.ndarray):  # clamped before jax sees it, as q_offset is
         key_lengths = np.clip(key_lengths.astype(np.int64), 0, Lk)
-    q_offset = _host_offsets(q_offset, geometry.POSITION_LIMITS[jnp.dtype(position_dtype()).name])
+    q_offset = _span.host_offsets(q_offset)
     meta = Meta(B, H, Hkv, Lq, Lk, D, Dv, padded, jnp.dtype(q.dtype).name, compute)
     return _attend(static, meta, q, k, v, host(alpha), None if span is None else host(span), host(ramp), host(scale),
                    key_lengths, q_offset, key_padding_mask, np.asarray(bool(causal)))

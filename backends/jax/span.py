@@ -85,15 +85,19 @@ def span_mask(Lq, Lk, span, ramp, q_offset=None):
     grad). The value is the clip above exactly; its derivatives are the hand-written slopes
     (one-sided at the kinks, SPEC.md 3), joined by stop_gradient so that no autodiff passes
     through clip. Arguments are validated by the dispatcher."""
+    return _span_mask_program(span, ramp, host_offsets(Lk - Lq if q_offset is None else q_offset), Lq=Lq, Lk=Lk)
+
+
+def host_offsets(q_offset):
+    """q_offset clamped to the positions' range (geometry.POSITION_LIMITS) while still a Python
+    int or a NumPy array: past int32, jax would wrap it on the way in. A jax array (or None)
+    passes unchanged; the programs clamp it."""
     limit = geometry.POSITION_LIMITS[jnp.dtype(position_dtype()).name]
-    if q_offset is None:
-        q_offset = Lk - Lq
-    # A Python int or NumPy array is clamped before jax sees it: past int32 it would wrap.
     if isinstance(q_offset, Integral):
-        q_offset = max(-limit, min(limit, int(q_offset)))
-    elif isinstance(q_offset, np.ndarray):
-        q_offset = np.clip(q_offset.astype(np.int64), -limit, limit)
-    return _span_mask_program(span, ramp, q_offset, Lq=Lq, Lk=Lk)
+        return np.asarray(max(-limit, min(limit, int(q_offset))))
+    if isinstance(q_offset, np.ndarray):
+        return np.clip(q_offset.astype(np.int64), -limit, limit)
+    return q_offset
 
 
 @partial(jax.jit, static_argnames=("Lq", "Lk"))
